@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. On a fresh Debian/Ubuntu machine it first installs
+# what is missing: redis-server, python3 + flask, a C toolchain, Rust (rustup).
+#
+#   bash scripts/test.sh                 # everything
+#   bash scripts/test.sh some_test_name  # extra arguments go to the test runner
+#   bash scripts/test.sh --checks        # also cargo fmt --check and clippy -D warnings
+#   STICKLESS_CHECKS=1 bash scripts/test.sh   # same as --checks
+#
+# The tests start their own redis-server processes on free loopback ports; this
+# script never starts (or stops) a Redis service.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+
+checks=${STICKLESS_CHECKS:-0}
+if [ "${1:-}" = "--checks" ]; then
+  checks=1
+  shift
+fi
+
+# --- redis-server ----------------------------------------------------------
+ensure_redis_server() {
+  local d
+  if command -v redis-server >/dev/null 2>&1; then
+    log "redis-server: $(command -v redis-server)"
+    return
+  fi
+  for d in /usr/bin /usr/sbin /usr/local/bin; do
+    if [ -x "$d/redis-server" ]; then
+      log "redis-server: $d/redis-server (adding $d to PATH)"
+      PATH="$PATH:$d"
+      export PATH
+      return
+    fi
+  done
+  log "redis-server not found: installing it (the tests start their own instances)"
+  apt_install redis-server
+  for d in /usr/bin /usr/sbin; do
+    case ":$PATH:" in *":$d:"*) ;; *) PATH="$PATH:$d" ;; esac
+  done
+  export PATH
+  command -v redis-server >/dev/null 2>&1 || die "redis-server still not found"
+}
+
+# --- python3 + flask (for the example app used by the tests) -----------------
+_flask_ok() { "$1" -c 'import flask' >/dev/null 2>&1; }
+
+ensure_python_flask() {
+  local py cand pip_log
+  if [ -n "${STICKLESS_PYTHON:-}" ] && _flask_ok "$STICKLESS_PYTHON"; then
+    log "python with flask: $STICKLESS_PYTHON (from STICKLESS_PYTHON)"
+    return
+  fi
+  if ! command -v python3 >/dev/null 2>&1; then
+    log "python3 not found"
+    apt_install python3 python3-pip python3-venv
+  fi
+  py=$(command -v python3 || echo /usr/bin/python3)
+  if ! _flask_ok "$py"; then
+    log "flask not importable by $py: pip install"
+    pip_log=$(mktemp)
+    local pip_args=(flask)
+    if [ -f examples/flask/requirements.txt ]; then
+      pip_args=(-r examples/flask/requirements.txt)
+    fi
+    if "$py" -m pip install "${pip_args[@]}" 2>&1 | tee "$pip_log"; then
+      :
+    else
+      if grep -q 'externally-managed-environment' "$pip_log"; then
+        log "pip refused (PEP 668 externally-managed environment): using the distro's python3-flask"
+      else
+        log "pip failed: falling back to the distro's python3-flask"
+      fi
+      apt_install python3-flask
+    fi
+    rm -f "$pip_log"
+  fi
+  # apt's python3-flask is for /usr/bin/python3, which may differ from the python3 on PATH.
+  for cand in "$py" /usr/bin/python3; do
+    if _flask_ok "$cand"; then
+      STICKLESS_PYTHON=$cand
+      export STICKLESS_PYTHON
+      log "python with flask: $STICKLESS_PYTHON"
+      return
+    fi
+  done
+  die "no python3 can import flask (tried $py and /usr/bin/python3)"
+}
+
+ensure_redis_server
+ensure_python_flask
+ensure_cc
+ensure_cargo
+set_cargo_locked
+
+# --- optional checks ----------------------------------------------------------
+if [ "$checks" = 1 ]; then
+  ensure_cargo_component fmt rustfmt
+  ensure_cargo_component clippy clippy
+  log "cargo fmt --all -- --check"
+  cargo fmt --all -- --check
+  log "cargo clippy --all-targets ${CARGO_LOCKED[*]} -- -D warnings"
+  cargo clippy --all-targets "${CARGO_LOCKED[@]}" -- -D warnings
+fi
+
+# --- build once, then test ----------------------------------------------------
+log "cargo build --all-targets ${CARGO_LOCKED[*]}"
+cargo build --all-targets "${CARGO_LOCKED[@]}"
+
+# Both test phases always run; the script fails if either one failed.
+status=0
+if cargo nextest --version >/dev/null 2>&1; then
+  log "cargo nextest run --all-targets --no-fail-fast $*"
+  cargo nextest run --all-targets --no-fail-fast "${CARGO_LOCKED[@]}" "$@" || status=1
+  # nextest does not run doctests. Plain name filters mean the same to both
+  # runners; nextest-specific options (anything starting with -) are not
+  # passed on, so doctests then run unfiltered.
+  doc_args=("$@")
+  for a in "$@"; do
+    case $a in -*) doc_args=(); break ;; esac
+  done
+else
+  log "cargo test --all-targets --no-fail-fast $*"
+  cargo test --all-targets --no-fail-fast "${CARGO_LOCKED[@]}" "$@" || status=1
+  doc_args=("$@")
+fi
+log "cargo test --doc ${doc_args[*]}"
+cargo test --doc "${CARGO_LOCKED[@]}" "${doc_args[@]}" || status=1
+
+if [ "$status" -ne 0 ]; then
+  log "FAILED"
+  exit "$status"
+fi
+log "all tests passed"

@@ -1,0 +1,345 @@
+//! The command line: clap definitions, and their conversion into the library's typed
+//! [`Config`]. Every flag can also be set by an environment variable `STICKLESS_<FLAG>`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use stickless::config::{
+    self, Config, CookieConfig, ProtocolConfig, SameSite, SecureMode, StoreConfig, TtlPolicy,
+    Upstream,
+};
+use stickless::cookie::{KeyError, SigningKeys};
+
+/// A session proxy: shared sessions on Redis / ElastiCache for any web app, without sticky
+/// sessions or a session library.
+#[derive(Debug, Parser)]
+#[command(name = "stickless", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// Print a fresh random secret key for --secret-keys.
+    GenKey,
+    /// Run the proxy on the embedded store in front of a built-in demo app, and print its address.
+    Demo(DemoArgs),
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    config::parse_duration(s)
+}
+/// A duration or `off`. A named type, because clap reads a bare `Option` as "flag may be absent".
+#[derive(Debug, Clone, Copy)]
+pub struct MaybeDuration(pub Option<Duration>);
+
+fn optional_duration(s: &str) -> Result<MaybeDuration, String> {
+    config::parse_optional_duration(s).map(MaybeDuration)
+}
+fn cookie_name(s: &str) -> Result<String, String> {
+    config::validate_cookie_name(s).map(|()| s.to_owned())
+}
+fn cookie_attribute(s: &str) -> Result<String, String> {
+    config::validate_cookie_attribute(s).map(|()| s.to_owned())
+}
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("`{s}` is not a positive whole number")),
+    }
+}
+fn key_prefix(s: &str) -> Result<String, String> {
+    if s.len() <= 128 && !s.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "`{s}` is not a key prefix; use at most 128 characters without spaces"
+        ))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address the proxy listens on.
+    #[arg(
+        long,
+        env = "STICKLESS_LISTEN",
+        default_value = "0.0.0.0:8080",
+        value_name = "ADDR"
+    )]
+    pub listen: SocketAddr,
+    /// The backend every request goes to.
+    #[arg(long, env = "STICKLESS_UPSTREAM", default_value = "http://127.0.0.1:5000", value_name = "URL", value_parser = Upstream::parse)]
+    pub upstream: Upstream,
+    /// Address of the admin listener (/metrics, /healthz, /readyz).
+    #[arg(
+        long,
+        env = "STICKLESS_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9180",
+        value_name = "ADDR"
+    )]
+    pub admin_listen: SocketAddr,
+    /// Redis, Valkey or ElastiCache URL: redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] or rediss://
+    /// for TLS. Also read from REDIS_URL. Without it sessions live in this process's memory.
+    #[arg(
+        long,
+        env = "STICKLESS_REDIS_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub redis_url: Option<String>,
+    /// Comma-separated secret keys: the first signs new cookies, all verify (for rotation).
+    /// Make one with `stickless gen-key`. Required with --redis-url.
+    #[arg(
+        long,
+        env = "STICKLESS_SECRET_KEYS",
+        hide_env_values = true,
+        value_name = "KEYS"
+    )]
+    pub secret_keys: Option<String>,
+    /// Name of the session cookie.
+    #[arg(long, env = "STICKLESS_COOKIE_NAME", default_value = "sid", value_parser = cookie_name)]
+    pub cookie_name: String,
+    /// Domain attribute of the cookie (default: none, the cookie stays on the request's host).
+    #[arg(long, env = "STICKLESS_COOKIE_DOMAIN", value_parser = cookie_attribute)]
+    pub cookie_domain: Option<String>,
+    /// Path attribute of the cookie.
+    #[arg(long, env = "STICKLESS_COOKIE_PATH", default_value = "/", value_parser = cookie_attribute)]
+    pub cookie_path: String,
+    /// Secure attribute: auto (when the request came over TLS or with X-Forwarded-Proto: https),
+    /// true or false.
+    #[arg(long, env = "STICKLESS_COOKIE_SECURE", default_value = "auto", value_parser = SecureMode::parse)]
+    pub cookie_secure: SecureMode,
+    /// SameSite attribute: lax, strict or none.
+    #[arg(long, env = "STICKLESS_COOKIE_SAME_SITE", default_value = "lax", value_parser = SameSite::parse)]
+    pub cookie_same_site: SameSite,
+    /// Sliding session lifetime: every request that uses the session renews it (e.g. 30m, 12h).
+    #[arg(long, env = "STICKLESS_IDLE_TIMEOUT", default_value = "30m", value_parser = duration)]
+    pub idle_timeout: Duration,
+    /// Lifetime from creation that no activity extends (e.g. 12h), or off.
+    #[arg(long, env = "STICKLESS_ABSOLUTE_TIMEOUT", default_value = "off", value_parser = optional_duration)]
+    pub absolute_timeout: MaybeDuration,
+    /// Prefix of the protocol headers between stickless and the backend.
+    #[arg(long, env = "STICKLESS_HEADER_PREFIX", default_value = "x-session-", value_parser = config::parse_header_prefix)]
+    pub header_prefix: String,
+    /// Prefix of the Redis keys (sessions are <prefix><id>).
+    #[arg(long, env = "STICKLESS_KEY_PREFIX", default_value = "stickless:", value_parser = key_prefix)]
+    pub key_prefix: String,
+    /// Bound on every Redis call; past it the request is answered 503.
+    #[arg(long, env = "STICKLESS_REDIS_TIMEOUT", default_value = "1s", value_parser = duration)]
+    pub redis_timeout: Duration,
+    /// Time the backend gets to send its response headers; past it the request is answered 504.
+    #[arg(long, env = "STICKLESS_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub upstream_timeout: Duration,
+    /// Most fields a session may hold.
+    #[arg(long, env = "STICKLESS_MAX_FIELDS", default_value = "64", value_parser = positive)]
+    pub max_fields: usize,
+    /// Longest field value, in bytes.
+    #[arg(long, env = "STICKLESS_MAX_VALUE_BYTES", default_value = "4096", value_parser = positive)]
+    pub max_value_bytes: usize,
+    /// Largest session (field names plus values), in bytes.
+    #[arg(long, env = "STICKLESS_MAX_SESSION_BYTES", default_value = "16384", value_parser = positive)]
+    pub max_session_bytes: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Address the demo listens on.
+    #[arg(
+        long,
+        env = "STICKLESS_LISTEN",
+        default_value = "127.0.0.1:8080",
+        value_name = "ADDR"
+    )]
+    pub listen: SocketAddr,
+    /// Address of the admin listener (/metrics, /healthz, /readyz).
+    #[arg(
+        long,
+        env = "STICKLESS_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9180",
+        value_name = "ADDR"
+    )]
+    pub admin_listen: SocketAddr,
+}
+
+/// A configuration error: the flag it concerns and what to do.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub message: String,
+}
+
+impl ServeArgs {
+    /// Turns the flags into a [`Config`]. `env_redis_url` is `REDIS_URL`, used when no
+    /// `--redis-url` / `STICKLESS_REDIS_URL` is given.
+    pub fn into_config(self, env_redis_url: Option<String>) -> Result<Config, ConfigError> {
+        let redis_url = self
+            .redis_url
+            .or(env_redis_url)
+            .filter(|u| !u.trim().is_empty());
+        let store = match redis_url {
+            None => StoreConfig::Memory,
+            Some(url) => {
+                let lower = url.to_ascii_lowercase();
+                if !(lower.starts_with("redis://") || lower.starts_with("rediss://")) {
+                    return Err(ConfigError {
+                        flag: "--redis-url",
+                        message: "expected redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] or rediss://... (TLS)".into(),
+                    });
+                }
+                StoreConfig::Redis {
+                    url,
+                    key_prefix: self.key_prefix,
+                    timeout: self.redis_timeout,
+                }
+            }
+        };
+        let keys = match (&self.secret_keys, &store) {
+            (Some(list), _) => SigningKeys::parse(list).map_err(|e| ConfigError {
+                flag: "--secret-keys",
+                message: match e {
+                    KeyError::Empty => "no key given; make one with `stickless gen-key`".into(),
+                    e => format!("{e}; make one with `stickless gen-key`"),
+                },
+            })?,
+            (None, StoreConfig::Memory) => SigningKeys::random(),
+            (None, StoreConfig::Redis { .. }) => {
+                return Err(ConfigError {
+                    flag: "--secret-keys",
+                    message: "required with --redis-url, so that every instance signs and verifies the same cookies; \
+                              make one with `stickless gen-key` and give the same key to every instance \
+                              (also readable from STICKLESS_SECRET_KEYS)"
+                        .into(),
+                })
+            }
+        };
+        if let Some(abs) = self.absolute_timeout.0 {
+            if abs < self.idle_timeout {
+                tracing::info!("--absolute-timeout is shorter than --idle-timeout: sessions end at the absolute timeout");
+            }
+        }
+        if self.max_value_bytes > self.max_session_bytes {
+            return Err(ConfigError {
+                flag: "--max-value-bytes",
+                message: format!(
+                    "{} is more than --max-session-bytes ({}); lower it or raise --max-session-bytes",
+                    self.max_value_bytes, self.max_session_bytes
+                ),
+            });
+        }
+        if self.cookie_same_site == SameSite::None && self.cookie_secure == SecureMode::Never {
+            return Err(ConfigError {
+                flag: "--cookie-same-site",
+                message: "none requires a Secure cookie (browsers drop the cookie otherwise); use --cookie-secure auto or true".into(),
+            });
+        }
+        if self.listen == self.admin_listen {
+            return Err(ConfigError {
+                flag: "--admin-listen",
+                message: format!(
+                    "{} is also --listen; give the admin listener its own port",
+                    self.listen
+                ),
+            });
+        }
+        Ok(Config {
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            upstream: self.upstream,
+            store,
+            keys,
+            cookie: CookieConfig {
+                name: self.cookie_name,
+                domain: self.cookie_domain,
+                path: self.cookie_path,
+                secure: self.cookie_secure,
+                same_site: self.cookie_same_site,
+            },
+            ttl: TtlPolicy {
+                idle: self.idle_timeout,
+                absolute: self.absolute_timeout.0,
+            },
+            protocol: ProtocolConfig {
+                header_prefix: self.header_prefix,
+                max_fields: self.max_fields,
+                max_value_bytes: self.max_value_bytes,
+                max_session_bytes: self.max_session_bytes,
+            },
+            upstream_timeout: self.upstream_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("stickless").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_and_subcommands() {
+        let cli = parse(&[]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.listen.to_string(), "0.0.0.0:8080");
+        let cfg = cli.serve.into_config(None).unwrap();
+        assert!(matches!(cfg.store, StoreConfig::Memory));
+        assert_eq!(cfg.ttl.idle, Duration::from_secs(1800));
+        assert!(matches!(
+            parse(&["gen-key"]).unwrap().command,
+            Some(Command::GenKey)
+        ));
+        assert!(matches!(
+            parse(&["serve", "--listen", "127.0.0.1:1"])
+                .unwrap()
+                .command,
+            Some(Command::Serve(_))
+        ));
+    }
+
+    #[test]
+    fn redis_requires_keys() {
+        let cli = parse(&["--redis-url", "redis://127.0.0.1:6379"]).unwrap();
+        let err = cli.serve.into_config(None).unwrap_err();
+        assert_eq!(err.flag, "--secret-keys");
+        assert!(err.message.contains("stickless gen-key"));
+        let cli = parse(&[]).unwrap();
+        let err = cli.serve.into_config(Some("redis://h".into())).unwrap_err();
+        assert_eq!(err.flag, "--secret-keys");
+        let cli = parse(&["--redis-url", "http://h", "--secret-keys", &"k".repeat(32)]).unwrap();
+        assert_eq!(cli.serve.into_config(None).unwrap_err().flag, "--redis-url");
+        let cli = parse(&["--secret-keys", "short"]).unwrap();
+        assert_eq!(
+            cli.serve.into_config(None).unwrap_err().flag,
+            "--secret-keys"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        for (flag, value) in [
+            ("--idle-timeout", "soon"),
+            ("--upstream", "ftp://x"),
+            ("--cookie-same-site", "sometimes"),
+            ("--listen", "nowhere"),
+            ("--max-fields", "0"),
+        ] {
+            let err = parse(&[flag, value]).unwrap_err();
+            assert_eq!(err.exit_code(), 2);
+            assert!(err.to_string().contains(flag), "{err}");
+        }
+    }
+}

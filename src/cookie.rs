@@ -1,0 +1,421 @@
+//! Session ids, the signed session cookie, and the `Cookie` / `Set-Cookie` headers around it.
+//!
+//! A session id is 256 bits from the operating system's CSPRNG, written base64url (43 characters).
+//! The cookie value is `<id>.<tag>`, where the tag is HMAC-SHA256 over the id under the first
+//! signing key. Every configured key verifies, so keys can be rotated: add the new key in front,
+//! keep the old one behind it until the idle timeout has passed, then drop it. Tags are compared in
+//! constant time, and a cookie whose tag fails is never looked up in the store.
+
+use std::fmt;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hmac::{Mac, SimpleHmac};
+use http::HeaderValue;
+use rand::RngCore;
+use sha2::Sha256;
+
+use crate::config::{CookieConfig, SameSite};
+
+type HmacSha256 = SimpleHmac<Sha256>;
+
+/// Bytes of entropy in a session id.
+pub const ID_BYTES: usize = 32;
+/// Length of an id written base64url without padding.
+pub const ID_LEN: usize = 43;
+const TAG_LEN: usize = 43;
+/// Shortest secret key accepted, in bytes.
+pub const MIN_KEY_BYTES: usize = 32;
+
+/// A session id. Its `Debug` output is redacted: an id is a bearer credential.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SessionId(String);
+
+impl SessionId {
+    /// A fresh id: 256 bits from the operating system's CSPRNG.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; ID_BYTES];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        SessionId(URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    /// The id as written in the cookie and the store key.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        let mut bytes = [0u8; ID_BYTES];
+        (s.len() == ID_LEN
+            && URL_SAFE_NO_PAD.decode_slice(s, &mut bytes) == Ok(ID_BYTES)
+            // Reject non-canonical encodings so that one id has exactly one spelling.
+            && URL_SAFE_NO_PAD.encode(bytes) == s)
+            .then(|| SessionId(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SessionId(<redacted>)")
+    }
+}
+
+/// The keys that sign (the first) and verify (all) session cookies.
+#[derive(Clone)]
+pub struct SigningKeys {
+    keys: Vec<HmacSha256>,
+}
+
+impl fmt::Debug for SigningKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SigningKeys(<{} redacted>)", self.keys.len())
+    }
+}
+
+/// Why a list of secret keys was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    /// No key at all.
+    #[error("no key given")]
+    Empty,
+    /// A key shorter than [`MIN_KEY_BYTES`]; `position` counts from 1.
+    #[error("key {position} is {len} bytes; keys must be at least {MIN_KEY_BYTES} bytes")]
+    TooShort {
+        /// 1-based position in the list.
+        position: usize,
+        /// Its length in bytes.
+        len: usize,
+    },
+}
+
+impl SigningKeys {
+    /// Builds the key set from a comma-separated list; the first key signs, all verify.
+    /// Each key is used as the bytes it is written with (`stickless gen-key` prints suitable ones).
+    ///
+    /// # Errors
+    /// [`KeyError`] when the list is empty or a key is too short.
+    pub fn parse(list: &str) -> Result<Self, KeyError> {
+        let parts: Vec<&str> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .collect();
+        if parts.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        let mut keys = Vec::with_capacity(parts.len());
+        for (i, k) in parts.iter().enumerate() {
+            if k.len() < MIN_KEY_BYTES {
+                return Err(KeyError::TooShort {
+                    position: i + 1,
+                    len: k.len(),
+                });
+            }
+            keys.push(
+                HmacSha256::new_from_slice(k.as_bytes()).expect("HMAC takes keys of any size"),
+            );
+        }
+        Ok(SigningKeys { keys })
+    }
+
+    /// A single random key, for the embedded store where cookies need not outlive the process.
+    pub fn random() -> Self {
+        SigningKeys::parse(&generate_key()).expect("a generated key is long enough")
+    }
+
+    fn tag(mac: &HmacSha256, id: &SessionId) -> HmacSha256 {
+        let mut mac = mac.clone();
+        mac.update(id.as_str().as_bytes());
+        mac
+    }
+
+    /// The cookie value for `id`, signed with the first key.
+    pub fn sign(&self, id: &SessionId) -> String {
+        let tag = Self::tag(&self.keys[0], id).finalize().into_bytes();
+        let mut out = String::with_capacity(ID_LEN + 1 + TAG_LEN);
+        out.push_str(id.as_str());
+        out.push('.');
+        URL_SAFE_NO_PAD.encode_string(tag, &mut out);
+        out
+    }
+
+    /// The session id in a cookie value, if its tag verifies under any key.
+    pub fn verify(&self, value: &str) -> Option<SessionId> {
+        let (id, tag) = value.split_once('.')?;
+        if tag.len() != TAG_LEN {
+            return None;
+        }
+        let id = SessionId::parse(id)?;
+        let mut tag_bytes = [0u8; 32];
+        if URL_SAFE_NO_PAD.decode_slice(tag, &mut tag_bytes) != Ok(32) {
+            return None;
+        }
+        // `verify_slice` compares in constant time.
+        self.keys
+            .iter()
+            .any(|k| Self::tag(k, &id).verify_slice(&tag_bytes).is_ok())
+            .then_some(id)
+    }
+}
+
+/// A fresh random secret key: 256 bits, base64url.
+pub fn generate_key() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// What the request's `Cookie` headers held, once the session cookie is taken out.
+#[derive(Debug, Default)]
+pub struct RequestCookies {
+    /// Values of every cookie with the session cookie's name, in order.
+    pub session_values: Vec<String>,
+    /// The other cookies, rejoined, or `None` when nothing else is left.
+    pub rest: Option<HeaderValue>,
+}
+
+impl fmt::Debug for RequestCookiesRedacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} session cookie(s)", self.0.session_values.len())
+    }
+}
+
+/// A `Debug` view of [`RequestCookies`] without values, for logs.
+pub struct RequestCookiesRedacted<'a>(pub &'a RequestCookies);
+
+/// Splits the `Cookie` header values into the session cookie(s) and the rest.
+/// Pairs that cannot be parsed are passed through to the backend unchanged.
+pub fn split_cookies<'a>(
+    headers: impl Iterator<Item = &'a HeaderValue>,
+    name: &str,
+) -> RequestCookies {
+    let mut out = RequestCookies::default();
+    let mut rest: Vec<&[u8]> = Vec::new();
+    for value in headers {
+        for pair in value.as_bytes().split(|&b| b == b';') {
+            let pair = trim_ascii(pair);
+            if pair.is_empty() {
+                continue;
+            }
+            let (k, v) = match pair.iter().position(|&b| b == b'=') {
+                Some(i) => (trim_ascii(&pair[..i]), trim_ascii(&pair[i + 1..])),
+                None => (pair, &b""[..]),
+            };
+            if k == name.as_bytes() {
+                let v = v
+                    .strip_prefix(b"\"")
+                    .and_then(|v| v.strip_suffix(b"\""))
+                    .unwrap_or(v);
+                if let Ok(v) = std::str::from_utf8(v) {
+                    out.session_values.push(v.to_owned());
+                }
+            } else {
+                rest.push(pair);
+            }
+        }
+    }
+    if !rest.is_empty() {
+        let joined = rest.join(&b"; "[..]);
+        // Every byte came from a valid header value and `; ` is valid, so this cannot fail.
+        out.rest = HeaderValue::from_bytes(&joined).ok();
+    }
+    out
+}
+
+fn trim_ascii(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+/// Builds `Set-Cookie` values for the session cookie.
+#[derive(Debug, Clone)]
+pub struct CookieWriter {
+    config: CookieConfig,
+}
+
+impl CookieWriter {
+    /// A writer for these attributes.
+    pub fn new(config: CookieConfig) -> Self {
+        CookieWriter { config }
+    }
+
+    /// The cookie name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Whether `Secure` is added, given whether the request came over HTTPS.
+    pub fn secure(&self, request_is_https: bool) -> bool {
+        match self.config.secure {
+            crate::config::SecureMode::Auto => request_is_https,
+            crate::config::SecureMode::Always => true,
+            crate::config::SecureMode::Never => false,
+        }
+    }
+
+    /// `Set-Cookie` for a session cookie. `max_age` is the absolute timeout when there is one:
+    /// otherwise the cookie lives as long as the browser, and the store decides when it expires.
+    pub fn set(&self, value: &str, max_age: Option<u64>, https: bool) -> HeaderValue {
+        let mut s = format!("{}={}", self.config.name, value);
+        if let Some(age) = max_age {
+            s.push_str(&format!("; Max-Age={age}"));
+        }
+        self.attributes(&mut s, https);
+        HeaderValue::from_str(&s).expect("cookie name, value and attributes are validated")
+    }
+
+    /// `Set-Cookie` that removes the session cookie from the browser.
+    pub fn clear(&self, https: bool) -> HeaderValue {
+        let mut s = format!(
+            "{}=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT",
+            self.config.name
+        );
+        self.attributes(&mut s, https);
+        HeaderValue::from_str(&s).expect("cookie name and attributes are validated")
+    }
+
+    fn attributes(&self, s: &mut String, https: bool) {
+        s.push_str("; Path=");
+        s.push_str(&self.config.path);
+        if let Some(d) = &self.config.domain {
+            s.push_str("; Domain=");
+            s.push_str(d);
+        }
+        // Browsers drop `SameSite=None` cookies that are not `Secure`.
+        if self.secure(https) || self.config.same_site == SameSite::None {
+            s.push_str("; Secure");
+        }
+        s.push_str("; HttpOnly; SameSite=");
+        s.push_str(self.config.same_site.as_str());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K1: &str = "0123456789abcdef0123456789abcdef";
+    const K2: &str = "fedcba9876543210fedcba9876543210";
+
+    #[test]
+    fn ids_are_256_bits_and_distinct() {
+        let a = SessionId::generate();
+        let b = SessionId::generate();
+        assert_ne!(a, b);
+        assert_eq!(a.as_str().len(), ID_LEN);
+        assert_eq!(URL_SAFE_NO_PAD.decode(a.as_str()).unwrap().len(), 32);
+        assert_eq!(format!("{a:?}"), "SessionId(<redacted>)");
+    }
+
+    #[test]
+    fn sign_then_verify() {
+        let keys = SigningKeys::parse(K1).unwrap();
+        let id = SessionId::generate();
+        let cookie = keys.sign(&id);
+        assert_eq!(keys.verify(&cookie), Some(id));
+    }
+
+    #[test]
+    fn rotation_old_key_still_verifies_new_key_signs() {
+        let old = SigningKeys::parse(K1).unwrap();
+        let rotated = SigningKeys::parse(&format!("{K2},{K1}")).unwrap();
+        let id = SessionId::generate();
+        assert_eq!(rotated.verify(&old.sign(&id)), Some(id.clone()));
+        assert_eq!(old.verify(&rotated.sign(&id)), None);
+        let dropped = SigningKeys::parse(K2).unwrap();
+        assert_eq!(dropped.verify(&old.sign(&id)), None);
+    }
+
+    #[test]
+    fn tampering_fails() {
+        let keys = SigningKeys::parse(K1).unwrap();
+        let id = SessionId::generate();
+        let cookie = keys.sign(&id);
+        let other = SessionId::generate();
+        let (_, tag) = cookie.split_once('.').unwrap();
+        assert_eq!(keys.verify(&format!("{}.{}", other.as_str(), tag)), None);
+        for i in 0..cookie.len() {
+            let mut b = cookie.clone().into_bytes();
+            b[i] = if b[i] == b'A' { b'B' } else { b'A' };
+            let s = String::from_utf8(b).unwrap();
+            if s != cookie {
+                assert_eq!(keys.verify(&s), None, "flipped byte {i}");
+            }
+        }
+        for bad in [
+            "",
+            ".",
+            "abc",
+            "abc.def",
+            &cookie[..cookie.len() - 1],
+            &format!("{cookie}x"),
+        ] {
+            assert_eq!(keys.verify(bad), None);
+        }
+    }
+
+    #[test]
+    fn keys_are_validated() {
+        assert_eq!(SigningKeys::parse("").unwrap_err(), KeyError::Empty);
+        assert_eq!(SigningKeys::parse(" , ").unwrap_err(), KeyError::Empty);
+        assert_eq!(
+            SigningKeys::parse(&format!("{K1},short")).unwrap_err(),
+            KeyError::TooShort {
+                position: 2,
+                len: 5
+            }
+        );
+        assert!(SigningKeys::parse(&generate_key()).is_ok());
+        assert!(!format!("{:?}", SigningKeys::parse(K1).unwrap()).contains(K1));
+    }
+
+    #[test]
+    fn cookies_are_split() {
+        let h = [
+            HeaderValue::from_static("a=1; sid=abc.def;b=2"),
+            HeaderValue::from_static("sid=\"q\"; c"),
+        ];
+        let c = split_cookies(h.iter(), "sid");
+        assert_eq!(c.session_values, vec!["abc.def", "q"]);
+        assert_eq!(c.rest.unwrap(), "a=1; b=2; c");
+        let only = [HeaderValue::from_static("sid=x")];
+        let c = split_cookies(only.iter(), "sid");
+        assert!(c.rest.is_none());
+        let c = split_cookies(only.iter(), "other");
+        assert!(c.session_values.is_empty());
+        assert_eq!(c.rest.unwrap(), "sid=x");
+    }
+
+    #[test]
+    fn set_cookie_attributes() {
+        let w = CookieWriter::new(CookieConfig::default());
+        assert_eq!(
+            w.set("v", None, false),
+            "sid=v; Path=/; HttpOnly; SameSite=Lax"
+        );
+        assert_eq!(
+            w.set("v", Some(60), true),
+            "sid=v; Max-Age=60; Path=/; Secure; HttpOnly; SameSite=Lax"
+        );
+        assert!(w
+            .clear(false)
+            .to_str()
+            .unwrap()
+            .starts_with("sid=; Max-Age=0;"));
+        let w = CookieWriter::new(CookieConfig {
+            domain: Some("example.com".into()),
+            same_site: SameSite::None,
+            secure: crate::config::SecureMode::Never,
+            ..CookieConfig::default()
+        });
+        assert_eq!(
+            w.set("v", None, false),
+            "sid=v; Path=/; Domain=example.com; Secure; HttpOnly; SameSite=None"
+        );
+    }
+}

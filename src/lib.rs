@@ -1,0 +1,34 @@
+//! stickless: a session proxy that makes any web app's sessions independent of the instance that
+//! serves a request.
+//!
+//! It sits in front of a backend, keeps each user's session as one hash in Redis (Amazon
+//! ElastiCache, Valkey) and speaks a small header protocol with the backend, so the backend needs
+//! no session library and never talks to Redis.
+//!
+//! A request's path through the modules:
+//! 1. [`server`] accepts the connection and hands each request to [`proxy`].
+//! 2. [`proxy`] takes the session cookie out of the request and verifies it with [`cookie`]; a
+//!    forged or malformed cookie is treated as no session and never reaches the store.
+//! 3. The session is loaded from the [`store`] (one round trip that also renews its TTL).
+//! 4. [`protocol`] removes any session headers the client sent and injects the real ones.
+//! 5. The request is forwarded; the backend's response headers are parsed by [`protocol`] into
+//!    changes, which the [`store`] applies atomically before the response leaves.
+//! 6. The cookie is set (new or rotated session) or cleared (destroyed), and the response streams
+//!    back. [`metrics`] records every step; [`admin`] serves them.
+//!
+//! [`config`] holds the typed configuration (the binary's flags are turned into it), and [`demo`]
+//! is the built-in demo backend.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod config;
+pub mod cookie;
+pub mod demo;
+pub mod metrics;
+pub mod protocol;
+pub mod proxy;
+pub mod server;
+pub mod shutdown;
+pub mod store;

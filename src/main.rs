@@ -1,0 +1,149 @@
+//! The `stickless` binary: parses flags into a [`Config`], binds the listeners, and hands them to
+//! the library. Bad flags exit with status 2 and a message that names the flag.
+
+mod cli;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+
+use cli::{Cli, Command, DemoArgs, ServeArgs};
+use stickless::config::{Config, StoreConfig, Upstream};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Some(Command::GenKey) => {
+            println!("{}", stickless::cookie::generate_key());
+            Ok(())
+        }
+        Some(Command::Demo(args)) => runtime.block_on(demo(args)),
+        Some(Command::Serve(args)) => runtime.block_on(serve(args)),
+        None => runtime.block_on(serve(cli.serve)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Turns flags into a config, exiting with status 2 and the flag's name when they do not make one.
+fn config_or_exit(args: ServeArgs) -> Config {
+    match args.into_config(std::env::var("REDIS_URL").ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: invalid value for '{}': {}", e.flag, e.message);
+            eprintln!("\nFor more information, try 'stickless --help'.");
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (set by {flag}); is another process using it? choose another address with {flag}"))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = config_or_exit(args);
+    let listener = bind(config.listen, "--listen").await?;
+    let admin = bind(config.admin_listen, "--admin-listen").await?;
+    let store = match stickless::server::build_store(&config).await {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("error: invalid value for '--redis-url': {e}");
+            std::process::exit(2);
+        }
+    };
+    let kind = match &config.store {
+        StoreConfig::Memory => {
+            tracing::warn!(
+                "no --redis-url (or REDIS_URL): sessions are kept in this process's memory, local to this \
+                 instance and lost when it stops; set --redis-url to share them between instances"
+            );
+            "memory"
+        }
+        StoreConfig::Redis { .. } => "redis",
+    };
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        admin = %admin.local_addr()?,
+        upstream = %config.upstream.authority,
+        store = kind,
+        "stickless ready"
+    );
+    stickless::server::run(
+        config,
+        store,
+        listener,
+        admin,
+        stickless::shutdown::signal(),
+    )
+    .await;
+    Ok(())
+}
+
+async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let backend = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("cannot start the demo backend")?;
+    let backend_addr = backend.local_addr()?;
+    let mut serve_args = Cli::parse_from(["stickless"]).serve;
+    serve_args.listen = args.listen;
+    serve_args.admin_listen = args.admin_listen;
+    serve_args.upstream =
+        Upstream::parse(&format!("http://{backend_addr}")).map_err(anyhow::Error::msg)?;
+    serve_args.redis_url = None;
+    serve_args.secret_keys = None;
+    let config = config_or_exit(serve_args);
+    let listener = bind(config.listen, "--listen").await?;
+    let admin = bind(config.admin_listen, "--admin-listen").await?;
+    let store = stickless::server::build_store(&config).await?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let backend_task = tokio::spawn(stickless::demo::run(backend, async {
+        let _ = stop_rx.await;
+    }));
+    tracing::info!(listen = %addr, admin = %admin.local_addr()?, "stickless demo ready");
+    println!("stickless demo: open http://{addr}/ in a browser (sessions on the embedded store; Ctrl-C stops)");
+    println!("metrics: http://{}/metrics", admin.local_addr()?);
+    stickless::server::run(
+        config,
+        store,
+        listener,
+        admin,
+        stickless::shutdown::signal(),
+    )
+    .await;
+    let _ = stop_tx.send(());
+    let _ = backend_task.await;
+    Ok(())
+}

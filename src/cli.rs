@@ -239,7 +239,7 @@ impl ServeArgs {
                 message: "none requires a Secure cookie (browsers drop the cookie otherwise); use --cookie-secure auto or true".into(),
             });
         }
-        if self.listen == self.admin_listen {
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
             return Err(ConfigError {
                 flag: "--admin-listen",
                 message: format!(

@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod body;
 pub mod config;
 pub mod cookie;
 pub mod demo;

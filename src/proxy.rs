@@ -18,14 +18,16 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::body::IdleTimeout;
 use crate::config::{Config, TtlPolicy, Upstream};
 use crate::cookie::{split_cookies, CookieWriter, SessionId, SigningKeys};
 use crate::metrics::{Event, Lookup, Metrics, StoreOp};
 use crate::protocol::{apply_to_fields, Changes, Protocol, ProtocolError, Rejection};
 use crate::store::{now_ms, Applied, Session, SessionStore, StoreError, Target};
 
-/// The body of every response stickless sends: the backend's, streamed, or its own short text.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// The body of every response stickless sends: the backend's, streamed (and cut off if the
+/// backend goes silent for the upstream timeout), or its own short text.
+pub type ProxyBody = Either<IdleTimeout<Incoming>, Full<Bytes>>;
 
 /// How long clients are asked to wait before retrying when the store is unavailable.
 const RETRY_AFTER_SECS: HeaderValue = HeaderValue::from_static("1");
@@ -241,7 +243,8 @@ impl Proxy {
                     .append(header::SET_COOKIE, self.cookies.clear(https));
             }
         }
-        Ok(resp.map(Either::Left))
+        let idle = self.upstream_timeout;
+        Ok(resp.map(|body| Either::Left(IdleTimeout::new(body, idle))))
     }
 
     /// Takes the session cookie out of the request and loads its session. A missing, malformed or

@@ -23,8 +23,11 @@ use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisSettings, RedisSetupError, RedisStore};
 use crate::store::SessionStore;
 
-/// Time a client gets to send a request's headers (against slow-loris connections).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a client gets to send a request's headers, counted from when the connection is ready for
+/// one, so it is also the keep-alive idle timeout. It bounds slow-loris connections, and it is
+/// longer than an ELB's default idle timeout (60 s): a proxy that closes idle connections before
+/// the load balancer does makes the load balancer answer 502 now and then.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(75);
 /// Time in-flight requests get to finish once shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head accepted; larger ones are answered 431 by hyper.
@@ -107,7 +110,7 @@ where
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES.max(8192));
+        .max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -488,6 +488,11 @@ impl Stickless {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `http://<admin><path>`
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{}", self.admin, path)

@@ -1,0 +1,123 @@
+//! A body wrapper that fails when its inner body stays silent for too long, so that a backend that
+//! stops sending halfway through a response cannot hold a client connection for ever.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+/// Boxed error of a proxied body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The inner body sent nothing for the whole idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("body idle for more than {0:?}")]
+pub struct BodyIdleTimeout(pub Duration);
+
+pin_project! {
+    /// Passes frames through; errors with [`BodyIdleTimeout`] after `timeout` without a frame.
+    pub struct IdleTimeout<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+        timeout: Duration,
+    }
+}
+
+impl<B> IdleTimeout<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B, timeout: Duration) -> Self {
+        IdleTimeout {
+            inner,
+            sleep: None,
+            timeout,
+        }
+    }
+}
+
+impl<B> Body for IdleTimeout<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.sleep.set(None);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                if this.sleep.is_none() {
+                    this.sleep.set(Some(tokio::time::sleep(*this.timeout)));
+                }
+                match this.sleep.as_pin_mut().map(|s| s.poll(cx)) {
+                    Some(Poll::Ready(())) => {
+                        Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(*this.timeout)))))
+                    }
+                    _ => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+
+    /// A body that never sends anything.
+    struct Silent;
+
+    impl Body for Silent {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn passes_a_complete_body() {
+        let body = IdleTimeout::new(
+            Full::new(Bytes::from_static(b"hello")),
+            Duration::from_millis(50),
+        );
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
+    }
+
+    #[tokio::test]
+    async fn fails_a_silent_body() {
+        let started = std::time::Instant::now();
+        let err = IdleTimeout::new(Silent, Duration::from_millis(50))
+            .collect()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("idle"));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

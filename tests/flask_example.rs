@@ -1,0 +1,550 @@
+//! End to end with the real example app (examples/flask/app.py): one Redis, two copies of the
+//! Flask app, each behind its own stickless instance (same key), and one browser-like client that
+//! alternates between the two proxies. No sticky sessions: the login, the visit counter and the
+//! logout are shared through Redis.
+//!
+//! Needs a Python that can `import flask`: `$STICKLESS_PYTHON`, else `python3`
+//! (`bash scripts/test.sh` installs Flask and sets it up).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Method;
+use support::*;
+
+/// Whole scenario (after the processes are up), so that a hang fails instead of blocking.
+const SCENARIO_DEADLINE: Duration = Duration::from_secs(25);
+/// How long one copy of the Flask app may take to answer its first request.
+const FLASK_START_DEADLINE: Duration = Duration::from_secs(15);
+
+const FORM: &str = "application/x-www-form-urlencoded";
+
+// ---------------------------------------------------------------------------------------------
+// The Flask app as a process
+// ---------------------------------------------------------------------------------------------
+
+fn python() -> String {
+    std::env::var("STICKLESS_PYTHON")
+        .ok()
+        .filter(|p| !p.trim().is_empty())
+        .unwrap_or_else(|| "python3".to_owned())
+}
+
+/// Fails the test (no silent skip) when the interpreter cannot import Flask.
+fn require_flask(py: &str) {
+    let hint = "run `bash scripts/test.sh` (it installs Flask and sets STICKLESS_PYTHON), \
+                or point STICKLESS_PYTHON at a python that has Flask";
+    match Command::new(py)
+        .args(["-c", "import flask, markupsafe"])
+        .stdin(Stdio::null())
+        .output()
+    {
+        Err(e) => panic!("cannot run {py:?} for the Flask example: {e}; {hint}"),
+        Ok(out) if !out.status.success() => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let last = err.lines().rev().find(|l| !l.trim().is_empty());
+            panic!(
+                "{py:?} cannot `import flask` ({}); {hint}",
+                last.unwrap_or("no error output").trim()
+            )
+        }
+        Ok(_) => {}
+    }
+}
+
+/// One copy of examples/flask/app.py on a free loopback port, killed on drop.
+struct FlaskApp {
+    child: Child,
+    port: u16,
+    log: Arc<Mutex<Vec<String>>>,
+    /// From spawn to the first good answer.
+    startup: Duration,
+}
+
+impl FlaskApp {
+    fn start(py: &str) -> Self {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/flask/app.py");
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let started = Instant::now();
+            let mut child = Command::new(py)
+                .arg(&script)
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .env("PYTHONUNBUFFERED", "1")
+                .env("PYTHONDONTWRITEBYTECODE", "1")
+                .env_remove("FLASK_DEBUG")
+                .env_remove("FLASK_RUN_PORT")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {py:?} {}: {e}", script.display()));
+            // Drain stderr (werkzeug logs every request there) so the pipe never fills up.
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let stderr = child.stderr.take().unwrap();
+            let l = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    l.lock().unwrap().push(line);
+                }
+            });
+            let up = wait_for(
+                &format!("the Flask app on port {port}"),
+                FLASK_START_DEADLINE,
+                || {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        return Some(false); // exited (port taken meanwhile?): try another port
+                    }
+                    answers_200(port).then_some(true)
+                },
+            );
+            let app = FlaskApp {
+                child,
+                port,
+                log,
+                startup: started.elapsed(),
+            };
+            if up {
+                eprintln!("flask app on port {port} answered after {:?}", app.startup);
+                return app;
+            }
+            // Let the drain thread catch the last lines, then drop (kills) and retry.
+            std::thread::sleep(Duration::from_millis(50));
+            last_log = app.logs();
+        }
+        panic!("the Flask app did not start (5 attempts); last output:\n{last_log}");
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn logs(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for FlaskApp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw, blocking `GET /api/session` answered with 200 (the app is up, not just the socket).
+fn answers_200(port: u16) -> bool {
+    let addr = ([127, 0, 0, 1], port).into();
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /api/session HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    text.starts_with("HTTP/1.") && text.lines().next().is_some_and(|l| l.contains(" 200 "))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole setup: 1 Redis, 2 apps, 2 proxies
+// ---------------------------------------------------------------------------------------------
+
+struct Cluster {
+    // Dropped in declaration order: proxies first, then the apps, then Redis.
+    a: Stickless,
+    b: Stickless,
+    app_a: FlaskApp,
+    app_b: FlaskApp,
+    redis: RedisServer,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let py = python();
+        require_flask(&py);
+        let redis = RedisServer::start();
+        let app_a = FlaskApp::start(&py);
+        let app_b = FlaskApp::start(&py);
+        let a = Stickless::on_redis(&app_a.url(), &redis, &[]);
+        let b = Stickless::on_redis(&app_b.url(), &redis, &[]);
+        Cluster {
+            a,
+            b,
+            app_a,
+            app_b,
+            redis,
+        }
+    }
+
+    /// Everything the processes logged, for failure messages.
+    fn logs(&self) -> String {
+        format!(
+            "--- stickless A ---\n{}\n--- stickless B ---\n{}\n--- app A ---\n{}\n--- app B ---\n{}",
+            self.a.logs(),
+            self.b.logs(),
+            self.app_a.logs(),
+            self.app_b.logs()
+        )
+    }
+
+    /// Runs the scenario with a deadline; on failure or timeout, prints the processes' logs.
+    async fn run(&self, scenario: impl std::future::Future<Output = ()>) {
+        struct DumpOnPanic<'a>(&'a Cluster);
+        impl Drop for DumpOnPanic<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    eprintln!("{}", self.0.logs());
+                }
+            }
+        }
+        let _dump = DumpOnPanic(self);
+        if tokio::time::timeout(SCENARIO_DEADLINE, scenario)
+            .await
+            .is_err()
+        {
+            panic!("the scenario did not finish within {SCENARIO_DEADLINE:?}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Page and reply helpers
+// ---------------------------------------------------------------------------------------------
+
+/// The text between `marker` and the next `<` (the pages put each value in its own `<p>`).
+fn after<'a>(body: &'a str, marker: &str) -> Option<&'a str> {
+    let rest = &body[body.find(marker)? + marker.len()..];
+    Some(&rest[..rest.find('<').unwrap_or(rest.len())])
+}
+
+/// `Logged in as <name>` as it appears in the HTML (escaped).
+fn logged_in_as(r: &Reply) -> Option<String> {
+    after(&r.text(), "Logged in as ").map(str::to_owned)
+}
+
+/// `Visits: <n>`.
+fn visits(r: &Reply) -> Option<u64> {
+    after(&r.text(), "Visits: ").map(|v| {
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("Visits is not a number: {v:?}"))
+    })
+}
+
+/// What markupsafe.escape does to text.
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&#34;")
+        .replace('\'', "&#39;")
+}
+
+/// The protocol's response headers never reach the client.
+fn assert_no_protocol_headers(r: &Reply, what: &str) {
+    let leaked: Vec<&str> = r
+        .headers
+        .keys()
+        .map(|k| k.as_str())
+        .filter(|k| k.starts_with("x-session"))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "{what}: protocol headers reached the client: {leaked:?}"
+    );
+}
+
+fn assert_not_logged_in(r: &Reply, what: &str) {
+    assert_eq!(r.status, 200, "{what}: {}", r.text());
+    let body = r.text();
+    assert!(
+        body.contains("Not logged in"),
+        "{what}: expected `Not logged in`, got:\n{body}"
+    );
+    assert!(
+        !body.contains("Logged in as") && !body.contains("Visits:"),
+        "{what}: a logged-out page shows session data:\n{body}"
+    );
+    assert_no_protocol_headers(r, what);
+}
+
+fn assert_home(r: &Reply, html_name: &str, n: u64, what: &str) {
+    assert_eq!(r.status, 200, "{what}: {}", r.text());
+    assert_eq!(
+        logged_in_as(r).as_deref(),
+        Some(html_name),
+        "{what}: {}",
+        r.text()
+    );
+    assert_eq!(visits(r), Some(n), "{what}: {}", r.text());
+    assert!(!r.text().contains("Not logged in"), "{what}: {}", r.text());
+    assert_no_protocol_headers(r, what);
+}
+
+/// POST /login with an already URL-encoded form value; checks the 302 and returns it.
+async fn login(http: &mut Http, proxy: &Stickless, encoded_username: &str) -> Reply {
+    let r = http
+        .send(
+            Method::POST,
+            &proxy.url("/login"),
+            &[("content-type", FORM)],
+            Bytes::from(format!("username={encoded_username}")),
+        )
+        .await;
+    assert_eq!(r.status, 302, "POST /login: {}", r.text());
+    let location = r
+        .headers
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    // Werkzeug >= 2.1 sends "/" as is; older versions make it absolute (http://host/).
+    let path = location.strip_prefix("http://").map_or(location, |rest| {
+        &rest[rest.find('/').unwrap_or(rest.len())..]
+    });
+    assert_eq!(path, "/", "POST /login redirects to /, got {location:?}");
+    assert_no_protocol_headers(&r, "POST /login");
+    r
+}
+
+/// `GET /api/session`: what the app received, decoded by the app (`session`, `fields`).
+async fn app_view(http: &mut Http, proxy: &Stickless) -> (String, BTreeMap<String, String>) {
+    let r = http.get(&proxy.url("/api/session")).await;
+    assert_eq!(r.status, 200, "GET /api/session: {}", r.text());
+    #[derive(serde::Deserialize)]
+    struct View {
+        session: String,
+        fields: BTreeMap<String, String>,
+    }
+    let v: View = serde_json::from_slice(&r.body)
+        .unwrap_or_else(|e| panic!("/api/session is not JSON ({e}): {}", r.text()));
+    (v.session, v.fields)
+}
+
+fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The hash without stickless' own `_created` field (asserted present).
+async fn stored_fields(redis: &RedisServer, key: &str) -> BTreeMap<String, String> {
+    let mut h = hgetall(redis, key).await;
+    let created = h.remove("_created");
+    assert!(
+        created.is_some_and(|c| c.parse::<u64>().is_ok()),
+        "{key} has a numeric _created field"
+    );
+    h
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+/// Login on B, six visits alternating A/B counting 1..6 through Redis, logout on A, gone on B.
+#[tokio::test(flavor = "multi_thread")]
+async fn login_visits_logout_across_two_app_servers() {
+    let c = Cluster::start();
+    c.run(async {
+        let (a, b, redis) = (&c.a, &c.b, &c.redis);
+        let mut http = Http::with_jar();
+
+        // Anonymous: the app sees no session and none is created.
+        let r = http.get(&a.url("/")).await;
+        assert_not_logged_in(&r, "GET / on A before login");
+        assert!(r.sid().is_none(), "no cookie for an anonymous visit");
+        assert!(http.sid.is_none());
+        assert!(keys(redis, "stickless:*").await.is_empty());
+
+        // Login on the other instance: 302 with a new session cookie.
+        let r = login(&mut http, b, "alice").await;
+        let cookie = r.sid().expect("POST /login sets the session cookie");
+        assert!(!cookie.is_empty(), "the login sets, not clears, the cookie");
+        assert_eq!(http.sid.as_deref(), Some(cookie.as_str()));
+        let id = id_of(&cookie).to_owned();
+        assert_eq!(id.len(), 43, "a 256-bit base64url id: {id}");
+        let key = format!("stickless:{id}");
+        assert_eq!(keys(redis, "stickless:*").await, vec![key.clone()]);
+        assert_eq!(
+            stored_fields(redis, &key).await,
+            map(&[("username", "alice")])
+        );
+        assert!(pttl(redis, &key).await > 0, "the session expires when idle");
+
+        // The app behind A receives the session B created.
+        let (status, fields) = app_view(&mut http, a).await;
+        assert_eq!(status, "active");
+        assert_eq!(fields, map(&[("username", "alice")]));
+
+        // Six visits, alternating A, B, A, ...: one counter in Redis, no sticky sessions.
+        for n in 1..=6u64 {
+            let (name, proxy) = if n % 2 == 1 { ("A", a) } else { ("B", b) };
+            let r = http.get(&proxy.url("/")).await;
+            assert_home(&r, "alice", n, &format!("visit {n} on {name}"));
+            assert!(
+                r.sid().is_none(),
+                "visit {n}: the cookie is neither reissued nor cleared"
+            );
+            assert_eq!(
+                stored_fields(redis, &key).await,
+                map(&[("username", "alice"), ("visits", &n.to_string())]),
+                "after visit {n}"
+            );
+        }
+        assert_eq!(http.sid.as_deref(), Some(cookie.as_str()));
+        assert_eq!(keys(redis, "stickless:*").await, vec![key.clone()]);
+        let (status, fields) = app_view(&mut http, b).await;
+        assert_eq!(status, "active");
+        assert_eq!(fields, map(&[("username", "alice"), ("visits", "6")]));
+
+        // A client cannot forge the session headers, in any spelling.
+        let mut stranger = Http::new();
+        let r = stranger
+            .send(
+                Method::GET,
+                &a.url("/"),
+                &[
+                    ("x-session", "active"),
+                    ("X-Session-Field-username", "mallory"),
+                    ("x_session_field_visits", "41"),
+                ],
+                Bytes::new(),
+            )
+            .await;
+        assert_not_logged_in(&r, "GET / with forged x-session headers");
+        assert!(r.sid().is_none());
+
+        // Logout on A: cookie cleared, key gone.
+        let r = http.get(&a.url("/logout")).await;
+        assert_eq!(r.status, 302, "GET /logout: {}", r.text());
+        assert_no_protocol_headers(&r, "GET /logout");
+        assert_eq!(r.sid().as_deref(), Some(""), "the logout clears the cookie");
+        assert!(http.sid.is_none());
+        assert_eq!(
+            pttl(redis, &key).await,
+            -2,
+            "the logout deletes the session"
+        );
+        assert!(keys(redis, "stickless:*").await.is_empty());
+
+        // B agrees, with the browser's (empty) jar and with the old cookie replayed.
+        let r = http.get(&b.url("/")).await;
+        assert_not_logged_in(&r, "GET / on B after logout");
+        let mut replay = Http::with_jar();
+        replay.sid = Some(cookie.clone());
+        let r = replay.get(&b.url("/")).await;
+        assert_not_logged_in(&r, "GET / on B with the cookie from before the logout");
+        let (status, fields) = app_view(&mut replay, b).await;
+        assert_eq!(status, "none");
+        assert!(fields.is_empty(), "{fields:?}");
+        assert!(
+            keys(redis, "stickless:*").await.is_empty(),
+            "an old cookie does not bring the session back"
+        );
+    })
+    .await;
+}
+
+/// A non-ASCII username with `%` round-trips form → app → stickless → Redis → app → page, and a
+/// second login on a live session rotates it (new id, old key gone, visits and `_created` kept).
+#[tokio::test(flavor = "multi_thread")]
+async fn non_ascii_username_round_trips_and_login_rotates() {
+    let c = Cluster::start();
+    c.run(async {
+        let (a, b, redis) = (&c.a, &c.b, &c.redis);
+        let mut http = Http::with_jar();
+
+        // A first session (alice, one visit), so that the next login has something to rotate.
+        let r = login(&mut http, a, "alice").await;
+        let old_cookie = r.sid().expect("first login sets the cookie");
+        let old_key = format!("stickless:{}", id_of(&old_cookie));
+        let r = http.get(&b.url("/")).await;
+        assert_home(&r, "alice", 1, "GET / on B after the first login");
+        let old_created = hgetall(redis, &old_key).await.remove("_created");
+        assert!(old_created.is_some());
+
+        // Log in as `Zoë 100%` (UTF-8, URL-encoded as a browser does) on B.
+        let name = "Zoë 100%";
+        let r = login(&mut http, b, "Zo%C3%AB+100%25").await;
+        let cookie = r.sid().expect("the login reissues the cookie");
+        assert!(!cookie.is_empty());
+        assert_ne!(
+            id_of(&cookie),
+            id_of(&old_cookie),
+            "the login rotated the session id"
+        );
+        let key = format!("stickless:{}", id_of(&cookie));
+        assert_eq!(pttl(redis, &old_key).await, -2, "the old id is gone");
+        assert_eq!(keys(redis, "stickless:*").await, vec![key.clone()]);
+
+        // Redis holds the decoded value, byte for byte; the rotation kept the rest.
+        let stored = hgetall(redis, &key).await;
+        assert_eq!(
+            stored.get("username").map(|s| s.as_bytes()),
+            Some(name.as_bytes()),
+            "stored decoded: {stored:?}"
+        );
+        assert_eq!(
+            stored.get("_created"),
+            old_created.as_ref(),
+            "rotation keeps _created"
+        );
+        assert_eq!(
+            stored_fields(redis, &key).await,
+            map(&[("username", name), ("visits", "1")])
+        );
+        assert!(pttl(redis, &key).await > 0);
+
+        // The app (behind either proxy) gets it back decoded.
+        for proxy in [a, b] {
+            let (status, fields) = app_view(&mut http, proxy).await;
+            assert_eq!(status, "active");
+            assert_eq!(fields, map(&[("username", name), ("visits", "1")]));
+        }
+
+        // The page shows it (HTML-escaped as Flask does; `ë` and `%` as is) on both sides.
+        let shown = html_escape(name);
+        let r = http.get(&a.url("/")).await;
+        assert_home(&r, &shown, 2, "GET / on A as Zoë");
+        assert!(r.text().contains("Logged in as Zoë 100%"), "{}", r.text());
+        let r = http.get(&b.url("/")).await;
+        assert_home(&r, &shown, 3, "GET / on B as Zoë");
+        assert_eq!(
+            stored_fields(redis, &key).await,
+            map(&[("username", name), ("visits", "3")])
+        );
+        assert_eq!(http.sid.as_deref(), Some(cookie.as_str()));
+
+        // The cookie from before the rotation is worthless now.
+        let mut replay = Http::with_jar();
+        replay.sid = Some(old_cookie.clone());
+        let r = replay.get(&a.url("/")).await;
+        assert_not_logged_in(&r, "GET / with the cookie from before the rotation");
+
+        // Logout on B, gone on A.
+        let r = http.get(&b.url("/logout")).await;
+        assert_eq!(r.status, 302);
+        assert_eq!(r.sid().as_deref(), Some(""));
+        assert_eq!(pttl(redis, &key).await, -2);
+        let r = http.get(&a.url("/")).await;
+        assert_not_logged_in(&r, "GET / on A after logout");
+        assert!(keys(redis, "stickless:*").await.is_empty());
+    })
+    .await;
+}

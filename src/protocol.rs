@@ -128,7 +128,7 @@ pub enum DecodeError {
 }
 
 fn must_escape(b: u8, first: bool, last: bool) -> bool {
-    b < 0x20 || b >= 0x7f || b == b'%' || (b == b' ' && (first || last))
+    !(0x20..0x7f).contains(&b) || b == b'%' || (b == b' ' && (first || last))
 }
 
 /// Encodes a value for a header: `%`, control bytes, non-ASCII bytes and leading or trailing

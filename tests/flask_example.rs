@@ -98,22 +98,24 @@ impl FlaskApp {
                     l.lock().unwrap().push(line);
                 }
             });
+            // The guard owns the process from here: a panic below still kills it.
+            let mut app = FlaskApp {
+                child,
+                port,
+                log,
+                startup: Duration::ZERO,
+            };
             let up = wait_for(
                 &format!("the Flask app on port {port}"),
                 FLASK_START_DEADLINE,
                 || {
-                    if let Ok(Some(_)) = child.try_wait() {
+                    if let Ok(Some(_)) = app.child.try_wait() {
                         return Some(false); // exited (port taken meanwhile?): try another port
                     }
                     answers_200(port).then_some(true)
                 },
             );
-            let app = FlaskApp {
-                child,
-                port,
-                log,
-                startup: started.elapsed(),
-            };
+            app.startup = started.elapsed();
             if up {
                 eprintln!("flask app on port {port} answered after {:?}", app.startup);
                 return app;
@@ -138,6 +140,9 @@ impl Drop for FlaskApp {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- Flask app on port {} ---\n{}", self.port, self.logs());
+        }
     }
 }
 
@@ -191,14 +196,12 @@ impl Cluster {
         }
     }
 
-    /// Everything the processes logged, for failure messages.
+    /// What the proxies logged, for failure messages (each app prints its own when dropped).
     fn logs(&self) -> String {
         format!(
-            "--- stickless A ---\n{}\n--- stickless B ---\n{}\n--- app A ---\n{}\n--- app B ---\n{}",
+            "--- stickless A ---\n{}\n--- stickless B ---\n{}",
             self.a.logs(),
-            self.b.logs(),
-            self.app_a.logs(),
-            self.app_b.logs()
+            self.b.logs()
         )
     }
 
@@ -409,6 +412,14 @@ async fn login_visits_logout_across_two_app_servers() {
         }
         assert_eq!(http.sid.as_deref(), Some(cookie.as_str()));
         assert_eq!(keys(redis, "stickless:*").await, vec![key.clone()]);
+        // Each app process really served its share of the visits (werkzeug's access log).
+        for (name, app) in [("A", &c.app_a), ("B", &c.app_b)] {
+            wait_for(
+                &format!("3 logged-in visits in app {name}'s access log"),
+                Duration::from_secs(5),
+                || (app.logs().matches("\"GET / HTTP/1.1\" 200").count() >= 3).then_some(()),
+            );
+        }
         let (status, fields) = app_view(&mut http, b).await;
         assert_eq!(status, "active");
         assert_eq!(fields, map(&[("username", "alice"), ("visits", "6")]));

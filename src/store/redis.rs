@@ -177,7 +177,10 @@ impl RedisStore {
     /// # Errors
     /// [`RedisSetupError`] for a URL that cannot be parsed.
     pub async fn connect(settings: RedisSettings) -> Result<Self, RedisSetupError> {
-        let config = Config::from_url(&settings.url).map_err(RedisSetupError::Url)?;
+        let mut config = Config::from_url(&settings.url).map_err(RedisSetupError::Url)?;
+        // Without this, fred gives up for good when the first connection fails; a sidecar often
+        // starts before its store is reachable.
+        config.fail_fast = false;
         let timeout = settings.timeout;
         let client = Builder::from_config(config)
             .with_performance_config(|p| p.default_command_timeout = timeout)
@@ -230,17 +233,31 @@ impl RedisStore {
         k
     }
 
+    /// Bounds a call by the store timeout. fred's own command timeout is the same bound, so a
+    /// timeout from either side is reported the same way.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, fred::error::Error>>,
+    ) -> Result<T, StoreError> {
+        let timeout = self.settings.timeout;
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if *e.kind() == fred::error::ErrorKind::Timeout => {
+                Err(StoreError::Timeout(timeout))
+            }
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(StoreError::Timeout(timeout)),
+        }
+    }
+
     async fn run(
         &self,
         script: &Script,
         key: String,
         args: Vec<Value>,
     ) -> Result<Vec<Value>, StoreError> {
-        let call = script.evalsha_with_reload::<Vec<Value>, _, _>(&self.client, key, args);
-        match tokio::time::timeout(self.settings.timeout, call).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(StoreError::Timeout(self.settings.timeout)),
-        }
+        self.bounded(script.evalsha_with_reload::<Vec<Value>, _, _>(&self.client, key, args))
+            .await
     }
 
     fn ttl_args(&self, now: u64) -> [Value; 3] {
@@ -374,18 +391,14 @@ impl SessionStore for RedisStore {
     }
 
     async fn destroy(&self, id: &SessionId) -> Result<(), StoreError> {
-        let call = self.client.del::<i64, _>(self.key(id));
-        match tokio::time::timeout(self.settings.timeout, call).await {
-            Ok(r) => r.map(|_| ()).map_err(StoreError::from),
-            Err(_) => Err(StoreError::Timeout(self.settings.timeout)),
-        }
+        self.bounded(self.client.del::<i64, _>(self.key(id)))
+            .await
+            .map(|_| ())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let call = self.client.ping::<Value>(None);
-        match tokio::time::timeout(self.settings.timeout, call).await {
-            Ok(r) => r.map(|_| ()).map_err(StoreError::from),
-            Err(_) => Err(StoreError::Timeout(self.settings.timeout)),
-        }
+        self.bounded(self.client.ping::<Value>(None))
+            .await
+            .map(|_| ())
     }
 }

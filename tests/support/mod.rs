@@ -167,8 +167,11 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        signal(self.child.id(), "CONT");
-        self.kill();
+        // Only a live child may be signalled: a reaped pid may belong to another process by now.
+        if let Ok(None) = self.child.try_wait() {
+            signal(self.child.id(), "CONT");
+            self.kill();
+        }
     }
 }
 

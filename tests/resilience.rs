@@ -1,0 +1,712 @@
+//! Failure paths and multi-instance guarantees, through the real `stickless` process: a backend
+//! that refuses or hangs, a Redis that dies, freezes or starts late, session lifetimes, restarts,
+//! several instances on one Redis and concurrent changes to one session.
+
+mod support;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use support::*;
+
+/// The async twin of `wait_for`: polls `f` until it returns `Some`, or panics after `deadline`.
+async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The Redis key of a cookie's session.
+fn key_of(cookie: &str) -> String {
+    format!("stickless:{}", id_of(cookie))
+}
+
+/// A client that sends this session cookie (and keeps whatever replaces it).
+fn client_with(cookie: &str) -> Http {
+    let mut h = Http::with_jar();
+    h.sid = Some(cookie.to_owned());
+    h
+}
+
+/// Logs in through `proxy` (the backend sets `user`) and returns the new session cookie.
+async fn login(http: &mut Http, proxy: &Stickless, user: &str) -> String {
+    let set = format!("x-session-set-user: {user}");
+    let r = http.get_replying(&proxy.url("/login"), &[&set]).await;
+    assert_eq!(r.status, 200, "login: {}", r.text());
+    let cookie = r.sid().expect("login sets the session cookie");
+    assert!(!cookie.is_empty());
+    cookie
+}
+
+/// Status of an admin endpoint.
+async fn admin_status(proxy: &Stickless, path: &str) -> u16 {
+    Http::new()
+        .get(&proxy.admin_url(path))
+        .await
+        .status
+        .as_u16()
+}
+
+/// Waits until `/readyz` answers 200, failing with the proxy's log after `deadline`.
+async fn wait_ready(proxy: &Stickless, deadline: Duration) {
+    let end = Instant::now() + deadline;
+    while admin_status(proxy, "/readyz").await != 200 {
+        assert!(
+            Instant::now() < end,
+            "/readyz still not 200 after {deadline:?}; stickless log:\n{}",
+            proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Asserts a short plain-text error body from stickless itself.
+fn assert_plain_error(r: &Reply, status: u16, text: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    assert_eq!(r.text(), text);
+    let ct = r.headers.get("content-type").unwrap().to_str().unwrap();
+    assert!(ct.starts_with("text/plain"), "content-type {ct}");
+    assert!(r.set_cookies().is_empty(), "no cookie on an error");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The backend fails.
+// ---------------------------------------------------------------------------------------------
+
+/// A backend of our own on a given port, answering 200 `late backend` and setting `user=late`.
+async fn backend_on(port: u16) -> tokio::sync::oneshot::Sender<()> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("the refused port is still free");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(stickless::server::serve(
+        listener,
+        |_req: Request<hyper::body::Incoming>, _| async {
+            let mut resp = Response::new(Full::new(Bytes::from_static(b"late backend")));
+            resp.headers_mut()
+                .insert("x-session-set-user", "late".parse().unwrap());
+            resp
+        },
+        async {
+            let _ = rx.await;
+        },
+    ));
+    tx
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusing_backend_gives_502_quickly_and_the_proxy_keeps_serving() {
+    let redis = RedisServer::start();
+    // A working path on the same Redis, to log in with.
+    let backend = TestBackend::start().await;
+    let good = Stickless::on_redis(&backend.url(), &redis, &[]);
+    let mut http = Http::with_jar();
+    let cookie = login(&mut http, &good, "alice").await;
+    let key = key_of(&cookie);
+
+    let dead_port = free_port();
+    let proxy = Stickless::on_redis(&format!("http://127.0.0.1:{dead_port}"), &redis, &[]);
+
+    for (i, with_cookie) in [(1.0, false), (2.0, true)] {
+        let mut client = if with_cookie {
+            client_with(&cookie)
+        } else {
+            Http::new()
+        };
+        let t = Instant::now();
+        let r = client
+            .get_replying(&proxy.url("/"), &["x-session-set-user: mallory"])
+            .await;
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            t.elapsed()
+        );
+        assert_plain_error(&r, 502, "backend unavailable\n");
+        assert_eq!(
+            proxy
+                .metric("stickless_upstream_errors_total{reason=\"connect\"}")
+                .await,
+            i
+        );
+    }
+    // Nothing was stored or lost by the failed requests.
+    assert_eq!(keys(&redis, "stickless:*").await, vec![key.clone()]);
+    assert_eq!(hgetall(&redis, &key).await["user"], "alice");
+
+    // The backend comes up on that port: the same proxy process serves it, sessions included.
+    let _stop = backend_on(dead_port).await;
+    let mut client = client_with(&cookie);
+    let r = eventually("the late backend answers", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        let url = proxy.url("/");
+        async move { Some(client.get(&url).await).filter(|r| r.status == 200) }
+    })
+    .await;
+    assert_eq!(r.text(), "late backend");
+    assert!(r.headers.get("x-session-set-user").is_none());
+    assert_eq!(hgetall(&redis, &key).await["user"], "late");
+    let r = client.get(&good.url("/")).await;
+    assert_eq!(
+        r.seen().fields().get("user").map(String::as_str),
+        Some("late")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hanging_backend_gives_504_and_its_late_changes_are_dropped() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(&backend.url(), &redis, &["--upstream-timeout", "500ms"]);
+
+    let t = Instant::now();
+    let r = Http::new().get(&proxy.url("/slow/5000")).await;
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!(took >= Duration::from_millis(450), "took {took:?}");
+    assert_plain_error(&r, 504, "backend timed out\n");
+    assert_eq!(
+        proxy
+            .metric("stickless_upstream_errors_total{reason=\"timeout\"}")
+            .await,
+        1.0
+    );
+
+    // A slow answer that would create a session arrives after the proxy gave up: nothing is stored.
+    let t = Instant::now();
+    let r = Http::new()
+        .get_replying(&proxy.url("/slow/1500"), &["x-session-set-user: late"])
+        .await;
+    assert!(
+        t.elapsed() < Duration::from_millis(1400),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_plain_error(&r, 504, "backend timed out\n");
+    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(t.elapsed())).await;
+    assert!(keys(&redis, "stickless:*").await.is_empty());
+
+    // Fast requests still go through.
+    let r = Http::new().get(&proxy.url("/fast")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.seen().path, "/fast");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis fails.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_redis_gives_503_then_the_proxy_recovers_by_itself() {
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(&backend.url(), &redis, &["--redis-timeout", "300ms"]);
+    let mut http = Http::with_jar();
+    let old = login(&mut http, &proxy, "alice").await;
+
+    redis.kill();
+    let hits = backend.hits();
+    let t = Instant::now();
+    let r = http.get(&proxy.url("/")).await;
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert_plain_error(&r, 503, "session store unavailable, retry shortly\n");
+    assert_eq!(r.headers["retry-after"], "1");
+    assert_eq!(backend.hits(), hits, "not forwarded without its session");
+    assert_eq!(http.sid.as_deref(), Some(old.as_str()), "cookie kept");
+
+    let t = Instant::now();
+    assert_eq!(admin_status(&proxy, "/readyz").await, 503);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(admin_status(&proxy, "/healthz").await, 200);
+    assert!(
+        proxy
+            .metric("stickless_session_lookups_total{result=\"error\"}")
+            .await
+            >= 1.0
+    );
+
+    // Redis comes back empty (no persistence) on the same port.
+    redis = RedisServer::start_on(port);
+    wait_ready(&proxy, Duration::from_secs(15)).await;
+    // The old session's data is gone: its cookie now means no session.
+    let r = http.get(&proxy.url("/")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.seen().header("x-session"), Some("none"));
+    // New sessions are created and read again.
+    let new = login(&mut http, &proxy, "bob").await;
+    assert_ne!(id_of(&new), id_of(&old));
+    assert_eq!(hgetall(&redis, &key_of(&new)).await["user"], "bob");
+    let seen = http.get(&proxy.url("/")).await.seen();
+    assert_eq!(seen.header("x-session"), Some("active"));
+    assert_eq!(seen.fields().get("user").map(String::as_str), Some("bob"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn paused_redis_gives_bounded_503_and_the_session_is_intact_after_resume() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(&backend.url(), &redis, &["--redis-timeout", "300ms"]);
+    let mut http = Http::with_jar();
+    let cookie = login(&mut http, &proxy, "alice").await;
+    let key = key_of(&cookie);
+
+    redis.pause();
+    let hits = backend.hits();
+    for _ in 0..2 {
+        let t = Instant::now();
+        let r = http
+            .get_replying(&proxy.url("/"), &["x-session-incr-visits: 1"])
+            .await;
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+        assert_plain_error(&r, 503, "session store unavailable, retry shortly\n");
+        assert_eq!(r.headers["retry-after"], "1");
+    }
+    assert_eq!(backend.hits(), hits);
+    let t = Instant::now();
+    assert_eq!(admin_status(&proxy, "/readyz").await, 503);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(admin_status(&proxy, "/healthz").await, 200);
+
+    redis.resume();
+    let seen = eventually("a request served again", Duration::from_secs(15), || {
+        let mut http = http.clone();
+        let url = proxy.url("/");
+        async move {
+            let r = http.get(&url).await;
+            (r.status == 200).then(|| r.seen())
+        }
+    })
+    .await;
+    assert_eq!(seen.header("x-session"), Some("active"));
+    assert_eq!(seen.fields().get("user").map(String::as_str), Some("alice"));
+    let stored = hgetall(&redis, &key).await;
+    assert_eq!(stored["user"], "alice");
+    assert!(
+        !stored.contains_key("visits"),
+        "the refused requests changed nothing: {stored:?}"
+    );
+    assert_eq!(keys(&redis, "stickless:*").await, vec![key.clone()]);
+    // And changes are stored again.
+    let r = http
+        .get_replying(&proxy.url("/"), &["x-session-incr-visits: 1"])
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.sid().is_none());
+    assert_eq!(hgetall(&redis, &key).await["visits"], "1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_that_need_no_store_call_pass_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(&backend.url(), &redis, &["--redis-timeout", "300ms"]);
+    let mut http = Http::with_jar();
+    let cookie = login(&mut http, &proxy, "alice").await;
+    redis.kill();
+
+    // No cookie, and the backend changes nothing: no store call, the request passes.
+    let r = Http::new().get(&proxy.url("/public")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.seen().header("x-session"), Some("none"));
+    assert!(r.set_cookies().is_empty());
+
+    // Only other cookies: they pass, still no store call.
+    let r = Http::new()
+        .send(
+            http::Method::GET,
+            &proxy.url("/public"),
+            &[("cookie", "theme=dark")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let seen = r.seen();
+    assert_eq!(seen.header("x-session"), Some("none"));
+    assert_eq!(seen.header("cookie"), Some("theme=dark"));
+
+    // A forged session cookie is never looked up: no session, and it does not reach the backend.
+    let forged = format!("{}.{}", "A".repeat(43), "B".repeat(43));
+    let r = client_with(&forged).get(&proxy.url("/public")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.seen().header("x-session"), Some("none"));
+    assert!(r.seen().header("cookie").is_none());
+
+    // A valid cookie needs the store: 503, the backend is not called.
+    let hits = backend.hits();
+    let r = client_with(&cookie).get(&proxy.url("/")).await;
+    assert_plain_error(&r, 503, "session store unavailable, retry shortly\n");
+    assert_eq!(backend.hits(), hits);
+
+    // No cookie, but the backend creates a session: the backend ran, the write cannot be stored,
+    // and the client gets 503 (not the backend's response, and no cookie).
+    let t = Instant::now();
+    let r = Http::new()
+        .get_replying(&proxy.url("/login"), &["x-session-set-user: bob"])
+        .await;
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_plain_error(&r, 503, "session store unavailable, retry shortly\n");
+    assert_eq!(r.headers["retry-after"], "1");
+    assert_eq!(backend.hits(), hits + 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxy_started_before_redis_becomes_ready_when_redis_comes_up() {
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let backend = TestBackend::start().await;
+    let t = Instant::now();
+    let proxy = Stickless::start(
+        &backend.url(),
+        &[
+            "--redis-url",
+            &url,
+            "--secret-keys",
+            TEST_KEY,
+            "--redis-timeout",
+            "300ms",
+        ],
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "start took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(admin_status(&proxy, "/readyz").await, 503);
+    assert_eq!(admin_status(&proxy, "/healthz").await, 200);
+    let r = Http::new().get(&proxy.url("/")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.seen().header("x-session"), Some("none"));
+    let r = Http::new()
+        .get_replying(&proxy.url("/login"), &["x-session-set-user: early"])
+        .await;
+    assert_eq!(r.status, 503);
+
+    let redis = RedisServer::start_on(port);
+    wait_ready(&proxy, Duration::from_secs(15)).await;
+    let mut http = Http::with_jar();
+    let cookie = login(&mut http, &proxy, "alice").await;
+    assert_eq!(hgetall(&redis, &key_of(&cookie)).await["user"], "alice");
+    let seen = http.get(&proxy.url("/")).await.seen();
+    assert_eq!(seen.header("x-session"), Some("active"));
+    assert_eq!(seen.fields().get("user").map(String::as_str), Some("alice"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lifetimes.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_timeout_slides_with_use_and_ends_an_idle_session() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(&backend.url(), &redis, &["--idle-timeout", "1s"]);
+    let mut http = Http::with_jar();
+    let start = Instant::now();
+    let cookie = login(&mut http, &proxy, "alice").await;
+    let key = key_of(&cookie);
+    let ttl = pttl(&redis, &key).await;
+    assert!((500..=1000).contains(&ttl), "PTTL after login {ttl}");
+
+    // Used every ~400 ms for well over the idle timeout: each request renews it.
+    while start.elapsed() < Duration::from_millis(2500) {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let r = http.get(&proxy.url("/")).await;
+        let seen = r.seen();
+        assert_eq!(
+            seen.header("x-session"),
+            Some("active"),
+            "at {:?}",
+            start.elapsed()
+        );
+        assert_eq!(seen.fields().get("user").map(String::as_str), Some("alice"));
+        let ttl = pttl(&redis, &key).await;
+        assert!((500..=1000).contains(&ttl), "PTTL after a request {ttl}");
+    }
+
+    // Idle for longer than the timeout: gone.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(pttl(&redis, &key).await, -2);
+    let r = http.get(&proxy.url("/")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.seen().header("x-session"), Some("none"));
+    assert!(keys(&redis, "stickless:*").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn absolute_timeout_ends_a_session_in_continuous_use() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(
+        &backend.url(),
+        &redis,
+        &["--idle-timeout", "10s", "--absolute-timeout", "2s"],
+    );
+    let mut http = Http::with_jar();
+    let abs = Duration::from_secs(2);
+    let t0 = Instant::now();
+    let r = http
+        .get_replying(&proxy.url("/login"), &["x-session-set-user: alice"])
+        .await;
+    // The session was created between t0 and t1, so it ends between t0 + 2 s and t1 + 2 s.
+    let t1 = Instant::now();
+    let set = r
+        .set_cookies()
+        .into_iter()
+        .find(|c| c.starts_with("sid="))
+        .expect("a session cookie");
+    assert!(set.contains("Max-Age=2"), "{set}");
+    let cookie = http.sid.clone().unwrap();
+    let key = key_of(&cookie);
+
+    let mut active_late = false;
+    let mut ended = false;
+    while t0.elapsed() < Duration::from_millis(4000) {
+        let sent = Instant::now();
+        let r = http.get(&proxy.url("/")).await;
+        let received = Instant::now();
+        assert_eq!(r.status, 200);
+        let active = r.seen().header("x-session") == Some("active");
+        if received < t0 + abs {
+            assert!(active, "ended early, {:?} after login", received - t0);
+        }
+        if sent > t1 + abs {
+            assert!(!active, "still alive {:?} after login", sent - t1);
+        }
+        if ended {
+            assert!(!active, "an ended session came back");
+        }
+        if active {
+            active_late |= received > t0 + Duration::from_millis(1000);
+            let before = Instant::now();
+            let ttl = pttl(&redis, &key).await;
+            let left = (t1 + abs).saturating_duration_since(before).as_millis() as i64;
+            assert!(ttl > 0 && ttl <= 2000, "PTTL {ttl}");
+            assert!(
+                ttl <= left + 20,
+                "PTTL {ttl}, but at most {left} ms were left"
+            );
+        } else {
+            ended = true;
+            assert_eq!(pttl(&redis, &key).await, -2);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(active_late, "the session was used for more than a second");
+    assert!(ended, "the session ended");
+    assert!(keys(&redis, "stickless:*").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_to_a_session_deleted_meanwhile_does_not_bring_it_back() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(&backend.url(), &redis, &[]);
+    let mut http = Http::with_jar();
+    let cookie = login(&mut http, &proxy, "alice").await;
+    let key = key_of(&cookie);
+
+    let hits = backend.hits();
+    let mut h = http.clone();
+    let url = proxy.url("/slow/800");
+    let request =
+        tokio::spawn(async move { h.get_replying(&url, &["x-session-incr-visits: 1"]).await });
+    // Once the backend has the request, the session was loaded: delete it behind the proxy's back.
+    let b = &backend;
+    eventually(
+        "the backend got the request",
+        Duration::from_secs(5),
+        move || async move { (b.hits() > hits).then_some(()) },
+    )
+    .await;
+    let mut c = redis.conn().await;
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+
+    let r = request.await.unwrap();
+    assert_eq!(r.status, 200);
+    let seen = r.seen();
+    assert_eq!(seen.header("x-session"), Some("active"));
+    assert_eq!(seen.fields().get("user").map(String::as_str), Some("alice"));
+    assert_eq!(
+        pttl(&redis, &key).await,
+        -2,
+        "the deleted session stays deleted"
+    );
+    let new = r.sid().expect("the increment starts a new session");
+    assert!(!new.is_empty());
+    assert_ne!(id_of(&new), id_of(&cookie));
+    let stored = hgetall(&redis, &key_of(&new)).await;
+    let names: Vec<&str> = stored.keys().map(String::as_str).collect();
+    assert_eq!(names, ["_created", "visits"], "{stored:?}");
+    assert_eq!(stored["visits"], "1");
+    assert_eq!(keys(&redis, "stickless:*").await, vec![key_of(&new)]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_survives_a_restart_of_stickless() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let mut proxy = Stickless::on_redis(&backend.url(), &redis, &[]);
+    let mut http = Http::with_jar();
+    let cookie = login(&mut http, &proxy, "alice").await;
+    let r = http
+        .get_replying(&proxy.url("/"), &["x-session-incr-visits: 1"])
+        .await;
+    assert_eq!(r.status, 200);
+    let addr = proxy.addr;
+
+    proxy.restart();
+    assert_eq!(proxy.addr, addr);
+    // A fresh client: the old one's pooled connection went with the old process.
+    let mut http = client_with(&cookie);
+    let r = http
+        .get_replying(&proxy.url("/"), &["x-session-incr-visits: 1"])
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.sid().is_none(), "same cookie, nothing to set");
+    let seen = r.seen();
+    assert_eq!(seen.header("x-session"), Some("active"));
+    let fields = seen.fields();
+    assert_eq!(fields.get("user").map(String::as_str), Some("alice"));
+    assert_eq!(fields.get("visits").map(String::as_str), Some("1"));
+    let stored = hgetall(&redis, &key_of(&cookie)).await;
+    assert_eq!(stored["user"], "alice");
+    assert_eq!(stored["visits"], "2");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several instances, concurrent changes.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_share_sessions_without_stickiness() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let a = Stickless::on_redis(&backend.url(), &redis, &[]);
+    let b = Stickless::on_redis(&backend.url(), &redis, &[]);
+    let mut http = Http::with_jar();
+    let cookie = login(&mut http, &a, "alice").await;
+    let key = key_of(&cookie);
+
+    for i in 0..10 {
+        let proxy = if i % 2 == 0 { &a } else { &b };
+        let r = http
+            .get_replying(&proxy.url("/"), &["x-session-incr-visits: 1"])
+            .await;
+        assert_eq!(r.status, 200);
+        assert!(r.sid().is_none(), "no new cookie on request {i}");
+        let seen = r.seen();
+        assert_eq!(seen.header("x-session"), Some("active"));
+        let fields = seen.fields();
+        assert_eq!(fields.get("user").map(String::as_str), Some("alice"));
+        let expected = (i > 0).then(|| i.to_string());
+        assert_eq!(fields.get("visits"), expected.as_ref(), "request {i}");
+        assert_eq!(hgetall(&redis, &key).await["visits"], (i + 1).to_string());
+    }
+    for proxy in [&a, &b] {
+        let fields = http.get(&proxy.url("/")).await.seen().fields();
+        assert_eq!(fields.get("visits").map(String::as_str), Some("10"));
+    }
+
+    // Logout on B ends the session on A too.
+    let r = http
+        .get_replying(&b.url("/logout"), &["x-session-destroy: true"])
+        .await;
+    assert_eq!(r.sid().as_deref(), Some(""));
+    assert_eq!(pttl(&redis, &key).await, -2);
+    let r = client_with(&cookie).get(&a.url("/")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.seen().header("x-session"), Some("none"));
+    assert!(keys(&redis, "stickless:*").await.is_empty());
+}
+
+/// Sends `per_proxy` concurrent increments of `counter` through each proxy, all with `cookie`.
+async fn concurrent_increments(proxies: &[&Stickless], per_proxy: usize, cookie: &str) {
+    let client = client_with(cookie);
+    let mut tasks = Vec::new();
+    for i in 0..per_proxy * proxies.len() {
+        let url = proxies[i % proxies.len()].url("/");
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .get_replying(&url, &["x-session-incr-counter: 1"])
+                .await
+        }));
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.set_cookies().is_empty(), "no new session");
+        assert_eq!(r.seen().header("x-session"), Some("active"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_concurrent_increments_through_one_proxy_all_count() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(&backend.url(), &redis, &[]);
+    let mut http = Http::with_jar();
+    let cookie = login(&mut http, &proxy, "alice").await;
+    let hits = backend.hits();
+
+    concurrent_increments(&[&proxy], 200, &cookie).await;
+
+    assert_eq!(backend.hits(), hits + 200);
+    let stored = hgetall(&redis, &key_of(&cookie)).await;
+    assert_eq!(stored["counter"], "200");
+    assert_eq!(stored["user"], "alice");
+    assert_eq!(keys(&redis, "stickless:*").await, vec![key_of(&cookie)]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_concurrent_increments_through_two_proxies_all_count() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let a = Stickless::on_redis(&backend.url(), &redis, &[]);
+    let b = Stickless::on_redis(&backend.url(), &redis, &[]);
+    let mut http = Http::with_jar();
+    let cookie = login(&mut http, &a, "alice").await;
+    let hits = backend.hits();
+
+    concurrent_increments(&[&a, &b], 100, &cookie).await;
+
+    assert_eq!(backend.hits(), hits + 200);
+    let stored = hgetall(&redis, &key_of(&cookie)).await;
+    assert_eq!(stored["counter"], "200");
+    assert_eq!(stored["user"], "alice");
+    assert_eq!(keys(&redis, "stickless:*").await, vec![key_of(&cookie)]);
+    let fields = http.get(&b.url("/")).await.seen().fields();
+    assert_eq!(fields.get("counter").map(String::as_str), Some("200"));
+}

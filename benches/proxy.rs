@@ -81,6 +81,11 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
 }
 
 fn main() {
+    // `cargo test` and nextest run bench targets too (with `--list` or no `--bench`): the
+    // measurement is only for `cargo bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
     let n: usize = std::env::var("STICKLESS_BENCH_N")
         .ok()
         .and_then(|s| s.parse().ok())

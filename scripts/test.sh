@@ -109,25 +109,29 @@ fi
 log "cargo build --all-targets ${CARGO_LOCKED[*]}"
 cargo build --all-targets "${CARGO_LOCKED[@]}"
 
-# Both test phases always run; the script fails if either one failed.
+# Both test phases always run; the script fails if either one failed. Doctests
+# go first so that the run ends on the main runner's summary.
 status=0
+doc_args=("$@")
+use_nextest=0
 if cargo nextest --version >/dev/null 2>&1; then
-  log "cargo nextest run --all-targets --no-fail-fast $*"
-  cargo nextest run --all-targets --no-fail-fast "${CARGO_LOCKED[@]}" "$@" || status=1
+  use_nextest=1
   # nextest does not run doctests. Plain name filters mean the same to both
   # runners; nextest-specific options (anything starting with -) are not
   # passed on, so doctests then run unfiltered.
-  doc_args=("$@")
   for a in "$@"; do
     case $a in -*) doc_args=(); break ;; esac
   done
-else
-  log "cargo test --all-targets --no-fail-fast $*"
-  cargo test --all-targets --no-fail-fast "${CARGO_LOCKED[@]}" "$@" || status=1
-  doc_args=("$@")
 fi
 log "cargo test --doc ${doc_args[*]}"
 cargo test --doc "${CARGO_LOCKED[@]}" "${doc_args[@]}" || status=1
+if [ "$use_nextest" = 1 ]; then
+  log "cargo nextest run --all-targets --no-fail-fast $*"
+  cargo nextest run --all-targets --no-fail-fast "${CARGO_LOCKED[@]}" "$@" || status=1
+else
+  log "cargo test --all-targets --no-fail-fast $*"
+  cargo test --all-targets --no-fail-fast "${CARGO_LOCKED[@]}" "$@" || status=1
+fi
 
 if [ "$status" -ne 0 ]; then
   log "FAILED"

@@ -61,6 +61,18 @@ impl fmt::Debug for SessionId {
 }
 
 /// The keys that sign (the first) and verify (all) session cookies.
+///
+/// ```
+/// use stickless::cookie::{generate_key, SessionId, SigningKeys};
+/// let (old, new) = (generate_key(), generate_key());
+/// let before = SigningKeys::parse(&old).unwrap();
+/// let rotated = SigningKeys::parse(&format!("{new},{old}")).unwrap();
+/// let id = SessionId::generate();
+/// // A cookie signed before the rotation still verifies after it.
+/// assert_eq!(rotated.verify(&before.sign(&id)), Some(id.clone()));
+/// // A tampered cookie does not.
+/// assert_eq!(rotated.verify(&before.sign(&id).replace('.', ".x")), None);
+/// ```
 #[derive(Clone)]
 pub struct SigningKeys {
     keys: Vec<HmacSha256>,

@@ -133,6 +133,13 @@ fn must_escape(b: u8, first: bool, last: bool) -> bool {
 
 /// Encodes a value for a header: `%`, control bytes, non-ASCII bytes and leading or trailing
 /// spaces become `%XX`; everything else passes unchanged.
+///
+/// ```
+/// use stickless::protocol::{decode_value, encode_value};
+/// assert_eq!(encode_value("alice"), "alice");
+/// assert_eq!(encode_value("Zoë 100%"), "Zo%C3%AB 100%25");
+/// assert_eq!(decode_value(b"Zo%C3%AB 100%25").unwrap(), "Zoë 100%");
+/// ```
 pub fn encode_value(value: &str) -> HeaderValue {
     let bytes = value.as_bytes();
     let n = bytes.len();

@@ -91,6 +91,11 @@ ensure_python_flask() {
 
 ensure_redis_server
 ensure_python_flask
+# openssl makes the throw-away CA for the rediss:// (TLS) test.
+if ! command -v openssl >/dev/null 2>&1; then
+  log "openssl not found: installing it"
+  apt_install openssl
+fi
 ensure_cc
 ensure_cargo
 set_cargo_locked

@@ -710,3 +710,26 @@ async fn two_hundred_concurrent_increments_through_two_proxies_all_count() {
     let fields = http.get(&b.url("/")).await.seen().fields();
     assert_eq!(fields.get("counter").map(String::as_str), Some("200"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_request_headers_get_431_and_the_proxy_keeps_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::start(&backend.url(), &[]);
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let big = "x".repeat(100 * 1024);
+    let req = format!("GET / HTTP/1.1\r\nHost: t\r\nX-Big: {big}\r\n\r\n");
+    // The proxy may answer and close before it has read everything: a failed write is fine.
+    let _ = conn.write_all(req.as_bytes()).await;
+    let mut head = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut head)).await;
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 431"), "got: {head:.200}");
+    assert_eq!(
+        backend.hits(),
+        0,
+        "an oversized request never reaches the backend"
+    );
+    let r = Http::new().get(&proxy.url("/")).await;
+    assert_eq!(r.status, 200);
+}

@@ -190,8 +190,9 @@ fn ping(port: u16) -> bool {
     if s.write_all(b"PING\r\n").is_err() {
         return false;
     }
+    // A server that requires a password answers NOAUTH: it is up all the same.
     let mut buf = [0u8; 7];
-    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    s.read_exact(&mut buf).is_ok() && (&buf == b"+PONG\r\n" || &buf == b"-NOAUTH")
 }
 
 /// Reads a whole hash with the independent client (including stickless' `_created` field).
@@ -388,6 +389,7 @@ pub struct Stickless {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -399,7 +401,18 @@ impl Stickless {
     pub fn start(upstream: &str, args: &[&str]) -> Self {
         let mut all: Vec<String> = vec!["--upstream".into(), upstream.into()];
         all.extend(args.iter().map(|s| s.to_string()));
-        Self::spawn(all, "127.0.0.1:0".parse().unwrap())
+        Self::spawn(all, Vec::new(), "127.0.0.1:0".parse().unwrap())
+    }
+
+    /// Like [`Stickless::start`], with extra environment variables.
+    pub fn start_with_env(upstream: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut all: Vec<String> = vec!["--upstream".into(), upstream.into()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::spawn(all, env, "127.0.0.1:0".parse().unwrap())
     }
 
     /// Starts stickless on Redis with the shared test key.
@@ -410,8 +423,13 @@ impl Stickless {
         Self::start(upstream, &all)
     }
 
-    fn spawn(args: Vec<String>, listen: SocketAddr) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_stickless"))
+    fn spawn(args: Vec<String>, env: Vec<(String, String)>, listen: SocketAddr) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_stickless"));
+        // Only what the test says configures the process.
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("STICKLESS_")) {
+            command.env_remove(k);
+        }
+        let mut child = command
             .arg("serve")
             .args([
                 "--listen",
@@ -421,12 +439,8 @@ impl Stickless {
             ])
             .args(&args)
             .env_remove("REDIS_URL")
-            .envs(
-                std::env::vars()
-                    .filter(|(k, _)| k.starts_with("STICKLESS_"))
-                    .map(|(k, _)| (k, String::new())),
-            )
             .env("RUST_LOG", "info")
+            .envs(env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -469,6 +483,7 @@ impl Stickless {
             admin: field("admin"),
             child,
             args,
+            env,
             log,
         }
     }
@@ -477,7 +492,7 @@ impl Stickless {
     pub fn restart(&mut self) {
         self.stop();
         // The old process is gone; dropping its handle again is harmless.
-        *self = Self::spawn(self.args.clone(), self.addr);
+        *self = Self::spawn(self.args.clone(), self.env.clone(), self.addr);
     }
 
     /// Stops the process (SIGKILL).

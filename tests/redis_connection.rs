@@ -1,0 +1,256 @@
+//! Connecting to Redis the way ElastiCache is reached in production: with a password (AUTH), with
+//! an ACL user, and over TLS (`rediss://`). The credentials never reach a log line.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use support::*;
+
+/// A session created through `proxy` is in Redis, read with the independent client at `url`.
+async fn session_round_trip(proxy: &Stickless, check_url: &str) {
+    let mut http = Http::with_jar();
+    let r = http
+        .get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    assert_eq!(r.status, 200, "{}", proxy.logs());
+    let cookie = http.sid.clone().expect("session cookie");
+    let r = http.get(&proxy.url("/")).await;
+    assert_eq!(
+        r.seen().fields().get("user").map(String::as_str),
+        Some("alice")
+    );
+    let client = redis::Client::open(check_url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let user: Option<String> = redis::cmd("HGET")
+        .arg(format!("stickless:{}", id_of(&cookie)))
+        .arg("user")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(user.as_deref(), Some("alice"));
+}
+
+fn assert_secret_not_logged(proxy: &Stickless, secret: &str) {
+    let logs = proxy.logs();
+    assert!(
+        !logs.contains(secret),
+        "the password leaked into the logs:\n{logs}"
+    );
+}
+
+async fn readyz(proxy: &Stickless) -> u16 {
+    Http::new()
+        .get(&proxy.admin_url("/readyz"))
+        .await
+        .status
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn password_in_the_url_authenticates() {
+    let secret = "pw-7f3a9c1e";
+    let redis = RedisServer::start_with(&["--requirepass", secret]);
+    let backend = TestBackend::start().await;
+    let url = format!("redis://:{secret}@127.0.0.1:{}", redis.port);
+    let proxy = Stickless::start(
+        &backend.url(),
+        &["--redis-url", &url, "--secret-keys", TEST_KEY],
+    );
+    assert_eq!(readyz(&proxy).await, 200);
+    session_round_trip(&proxy, &url).await;
+    assert_secret_not_logged(&proxy, secret);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acl_user_and_password_authenticate() {
+    let secret = "acl-pw-51d0";
+    let rule = format!(">{secret}");
+    let redis = RedisServer::start_with(&[
+        "--user", "default", "off", "--user", "app", "on", &rule, "~*", "+@all",
+    ]);
+    let backend = TestBackend::start().await;
+    let url = format!("redis://app:{secret}@127.0.0.1:{}", redis.port);
+    let proxy = Stickless::start(
+        &backend.url(),
+        &["--redis-url", &url, "--secret-keys", TEST_KEY],
+    );
+    assert_eq!(readyz(&proxy).await, 200);
+    session_round_trip(&proxy, &url).await;
+    assert_secret_not_logged(&proxy, secret);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_password_is_not_ready_and_answers_503() {
+    let redis = RedisServer::start_with(&["--requirepass", "the-right-one"]);
+    let backend = TestBackend::start().await;
+    let wrong = "not-the-password-4242";
+    let url = format!("redis://:{wrong}@127.0.0.1:{}", redis.port);
+    let proxy = Stickless::start(
+        &backend.url(),
+        &[
+            "--redis-url",
+            &url,
+            "--secret-keys",
+            TEST_KEY,
+            "--redis-timeout",
+            "300ms",
+        ],
+    );
+    assert_eq!(readyz(&proxy).await, 503);
+    let r = Http::new()
+        .get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.headers["retry-after"], "1");
+    assert_secret_not_logged(&proxy, wrong);
+}
+
+/// A throw-away CA and a server certificate for 127.0.0.1, made with the `openssl` command.
+struct Certs {
+    dir: PathBuf,
+}
+
+impl Certs {
+    fn make() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "stickless-tls-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl is installed (bash scripts/test.sh installs it)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=stickless test CA",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        Certs { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rediss_with_a_password_over_tls() {
+    let certs = Certs::make();
+    let secret = "tls-pw-90ab";
+    let tls_port = free_port().to_string();
+    let (cert, key, ca) = (
+        certs.path("server.pem"),
+        certs.path("server.key"),
+        certs.path("ca.pem"),
+    );
+    // The plain port is only for the harness and the independent client; stickless uses TLS.
+    let redis = RedisServer::start_with(&[
+        "--requirepass",
+        secret,
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let backend = TestBackend::start().await;
+    let tls_url = format!("rediss://:{secret}@127.0.0.1:{tls_port}");
+    // The CA is trusted the way an operator trusts a private CA: through SSL_CERT_FILE.
+    let proxy = Stickless::start_with_env(
+        &backend.url(),
+        &["--redis-url", &tls_url, "--secret-keys", TEST_KEY],
+        &[("SSL_CERT_FILE", &ca)],
+    );
+    assert_eq!(readyz(&proxy).await, 200, "{}", proxy.logs());
+    session_round_trip(
+        &proxy,
+        &format!("redis://:{secret}@127.0.0.1:{}", redis.port),
+    )
+    .await;
+    assert_secret_not_logged(&proxy, secret);
+
+    // Without trusting the CA, the TLS handshake fails: not ready, never a plain-text fallback.
+    let untrusted = Stickless::start_with_env(
+        &backend.url(),
+        &[
+            "--redis-url",
+            &tls_url,
+            "--secret-keys",
+            TEST_KEY,
+            "--redis-timeout",
+            "300ms",
+        ],
+        &[("SSL_CERT_FILE", &certs.path("server.pem"))],
+    );
+    assert_eq!(readyz(&untrusted).await, 503, "{}", untrusted.logs());
+}

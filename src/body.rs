@@ -1,13 +1,19 @@
-//! A body wrapper that fails when its inner body stays silent for too long, so that a backend that
-//! stops sending halfway through a response cannot hold a client connection for ever.
+//! Body wrappers for the proxied streams: [`IdleTimeout`] fails a body that stays silent for too
+//! long, so that a backend that stops sending halfway through a response cannot hold a client
+//! connection for ever; [`StripTrailers`] removes protocol headers from trailers, which a client
+//! could otherwise use to smuggle session fields past the header stripping (and a backend to leak
+//! operations to the client).
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+
+use crate::protocol::Protocol;
 
 /// Boxed error of a proxied body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -80,6 +86,55 @@ where
     }
 }
 
+pin_project! {
+    /// Passes frames through, removing protocol headers from trailer frames.
+    pub struct StripTrailers<B> {
+        #[pin]
+        inner: B,
+        protocol: Arc<Protocol>,
+    }
+}
+
+impl<B> StripTrailers<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B, protocol: Arc<Protocol>) -> Self {
+        StripTrailers { inner, protocol }
+    }
+}
+
+impl<B: Body> Body for StripTrailers<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(match frame.into_trailers() {
+                Ok(mut trailers) => {
+                    let removed = this.protocol.strip(&mut trailers);
+                    if removed > 0 {
+                        tracing::warn!(count = removed, "removed session headers sent as trailers");
+                    }
+                    Frame::trailers(trailers)
+                }
+                Err(frame) => frame,
+            }))),
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +154,23 @@ mod tests {
         ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
             Poll::Pending
         }
+    }
+
+    #[tokio::test]
+    async fn trailers_lose_their_session_headers() {
+        use http::{HeaderMap, HeaderValue};
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-session-field-user", HeaderValue::from_static("admin"));
+        trailers.insert("x_session", HeaderValue::from_static("active"));
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let body =
+            Full::new(Bytes::from_static(b"data")).with_trailers(async { Some(Ok(trailers)) });
+        let protocol = Arc::new(Protocol::new(crate::config::ProtocolConfig::default()));
+        let collected = StripTrailers::new(body, protocol).collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap();
+        assert_eq!(trailers.len(), 1);
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(collected.to_bytes(), "data");
     }
 
     #[tokio::test]

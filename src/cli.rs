@@ -56,6 +56,13 @@ fn positive(s: &str) -> Result<usize, String> {
         _ => Err(format!("`{s}` is not a positive whole number")),
     }
 }
+/// Field counts are bounded so that one change always fits in one script call.
+fn max_fields(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=1000).contains(&n) => Ok(n),
+        _ => Err(format!("`{s}` is not a whole number from 1 to 1000")),
+    }
+}
 fn key_prefix(s: &str) -> Result<String, String> {
     if s.len() <= 128 && !s.bytes().any(|b| b.is_ascii_control() || b == b' ') {
         Ok(s.to_owned())
@@ -66,7 +73,7 @@ fn key_prefix(s: &str) -> Result<String, String> {
     }
 }
 
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct ServeArgs {
     /// Address the proxy listens on.
     #[arg(
@@ -140,7 +147,7 @@ pub struct ServeArgs {
     #[arg(long, env = "STICKLESS_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub upstream_timeout: Duration,
     /// Most fields a session may hold.
-    #[arg(long, env = "STICKLESS_MAX_FIELDS", default_value = "64", value_parser = positive)]
+    #[arg(long, env = "STICKLESS_MAX_FIELDS", default_value = "64", value_parser = max_fields)]
     pub max_fields: usize,
     /// Longest field value, in bytes.
     #[arg(long, env = "STICKLESS_MAX_VALUE_BYTES", default_value = "4096", value_parser = positive)]
@@ -148,6 +155,21 @@ pub struct ServeArgs {
     /// Largest session (field names plus values), in bytes.
     #[arg(long, env = "STICKLESS_MAX_SESSION_BYTES", default_value = "16384", value_parser = positive)]
     pub max_session_bytes: usize,
+}
+
+impl std::fmt::Debug for ServeArgs {
+    // The Redis URL may hold a password and the keys are secrets: neither is ever printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeArgs")
+            .field("listen", &self.listen)
+            .field("upstream", &self.upstream)
+            .field("redis_url", &self.redis_url.as_ref().map(|_| "<redacted>"))
+            .field(
+                "secret_keys",
+                &self.secret_keys.as_ref().map(|_| "<redacted>"),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -313,6 +335,22 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_hides_secrets() {
+        let cli = parse(&[
+            "--redis-url",
+            "redis://:hunter2hunter2@h:6379",
+            "--secret-keys",
+            &"k".repeat(40),
+        ])
+        .unwrap();
+        let shown = format!("{cli:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains(&"k".repeat(40)),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn redis_requires_keys() {
         let cli = parse(&["--redis-url", "redis://127.0.0.1:6379"]).unwrap();
         let err = cli.serve.into_config(None).unwrap_err();
@@ -338,6 +376,7 @@ mod tests {
             ("--cookie-same-site", "sometimes"),
             ("--listen", "nowhere"),
             ("--max-fields", "0"),
+            ("--max-fields", "1001"),
         ] {
             let err = parse(&[flag, value]).unwrap_err();
             assert_eq!(err.exit_code(), 2);

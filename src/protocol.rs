@@ -105,6 +105,14 @@ pub enum ProtocolError {
         /// The limit.
         max: usize,
     },
+    /// More fields named in Delete headers than a session may hold.
+    #[error("{count} fields deleted, more than a session may hold ({max})")]
+    TooManyDeletes {
+        /// How many.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A header with the prefix that is not an operation.
     #[error("unknown session header `{header}`")]
     Unknown {
@@ -531,6 +539,12 @@ impl Protocol {
                 if !changes.delete.contains(&f) {
                     changes.delete.push(f);
                 }
+                if changes.delete.len() > self.config.max_fields {
+                    return Err(ProtocolError::TooManyDeletes {
+                        count: changes.delete.len(),
+                        max: self.config.max_fields,
+                    });
+                }
             }
         } else if n == self.destroy || n == self.rotate {
             let on = match value.to_str().map(|s| s.trim().to_ascii_lowercase()) {
@@ -746,6 +760,12 @@ mod tests {
             assert!(p.take_changes(&mut h).is_err(), "{k}: {v}");
             assert!(h.is_empty(), "headers removed even on error");
         }
+        let many: Vec<String> = (0..65).map(|i| format!("f{i}")).collect();
+        let mut h = map(&[("x-session-delete", &many.join(", "))]);
+        assert!(matches!(
+            p.take_changes(&mut h),
+            Err(ProtocolError::TooManyDeletes { count: 65, .. })
+        ));
         let mut h = map(&[("x-session-set-a", "1"), ("x-session-incr-a", "1")]);
         assert_eq!(
             p.take_changes(&mut h),

@@ -18,7 +18,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::body::IdleTimeout;
+use crate::body::{IdleTimeout, StripTrailers};
 use crate::config::{Config, TtlPolicy, Upstream};
 use crate::cookie::{split_cookies, CookieWriter, SessionId, SigningKeys};
 use crate::metrics::{Event, Lookup, Metrics, StoreOp};
@@ -27,7 +27,7 @@ use crate::store::{now_ms, Applied, Session, SessionStore, StoreError, Target};
 
 /// The body of every response stickless sends: the backend's, streamed (and cut off if the
 /// backend goes silent for the upstream timeout), or its own short text.
-pub type ProxyBody = Either<IdleTimeout<Incoming>, Full<Bytes>>;
+pub type ProxyBody = Either<IdleTimeout<StripTrailers<Incoming>>, Full<Bytes>>;
 
 /// How long clients are asked to wait before retrying when the store is unavailable.
 const RETRY_AFTER_SECS: HeaderValue = HeaderValue::from_static("1");
@@ -112,11 +112,11 @@ pub struct Proxy {
     store: Arc<dyn SessionStore>,
     keys: SigningKeys,
     cookies: CookieWriter,
-    protocol: Protocol,
+    protocol: Arc<Protocol>,
     ttl: TtlPolicy,
     upstream: Upstream,
     upstream_timeout: Duration,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, StripTrailers<Incoming>>,
     metrics: Metrics,
 }
 
@@ -134,7 +134,7 @@ impl Proxy {
             store,
             keys: config.keys.clone(),
             cookies: CookieWriter::new(config.cookie.clone()),
-            protocol: Protocol::new(config.protocol.clone()),
+            protocol: Arc::new(Protocol::new(config.protocol.clone())),
             ttl: config.ttl,
             upstream: config.upstream.clone(),
             upstream_timeout: config.upstream_timeout,
@@ -180,10 +180,15 @@ impl Proxy {
             .get(&X_FORWARDED_PROTO)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
 
+        // The client's hop-by-hop headers go first: a `Connection` header naming a header could
+        // otherwise remove one that stickless injects below.
+        remove_hop_by_hop(req.headers_mut());
+
         // 1. Resolve the cookie and load the session.
         let session = self.resolve(req.headers_mut()).await?;
 
-        // 2. Strip what the client sent in the protocol's name, then inject the real session.
+        // 2. Strip what the client sent in the protocol's name (headers and, as the body streams,
+        // trailers), then inject the real session.
         let stripped = self.protocol.strip(req.headers_mut());
         if stripped > 0 {
             self.metrics.spoofed_headers.inc_by(stripped as u64);
@@ -194,6 +199,8 @@ impl Proxy {
 
         // 3. Forward.
         self.prepare_upstream_request(&mut req, peer)?;
+        let protocol = self.protocol.clone();
+        let req = req.map(|body| StripTrailers::new(body, protocol));
         let started = Instant::now();
         let sent = tokio::time::timeout(self.upstream_timeout, self.client.request(req)).await;
         self.metrics.upstream(started.elapsed());
@@ -243,8 +250,9 @@ impl Proxy {
                     .append(header::SET_COOKIE, self.cookies.clear(https));
             }
         }
-        let idle = self.upstream_timeout;
-        Ok(resp.map(|body| Either::Left(IdleTimeout::new(body, idle))))
+        let (idle, protocol) = (self.upstream_timeout, self.protocol.clone());
+        Ok(resp
+            .map(|body| Either::Left(IdleTimeout::new(StripTrailers::new(body, protocol), idle))))
     }
 
     /// Takes the session cookie out of the request and loads its session. A missing, malformed or
@@ -324,10 +332,13 @@ impl Proxy {
             }
             action = CookieAction::Clear;
         }
-        let mut moved: Option<Session> = None;
+        // The old id and its fields, once a rotation has taken them.
+        let mut moved: Option<(SessionId, Session)> = None;
         if changes.rotate {
             if let Some(old) = current.take() {
-                moved = self.timed(StoreOp::Take, self.store.take(&old)).await?;
+                if let Some(taken) = self.timed(StoreOp::Take, self.store.take(&old)).await? {
+                    moved = Some((old, taken));
+                }
             }
         }
         if let Some(id) = current {
@@ -352,13 +363,13 @@ impl Proxy {
         }
         let id = SessionId::generate();
         let target = Target::New {
-            base: moved.as_ref(),
+            base: moved.as_ref().map(|(_, s)| s),
         };
         match self
             .timed(StoreOp::Apply, self.store.apply(&id, target, &fields))
-            .await?
+            .await
         {
-            Applied::Stored { created_ms } => {
+            Ok(Applied::Stored { created_ms }) => {
                 self.metrics.event(if moved.is_some() {
                     Event::Rotated
                 } else {
@@ -366,20 +377,38 @@ impl Proxy {
                 });
                 Ok(CookieAction::Set { id, created_ms })
             }
-            Applied::Gone => Ok(action),
-            Applied::Rejected(r) => {
-                if let Some(base) = &moved {
-                    // The old session was taken but the new one refused (a concurrent change made it
-                    // too large): keep the fields under the new id rather than lose them.
-                    let target = Target::New { base: Some(base) };
-                    self.timed(
-                        StoreOp::Apply,
-                        self.store.apply(&id, target, &Changes::default()),
-                    )
-                    .await?;
-                    tracing::warn!("rotation kept the session's fields but refused the changes");
-                }
+            Ok(Applied::Gone) => Ok(action),
+            Ok(Applied::Rejected(r)) => {
+                self.put_back(moved).await;
                 Err(r.into())
+            }
+            Err(e) => {
+                self.put_back(moved).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// A rotation took the old session but could not write the new one: the fields go back under
+    /// the old id, so that a failed login does not also log the user out.
+    async fn put_back(&self, moved: Option<(SessionId, Session)>) {
+        let Some((old, base)) = moved else { return };
+        let target = Target::New { base: Some(&base) };
+        match self
+            .timed(
+                StoreOp::Apply,
+                self.store.apply(&old, target, &Changes::default()),
+            )
+            .await
+        {
+            Ok(Applied::Stored { .. }) => {
+                tracing::warn!("rotation failed; the session stays under its old id");
+            }
+            Ok(other) => {
+                tracing::error!(outcome = ?other, "rotation failed and the session could not be put back")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "rotation failed and the session could not be put back")
             }
         }
     }
@@ -414,7 +443,6 @@ impl Proxy {
             .map_err(|_| ProxyError::BadRequest("unusable request target"))?;
         *req.version_mut() = Version::HTTP_11;
         let headers = req.headers_mut();
-        remove_hop_by_hop(headers);
         // HTTP/2 requests carry the host in the URI; the backend gets it as `Host`.
         if !headers.contains_key(header::HOST) {
             if let Some(a) = original_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok())
@@ -423,10 +451,14 @@ impl Proxy {
             }
         }
         let ip = peer.ip().to_string();
-        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prior) => format!("{prior}, {ip}"),
-            None => ip,
-        };
+        // Earlier hops may have sent several headers: keep them all, in order, then this peer.
+        let mut xff: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        xff.push(&ip);
+        let xff = xff.join(", ");
         if let Ok(v) = HeaderValue::from_str(&xff) {
             headers.insert(X_FORWARDED_FOR.clone(), v);
         }

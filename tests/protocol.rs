@@ -1609,3 +1609,106 @@ async fn admin_endpoints_and_no_secrets_in_metrics_or_logs() {
         assert!(!logs.contains(needle), "{needle} in the logs:\n{logs}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_header_cannot_remove_injected_session_headers() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(&backend.url(), &redis, &[]);
+    let mut http = Http::with_jar();
+    http.get_replying(
+        &proxy.url("/login"),
+        &[
+            "x-session-set-user: alice",
+            "x-session-set-mfa-pending: yes",
+        ],
+    )
+    .await;
+    // Hop-by-hop headers named by the client are removed before the session headers go in.
+    let r = http
+        .send(
+            Method::GET,
+            &proxy.url("/"),
+            &[(
+                "connection",
+                "x-session-field-mfa-pending, x-session, keep-alive",
+            )],
+            Bytes::new(),
+        )
+        .await;
+    let seen = r.seen();
+    assert_eq!(seen.header("x-session"), Some("active"));
+    assert_eq!(
+        seen.fields().get("mfa-pending").map(String::as_str),
+        Some("yes")
+    );
+    assert_eq!(seen.fields().get("user").map(String::as_str), Some("alice"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_headers_sent_as_trailers_are_removed() {
+    type Boxed = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+    // A backend that reports the request trailers it received, and sends a trailer of its own.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(stickless::server::serve(
+        listener,
+        |req: Request<hyper::body::Incoming>, _| async move {
+            let collected = req.into_body().collect().await.unwrap();
+            let names: Vec<String> = collected
+                .trailers()
+                .map(|t| t.keys().map(|k| k.as_str().to_owned()).collect())
+                .unwrap_or_default();
+            let mut trailers = HeaderMap::new();
+            trailers.insert("x-session-set-role", "admin".parse().unwrap());
+            trailers.insert("x-checksum", "abc".parse().unwrap());
+            let body: Boxed = Full::new(Bytes::from(names.join(",")))
+                .with_trailers(async move { Some(Ok(trailers)) })
+                .boxed();
+            http::Response::new(body)
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let proxy = Stickless::start(&format!("http://{addr}"), &[]);
+    let client: Client<HttpConnector, Boxed> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-session-field-user", "admin".parse().unwrap());
+    trailers.insert("x_session", "active".parse().unwrap());
+    trailers.insert("x-upload-md5", "ok".parse().unwrap());
+    // A body of unknown length, so that it is sent chunked to the backend, trailers included.
+    let (mut tx, channel) =
+        http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(2);
+    tokio::spawn(async move {
+        let _ = tx.send_data(Bytes::from_static(b"payload")).await;
+        let _ = tx.send_trailers(trailers).await;
+    });
+    let body: Boxed = channel.boxed();
+    let req = Request::post(proxy.url("/"))
+        .header("trailer", "x-session-field-user, x_session, x-upload-md5")
+        .body(body)
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let collected = resp.into_body().collect().await.unwrap();
+    let back = collected.trailers().cloned().unwrap_or_default();
+    // (An HTTP/1.1 backend sends trailers only to a client that asks with `TE: trailers`, which
+    // is hop-by-hop; whatever arrives, no session operation reaches the client.)
+    assert!(
+        back.get("x-session-set-role").is_none(),
+        "a backend trailer reached the client"
+    );
+    let received = String::from_utf8(collected.to_bytes().to_vec()).unwrap();
+    assert_eq!(
+        received, "x-upload-md5",
+        "the backend got only the harmless trailer"
+    );
+    let _ = stop.send(());
+}

@@ -123,6 +123,8 @@ if count > max_fields then return {'fields', tostring(count)} end
 if size > max_bytes then return {'size', tostring(size)} end
 if not existing then
   redis.call('HSET', key, '_created', string.format('%d', created))
+  -- A new key gets its TTL at once: whatever happens next, it can never live for ever.
+  redis.call('PEXPIRE', key, ttl)
   if #base > 0 then redis.call('HSET', key, unpack(base)) end
 end
 if #dels > 0 then redis.call('HDEL', key, unpack(dels)) end

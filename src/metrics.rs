@@ -54,6 +54,8 @@ pub enum Event {
     Rotated,
     /// A backend response broke the protocol or a limit.
     ProtocolError,
+    /// Changes to a session that ended while the request was in flight, not applied.
+    Dropped,
 }
 
 /// The proxy's metrics.
@@ -64,7 +66,7 @@ pub struct Metrics {
     upstream: Histogram,
     store: [Histogram; 5],
     lookups: [IntCounter; 4],
-    events: [IntCounter; 4],
+    events: [IntCounter; 5],
     /// Client headers removed because they looked like protocol headers.
     pub spoofed_headers: IntCounter,
     upstream_errors: IntCounterVec,
@@ -136,8 +138,14 @@ impl Metrics {
             store: ["load", "apply", "take", "destroy", "ping"]
                 .map(|s| store.with_label_values(&[s])),
             lookups: ["hit", "miss", "invalid", "error"].map(|s| lookups.with_label_values(&[s])),
-            events: ["created", "destroyed", "rotated", "protocol_error"]
-                .map(|s| events.with_label_values(&[s])),
+            events: [
+                "created",
+                "destroyed",
+                "rotated",
+                "protocol_error",
+                "dropped",
+            ]
+            .map(|s| events.with_label_values(&[s])),
             spoofed_headers: spoofed.with_label_values(&[] as &[&str]),
             upstream_errors,
             registry,

@@ -354,8 +354,16 @@ impl Proxy {
             {
                 Applied::Stored { .. } => return Ok(action),
                 Applied::Rejected(r) => return Err(r.into()),
-                // Expired meanwhile: never brought back; the writes start a new session below.
-                Applied::Gone => {}
+                // Expired, destroyed or rotated by a concurrent request while the backend worked:
+                // never brought back, and no new session either, whose cookie would replace the
+                // one a concurrent login has just set.
+                Applied::Gone => {
+                    self.metrics.event(Event::Dropped);
+                    tracing::warn!(
+                        "session ended while the request was in flight; its changes were dropped"
+                    );
+                    return Ok(action);
+                }
             }
         }
         if moved.is_none() && !fields.writes_fields() {

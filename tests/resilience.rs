@@ -734,3 +734,31 @@ async fn oversized_request_headers_get_431_and_the_proxy_keeps_serving() {
     let r = Http::new().get(&proxy.url("/")).await;
     assert_eq!(r.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_in_flight_requests_finish_then_exits_cleanly() {
+    let backend = TestBackend::start().await;
+    let mut proxy = Stickless::start(&backend.url(), &[]);
+    let hits = backend.hits();
+    let url = proxy.url("/slow/700");
+    let in_flight = tokio::spawn(async move { Http::new().get(&url).await });
+    let b = &backend;
+    eventually(
+        "the backend got the request",
+        Duration::from_secs(5),
+        move || async move { (b.hits() > hits).then_some(()) },
+    )
+    .await;
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &proxy.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let r = in_flight.await.unwrap();
+    assert_eq!(r.status, 200, "the request in flight completes");
+    let status = wait_for("stickless to exit", Duration::from_secs(15), || {
+        proxy.exited()
+    });
+    assert!(status.success(), "exit status {status:?}\n{}", proxy.logs());
+    assert!(proxy.logs().contains("shutting down"));
+}

@@ -189,6 +189,9 @@ impl RedisStore {
             .with_connection_config(|c| {
                 c.connection_timeout = timeout.max(Duration::from_secs(2));
                 c.internal_command_timeout = timeout.max(Duration::from_secs(2));
+                // A script whose connection dropped in flight may have run already: sending it
+                // again could apply an increment twice. One attempt; the caller answers 503.
+                c.max_command_attempts = 1;
                 c.tcp = TcpConfig {
                     nodelay: Some(true),
                     ..Default::default()

@@ -511,6 +511,11 @@ impl Stickless {
         self.child.id()
     }
 
+    /// The exit status, once the process has ended by itself.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// `http://<admin><path>`
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{}", self.admin, path)

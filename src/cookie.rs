@@ -177,8 +177,9 @@ pub fn generate_key() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// What the request's `Cookie` headers held, once the session cookie is taken out.
-#[derive(Debug, Default)]
+/// What the request's `Cookie` headers held, once the session cookie is taken out. Its `Debug`
+/// output shows no value.
+#[derive(Default)]
 pub struct RequestCookies {
     /// Values of every cookie with the session cookie's name, in order.
     pub session_values: Vec<String>,
@@ -186,14 +187,14 @@ pub struct RequestCookies {
     pub rest: Option<HeaderValue>,
 }
 
-impl fmt::Debug for RequestCookiesRedacted<'_> {
+impl fmt::Debug for RequestCookies {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} session cookie(s)", self.0.session_values.len())
+        f.debug_struct("RequestCookies")
+            .field("session_values", &self.session_values.len())
+            .field("rest", &self.rest.as_ref().map(|_| "<redacted>"))
+            .finish()
     }
 }
-
-/// A `Debug` view of [`RequestCookies`] without values, for logs.
-pub struct RequestCookiesRedacted<'a>(pub &'a RequestCookies);
 
 /// Splits the `Cookie` header values into the session cookie(s) and the rest.
 /// Pairs that cannot be parsed are passed through to the backend unchanged.

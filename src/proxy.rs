@@ -285,10 +285,7 @@ impl Proxy {
             tracing::warn!("session cookie failed verification; treated as no session");
             return Ok(None);
         };
-        let started = Instant::now();
-        let loaded = self.store.load(&id).await;
-        self.metrics.store(StoreOp::Load, started.elapsed());
-        match loaded {
+        match self.timed(StoreOp::Load, self.store.load(&id)).await {
             Ok(Some(session)) => {
                 self.metrics.lookup(Lookup::Hit);
                 Ok(Some((id, session)))

@@ -33,3 +33,4 @@ pub mod proxy;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod tunnel;

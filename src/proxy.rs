@@ -24,6 +24,7 @@ use crate::cookie::{split_cookies, CookieWriter, SessionId, SigningKeys};
 use crate::metrics::{Event, Lookup, Metrics, StoreOp};
 use crate::protocol::{apply_to_fields, Changes, Protocol, ProtocolError, Rejection};
 use crate::store::{now_ms, Applied, Session, SessionStore, StoreError, Target};
+use crate::tunnel;
 
 /// The body of every response stickless sends: the backend's, streamed (and cut off if the
 /// backend goes silent for the upstream timeout), or its own short text.
@@ -59,6 +60,9 @@ pub enum ProxyError {
     /// The backend's changes would break a limit or increment a non-counter.
     #[error("backend's session changes were refused")]
     Rejected(#[from] Rejection),
+    /// The backend switched protocols without being asked to (or without saying to what).
+    #[error("backend switched protocols unasked")]
+    UnexpectedUpgrade,
     /// The request cannot be forwarded.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
@@ -74,7 +78,9 @@ impl ProxyError {
                 "session store unavailable, retry shortly\n",
             ),
             ProxyError::UpstreamConnect(_) => (StatusCode::BAD_GATEWAY, "backend unavailable\n"),
-            ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "backend failed\n"),
+            ProxyError::Upstream(_) | ProxyError::UnexpectedUpgrade => {
+                (StatusCode::BAD_GATEWAY, "backend failed\n")
+            }
             ProxyError::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "backend timed out\n"),
             ProxyError::Protocol(_) | ProxyError::Rejected(_) => (
                 StatusCode::BAD_GATEWAY,
@@ -180,6 +186,10 @@ impl Proxy {
             .get(&X_FORWARDED_PROTO)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
 
+        // A WebSocket (or other) upgrade keeps its two hop-by-hop headers across this hop.
+        let upgrade = tunnel::requested_upgrade(req.version(), req.headers())
+            .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
+
         // The client's hop-by-hop headers go first: a `Connection` header naming a header could
         // otherwise remove one that stickless injects below.
         remove_hop_by_hop(req.headers_mut());
@@ -199,6 +209,9 @@ impl Proxy {
 
         // 3. Forward.
         self.prepare_upstream_request(&mut req, peer)?;
+        if let Some((protocol, _)) = &upgrade {
+            tunnel::mark_upgrade(req.headers_mut(), protocol.clone());
+        }
         let protocol = self.protocol.clone();
         let req = req.map(|body| StripTrailers::new(body, protocol));
         let started = Instant::now();
@@ -222,7 +235,17 @@ impl Proxy {
 
         // 4. Read the backend's changes (all protocol headers are removed), store them.
         let changes = self.protocol.take_changes(resp.headers_mut())?;
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let backend_protocol = resp.headers().get(header::UPGRADE).cloned();
         remove_hop_by_hop(resp.headers_mut());
+        let tunnel = match (switching, upgrade, backend_protocol) {
+            (false, _, _) => None,
+            (true, Some((_, client)), Some(protocol)) => {
+                tunnel::mark_upgrade(resp.headers_mut(), protocol);
+                Some((client, hyper::upgrade::on(&mut resp)))
+            }
+            (true, _, _) => return Err(ProxyError::UnexpectedUpgrade),
+        };
         let action = if changes.is_empty() {
             CookieAction::Keep
         } else {
@@ -249,6 +272,10 @@ impl Proxy {
                 resp.headers_mut()
                     .append(header::SET_COOKIE, self.cookies.clear(https));
             }
+        }
+        if let Some((client, backend)) = tunnel {
+            // The changes are stored and the cookie set before the protocol switches.
+            tokio::spawn(tunnel::run(client, backend, self.upstream_timeout));
         }
         let (idle, protocol) = (self.upstream_timeout, self.protocol.clone());
         Ok(resp

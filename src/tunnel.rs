@@ -1,0 +1,153 @@
+//! Upgraded connections: WebSocket and any other HTTP/1.1 `Upgrade` protocol. Once the backend
+//! answers `101 Switching Protocols`, bytes are copied both ways until either side closes, or until
+//! the tunnel has been silent in both directions for the idle timeout (as nginx's
+//! `proxy_read_timeout` does; WebSocket libraries ping well within it).
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::Version;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Whether a request asks to switch protocols: HTTP/1.1 with `Connection: upgrade` and an
+/// `Upgrade` header. Returns the requested protocol.
+pub fn requested_upgrade(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = version == Version::HTTP_11
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Puts back the two headers that carry an upgrade across this hop.
+pub fn mark_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
+/// Copies between the client's and the backend's upgraded connections until one closes or both
+/// stay silent for `idle`.
+pub async fn run(client: OnUpgrade, backend: OnUpgrade, idle: Duration) {
+    let (client, backend) = match tokio::try_join!(client, backend) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let started = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let mut client = Activity::new(TokioIo::new(client), started, last.clone());
+    let mut backend = Activity::new(TokioIo::new(backend), started, last.clone());
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut backend);
+    tokio::pin!(copy);
+    let check = (idle / 4).max(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            done = &mut copy => {
+                if let Err(e) = done {
+                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                }
+                return;
+            }
+            () = tokio::time::sleep(check) => {
+                let quiet = started.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                if quiet >= idle {
+                    tracing::debug!(?idle, "upgraded connection idle; closing it");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// An I/O wrapper that records when bytes last moved.
+struct Activity<T> {
+    inner: T,
+    started: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl<T> Activity<T> {
+    fn new(inner: T, started: Instant, last: Arc<AtomicU64>) -> Self {
+        Activity {
+            inner,
+            started,
+            last,
+        }
+    }
+
+    fn touch(&self) {
+        self.last
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_upgrade_requests() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert_eq!(
+            requested_upgrade(Version::HTTP_11, &h).unwrap(),
+            "websocket"
+        );
+        assert!(requested_upgrade(Version::HTTP_10, &h).is_none());
+        assert!(requested_upgrade(Version::HTTP_2, &h).is_none());
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        assert!(requested_upgrade(Version::HTTP_11, &h).is_none());
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.remove(header::UPGRADE);
+        assert!(requested_upgrade(Version::HTTP_11, &h).is_none());
+    }
+}

@@ -15,16 +15,13 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::proxy::connection_tokens;
+
 /// Whether a request asks to switch protocols: HTTP/1.1 with `Connection: upgrade` and an
 /// `Upgrade` header. Returns the requested protocol.
 pub fn requested_upgrade(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
     let asks = version == Version::HTTP_11
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"));
     asks.then(|| headers.get(header::UPGRADE).cloned())
         .flatten()
 }

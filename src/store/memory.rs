@@ -66,17 +66,6 @@ impl MemoryStore {
             map.retain(|_, e| e.expires_ms > now);
         }
     }
-
-    /// Number of live sessions (for tests and the demo).
-    pub fn len(&self) -> usize {
-        let now = now_ms();
-        self.lock().values().filter(|e| e.expires_ms > now).count()
-    }
-
-    /// Whether no live session is stored.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[async_trait]

@@ -2,10 +2,12 @@
 //! long, so that a backend that stops sending halfway through a response cannot hold a client
 //! connection for ever; [`StripTrailers`] removes protocol headers from trailers, which a client
 //! could otherwise use to smuggle session fields past the header stripping (and a backend to leak
-//! operations to the client).
+//! operations to the client); [`ClientBody`] remembers whether the client's upload failed, so that
+//! a malformed request body is answered as the client's fault.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -13,7 +15,12 @@ use std::time::Duration;
 use hyper::body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use crate::log_limit::LogLimit;
 use crate::protocol::Protocol;
+
+/// Session headers in trailers come from a client or a backend that means harm: warn, but not
+/// more than once a second.
+static TRAILER_WARNINGS: LogLimit = LogLimit::new(1000);
 
 /// Boxed error of a proxied body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -116,7 +123,13 @@ impl<B: Body> Body for StripTrailers<B> {
                 Ok(mut trailers) => {
                     let removed = this.protocol.strip(&mut trailers);
                     if removed > 0 {
-                        tracing::warn!(count = removed, "removed session headers sent as trailers");
+                        if let Some(held_back) = TRAILER_WARNINGS.allow() {
+                            tracing::warn!(
+                                count = removed,
+                                held_back,
+                                "removed session headers sent as trailers"
+                            );
+                        }
                     }
                     Frame::trailers(trailers)
                 }
@@ -124,6 +137,48 @@ impl<B: Body> Body for StripTrailers<B> {
             }))),
             other => other,
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// Passes the client's request body through and records whether it failed (a malformed
+    /// chunked encoding, a connection cut mid-upload).
+    pub struct ClientBody<B> {
+        #[pin]
+        inner: B,
+        failed: Arc<AtomicBool>,
+    }
+}
+
+impl<B> ClientBody<B> {
+    /// Wraps `inner`; `failed` is set once it yields an error.
+    pub fn new(inner: B, failed: Arc<AtomicBool>) -> Self {
+        ClientBody { inner, failed }
+    }
+}
+
+impl<B: Body> Body for ClientBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            this.failed.store(true, Ordering::Relaxed);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

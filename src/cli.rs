@@ -146,6 +146,10 @@ pub struct ServeArgs {
     /// Time the backend gets to send its response headers; past it the request is answered 504.
     #[arg(long, env = "STICKLESS_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub upstream_timeout: Duration,
+    /// How long an idle connection to the backend is kept for reuse. Keep it below the backend's
+    /// keep-alive timeout (gunicorn 2s, Node.js 5s, uvicorn 5s).
+    #[arg(long, env = "STICKLESS_UPSTREAM_IDLE_TIMEOUT", default_value = "1s", value_parser = duration)]
+    pub upstream_idle_timeout: Duration,
     /// Most fields a session may hold.
     #[arg(long, env = "STICKLESS_MAX_FIELDS", default_value = "64", value_parser = max_fields)]
     pub max_fields: usize,
@@ -296,6 +300,7 @@ impl ServeArgs {
                 max_session_bytes: self.max_session_bytes,
             },
             upstream_timeout: self.upstream_timeout,
+            upstream_idle_timeout: self.upstream_idle_timeout,
         })
     }
 }

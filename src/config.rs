@@ -31,6 +31,9 @@ pub struct Config {
     pub protocol: ProtocolConfig,
     /// Time allowed for the backend to answer with response headers.
     pub upstream_timeout: Duration,
+    /// How long an idle pooled connection to the backend is kept for reuse; below the backend's
+    /// own keep-alive timeout, so that stickless never picks a connection the backend is closing.
+    pub upstream_idle_timeout: Duration,
 }
 
 /// The backend's base address: scheme `http`, a host and a port.

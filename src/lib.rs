@@ -27,6 +27,8 @@ pub mod body;
 pub mod config;
 pub mod cookie;
 pub mod demo;
+pub mod hop;
+pub mod log_limit;
 pub mod metrics;
 pub mod protocol;
 pub mod proxy;

@@ -1,8 +1,13 @@
 //! Prometheus metrics: one registry per running proxy, with every labelled series resolved once at
-//! start-up so the request path only increments. Labels never carry a session id, value or cookie.
+//! start-up, so the request path only increments and every series is exported from the start (at
+//! 0), which an alert on its rate needs. Labels never carry a session id, value or cookie.
+//!
+//! Every label is an enum declared with [`labels!`]: the enum, its list of values and their
+//! spelling come from one list, so a series can never be filed under another's label.
 
 use std::time::Duration;
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
     TextEncoder,
@@ -15,61 +20,120 @@ const BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
-/// Store operations, as the `op` label.
-#[derive(Debug, Clone, Copy)]
-pub enum StoreOp {
-    /// Read and renew.
-    Load,
-    /// Write changes.
-    Apply,
-    /// Read and delete (rotation).
-    Take,
-    /// Delete.
-    Destroy,
-    /// Health check.
-    Ping,
+/// Declares a label enum: its variants, `ALL` (in declaration order, which is also the order of
+/// the discriminants) and `as_str`, from one list.
+macro_rules! labels {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $label:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The label value.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label,)+
+                }
+            }
+        }
+    };
 }
 
-/// Outcome of resolving a request's session, as the `result` label.
-#[derive(Debug, Clone, Copy)]
-pub enum Lookup {
-    /// A session was found.
-    Hit,
-    /// No cookie, or a valid cookie for a session that no longer exists.
-    Miss,
-    /// A cookie that failed verification (never looked up).
-    Invalid,
-    /// The store failed.
-    Error,
+labels! {
+    /// Store operations, as the `op` label.
+    StoreOp {
+        /// Read and renew.
+        Load => "load",
+        /// Write changes.
+        Apply => "apply",
+        /// Read and delete (rotation).
+        Take => "take",
+        /// Delete.
+        Destroy => "destroy",
+        /// Health check.
+        Ping => "ping",
+    }
 }
 
-/// Session events, as the `event` label.
-#[derive(Debug, Clone, Copy)]
-pub enum Event {
-    /// A new session was stored.
-    Created,
-    /// A session was destroyed by the backend.
-    Destroyed,
-    /// A session moved to a new id.
-    Rotated,
-    /// A backend response broke the protocol or a limit.
-    ProtocolError,
-    /// Changes to a session that ended while the request was in flight, not applied.
-    Dropped,
+labels! {
+    /// Outcome of resolving a request's session, as the `result` label.
+    Lookup {
+        /// A session was found.
+        Hit => "hit",
+        /// No cookie, or a valid cookie for a session that no longer exists.
+        Miss => "miss",
+        /// A cookie that failed verification (never looked up).
+        Invalid => "invalid",
+        /// The store failed.
+        Error => "error",
+    }
 }
+
+labels! {
+    /// Session events, as the `event` label.
+    Event {
+        /// A new session was stored.
+        Created => "created",
+        /// A session was destroyed by the backend.
+        Destroyed => "destroyed",
+        /// A session moved to a new id.
+        Rotated => "rotated",
+        /// A backend response broke the protocol or a limit.
+        ProtocolError => "protocol_error",
+        /// Changes to a session that ended while the request was in flight, not applied.
+        Dropped => "dropped",
+    }
+}
+
+labels! {
+    /// Why the backend did not answer, as the `reason` label.
+    UpstreamFailure {
+        /// No connection could be made.
+        Connect => "connect",
+        /// No response head within `--upstream-timeout`.
+        Timeout => "timeout",
+        /// The connection failed before a response head arrived.
+        Response => "response",
+    }
+}
+
+labels! {
+    /// Requests refused as the client's fault, as the `reason` label.
+    ClientFault {
+        /// An HTTP/1.1 request without `Host`.
+        MissingHost => "missing_host",
+        /// More than one `Host` header.
+        SeveralHosts => "several_hosts",
+        /// A request target that cannot be forwarded.
+        Target => "target",
+        /// A malformed or cut-off request body.
+        Body => "body",
+    }
+}
+
+/// Status classes, as the `status` label.
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// The proxy's metrics.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    requests: [Histogram; 5],
+    requests: Vec<Histogram>,
     upstream: Histogram,
-    store: [Histogram; 5],
-    lookups: [IntCounter; 4],
-    events: [IntCounter; 5],
+    store: Vec<Histogram>,
+    lookups: Vec<IntCounter>,
+    events: Vec<IntCounter>,
+    upstream_errors: Vec<IntCounter>,
+    client_errors: Vec<IntCounter>,
     /// Client headers removed because they looked like protocol headers.
     pub spoofed_headers: IntCounter,
-    upstream_errors: IntCounterVec,
+    /// Requests sent to the backend a second time, on a new connection.
+    pub upstream_retries: IntCounter,
 }
 
 impl Metrics {
@@ -79,75 +143,84 @@ impl Metrics {
     /// Only if the metric definitions themselves are invalid, which the unit test rules out.
     pub fn new() -> Self {
         let registry = Registry::new();
-        let hist = |name: &str, help: &str, labels: &[&str]| {
+        let register = |c: Box<dyn Collector>| registry.register(c).expect("unique metric");
+        let hist = |name: &str, help: &str, label: &str, values: &[&str]| -> Vec<Histogram> {
             let h = HistogramVec::new(
                 HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
-                labels,
+                &[label],
             )
             .expect("valid histogram");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
-            h
+            register(Box::new(h.clone()));
+            values.iter().map(|v| h.with_label_values(&[v])).collect()
         };
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
+        let counters = |name: &str, help: &str, label: &str, values: &[&str]| -> Vec<IntCounter> {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid counter");
+            register(Box::new(c.clone()));
+            values.iter().map(|v| c.with_label_values(&[v])).collect()
+        };
+        let counter = |name: &str, help: &str| -> IntCounter {
+            let c = IntCounter::new(name, help).expect("valid counter");
+            register(Box::new(c.clone()));
             c
         };
-        let requests = hist(
-            "stickless_request_duration_seconds",
-            "Time from a request's arrival to its response headers, by status class.",
-            &["status"],
-        );
-        let upstream = hist(
-            "stickless_upstream_duration_seconds",
-            "Time the backend took to answer with response headers.",
-            &[],
-        );
-        let store = hist(
-            "stickless_store_duration_seconds",
-            "Time of session store calls, by operation.",
-            &["op"],
-        );
-        let lookups = counter(
-            "stickless_session_lookups_total",
-            "Session cookie resolutions, by result.",
-            &["result"],
-        );
-        let events = counter(
-            "stickless_session_events_total",
-            "Session lifecycle events, by event.",
-            &["event"],
-        );
-        let spoofed = counter(
-            "stickless_spoofed_headers_total",
-            "Client request headers removed because they used the session header prefix.",
-            &[],
-        );
-        let upstream_errors = counter(
-            "stickless_upstream_errors_total",
-            "Requests the backend did not answer, by reason.",
-            &["reason"],
-        );
+        fn names<L: Copy>(all: &[L], f: fn(L) -> &'static str) -> Vec<&'static str> {
+            all.iter().map(|l| f(*l)).collect()
+        }
+        let upstream = Histogram::with_opts(
+            HistogramOpts::new(
+                "stickless_upstream_duration_seconds",
+                "Time the backend took to answer with response headers.",
+            )
+            .buckets(BUCKETS.to_vec()),
+        )
+        .expect("valid histogram");
+        register(Box::new(upstream.clone()));
         Metrics {
-            requests: ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|s| requests.with_label_values(&[s])),
-            upstream: upstream.with_label_values(&[] as &[&str]),
-            store: ["load", "apply", "take", "destroy", "ping"]
-                .map(|s| store.with_label_values(&[s])),
-            lookups: ["hit", "miss", "invalid", "error"].map(|s| lookups.with_label_values(&[s])),
-            events: [
-                "created",
-                "destroyed",
-                "rotated",
-                "protocol_error",
-                "dropped",
-            ]
-            .map(|s| events.with_label_values(&[s])),
-            spoofed_headers: spoofed.with_label_values(&[] as &[&str]),
-            upstream_errors,
+            requests: hist(
+                "stickless_request_duration_seconds",
+                "Time from a request's arrival to its response headers, by status class.",
+                "status",
+                &STATUS_CLASSES,
+            ),
+            upstream,
+            store: hist(
+                "stickless_store_duration_seconds",
+                "Time of session store calls, by operation.",
+                "op",
+                &names(StoreOp::ALL, StoreOp::as_str),
+            ),
+            lookups: counters(
+                "stickless_session_lookups_total",
+                "Session cookie resolutions, by result.",
+                "result",
+                &names(Lookup::ALL, Lookup::as_str),
+            ),
+            events: counters(
+                "stickless_session_events_total",
+                "Session lifecycle events, by event.",
+                "event",
+                &names(Event::ALL, Event::as_str),
+            ),
+            upstream_errors: counters(
+                "stickless_upstream_errors_total",
+                "Requests the backend did not answer, by reason.",
+                "reason",
+                &names(UpstreamFailure::ALL, UpstreamFailure::as_str),
+            ),
+            client_errors: counters(
+                "stickless_client_errors_total",
+                "Requests refused with 400 as the client's fault, by reason.",
+                "reason",
+                &names(ClientFault::ALL, ClientFault::as_str),
+            ),
+            spoofed_headers: counter(
+                "stickless_spoofed_headers_total",
+                "Client request headers removed because they used the session header prefix.",
+            ),
+            upstream_retries: counter(
+                "stickless_upstream_retries_total",
+                "Idempotent requests sent again on a new connection after the first one failed before a response.",
+            ),
             registry,
         }
     }
@@ -163,9 +236,14 @@ impl Metrics {
         self.upstream.observe(elapsed.as_secs_f64());
     }
 
-    /// Records a failed backend call (`connect`, `timeout`, ...).
-    pub fn upstream_error(&self, reason: &'static str) {
-        self.upstream_errors.with_label_values(&[reason]).inc();
+    /// Counts a failed backend call.
+    pub fn upstream_error(&self, reason: UpstreamFailure) {
+        self.upstream_errors[reason as usize].inc();
+    }
+
+    /// Counts a request refused as the client's fault.
+    pub fn client_error(&self, reason: ClientFault) {
+        self.client_errors[reason as usize].inc();
     }
 
     /// Records a store call.
@@ -202,26 +280,120 @@ impl Default for Metrics {
 mod tests {
     use super::*;
 
+    /// The value of one series in the text format.
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
     #[test]
-    fn renders_every_family() {
-        let m = Metrics::new();
-        m.request(204, Duration::from_millis(1));
-        m.upstream(Duration::from_millis(1));
-        m.store(StoreOp::Apply, Duration::from_millis(1));
-        m.lookup(Lookup::Invalid);
-        m.event(Event::ProtocolError);
-        m.upstream_error("timeout");
-        let text = m.render();
-        for needle in [
-            "stickless_request_duration_seconds_bucket{status=\"2xx\"",
-            "stickless_upstream_duration_seconds_count 1",
-            "stickless_store_duration_seconds_count{op=\"apply\"} 1",
-            "stickless_session_lookups_total{result=\"invalid\"} 1",
-            "stickless_session_events_total{event=\"protocol_error\"} 1",
-            "stickless_upstream_errors_total{reason=\"timeout\"} 1",
-            "stickless_spoofed_headers_total 0",
+    fn every_label_value_is_exported_from_the_start() {
+        let text = Metrics::new().render();
+        for op in StoreOp::ALL {
+            let s = format!(
+                "stickless_store_duration_seconds_count{{op=\"{}\"}}",
+                op.as_str()
+            );
+            assert_eq!(value(&text, &s), Some(0.0), "{s}");
+        }
+        for class in STATUS_CLASSES {
+            let s = format!("stickless_request_duration_seconds_count{{status=\"{class}\"}}");
+            assert_eq!(value(&text, &s), Some(0.0), "{s}");
+        }
+        let counters: [(&str, &str, Vec<&str>); 4] = [
+            (
+                "stickless_session_lookups_total",
+                "result",
+                Lookup::ALL.iter().map(|l| l.as_str()).collect(),
+            ),
+            (
+                "stickless_session_events_total",
+                "event",
+                Event::ALL.iter().map(|l| l.as_str()).collect(),
+            ),
+            (
+                "stickless_upstream_errors_total",
+                "reason",
+                UpstreamFailure::ALL.iter().map(|l| l.as_str()).collect(),
+            ),
+            (
+                "stickless_client_errors_total",
+                "reason",
+                ClientFault::ALL.iter().map(|l| l.as_str()).collect(),
+            ),
+        ];
+        for (name, label, values) in counters {
+            for v in values {
+                let s = format!("{name}{{{label}=\"{v}\"}}");
+                assert_eq!(value(&text, &s), Some(0.0), "{s}");
+            }
+        }
+        for s in [
+            "stickless_spoofed_headers_total",
+            "stickless_upstream_retries_total",
+            "stickless_upstream_duration_seconds_count",
         ] {
-            assert!(text.contains(needle), "missing {needle} in\n{text}");
+            assert_eq!(value(&text, s), Some(0.0), "{s}");
+        }
+    }
+
+    #[test]
+    fn each_value_counts_under_its_own_label() {
+        let m = Metrics::new();
+        for (i, op) in StoreOp::ALL.iter().enumerate() {
+            for _ in 0..=i {
+                m.store(*op, Duration::from_millis(1));
+            }
+        }
+        for (i, l) in Lookup::ALL.iter().enumerate() {
+            (0..=i).for_each(|_| m.lookup(*l));
+        }
+        for (i, e) in Event::ALL.iter().enumerate() {
+            (0..=i).for_each(|_| m.event(*e));
+        }
+        for (i, r) in UpstreamFailure::ALL.iter().enumerate() {
+            (0..=i).for_each(|_| m.upstream_error(*r));
+        }
+        for (i, r) in ClientFault::ALL.iter().enumerate() {
+            (0..=i).for_each(|_| m.client_error(*r));
+        }
+        for (i, status) in [101u16, 204, 302, 404, 503].iter().enumerate() {
+            (0..=i).for_each(|_| m.request(*status, Duration::from_millis(1)));
+        }
+        let text = m.render();
+        let n = |i: usize| Some((i + 1) as f64);
+        for (i, op) in StoreOp::ALL.iter().enumerate() {
+            let s = format!(
+                "stickless_store_duration_seconds_count{{op=\"{}\"}}",
+                op.as_str()
+            );
+            assert_eq!(value(&text, &s), n(i), "{s}");
+        }
+        for (i, l) in Lookup::ALL.iter().enumerate() {
+            let s = format!(
+                "stickless_session_lookups_total{{result=\"{}\"}}",
+                l.as_str()
+            );
+            assert_eq!(value(&text, &s), n(i), "{s}");
+        }
+        for (i, e) in Event::ALL.iter().enumerate() {
+            let s = format!("stickless_session_events_total{{event=\"{}\"}}", e.as_str());
+            assert_eq!(value(&text, &s), n(i), "{s}");
+        }
+        for (i, r) in UpstreamFailure::ALL.iter().enumerate() {
+            let s = format!(
+                "stickless_upstream_errors_total{{reason=\"{}\"}}",
+                r.as_str()
+            );
+            assert_eq!(value(&text, &s), n(i), "{s}");
+        }
+        for (i, r) in ClientFault::ALL.iter().enumerate() {
+            let s = format!("stickless_client_errors_total{{reason=\"{}\"}}", r.as_str());
+            assert_eq!(value(&text, &s), n(i), "{s}");
+        }
+        for (i, class) in STATUS_CLASSES.iter().enumerate() {
+            let s = format!("stickless_request_duration_seconds_count{{status=\"{class}\"}}");
+            assert_eq!(value(&text, &s), n(i), "{s}");
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! To the backend, every request carries `X-Session: active` and one `X-Session-Field-<name>`
 //! header per field, or `X-Session: none`. Any header a client sent that looks like a protocol
-//! header (prefix matched in any case, with `_` read as `-`) is removed first.
+//! header (read by [`canonical`]: any case, and any character other than a letter or digit read as
+//! `-`, as CGI-style frameworks read header names) is removed first.
 //!
 //! From the backend, response headers `X-Session-Set-<name>`, `X-Session-Incr-<name>`,
 //! `X-Session-Delete`, `X-Session-Destroy` and `X-Session-Rotate` describe changes; they are parsed
@@ -26,6 +27,27 @@ pub const MAX_NAME_LEN: usize = 64;
 
 /// The largest magnitude a counter may reach (2^53 - 1, the range every JSON parser keeps exact).
 pub const MAX_COUNTER: i64 = (1 << 53) - 1;
+
+/// Reads a name the way CGI-style frameworks read header names: ASCII letters lower-cased, and
+/// every character other than a letter or a digit read as `-` (`X_Session.Field-user` and
+/// `x-session-field-user` are one name to a backend that sees `HTTP_X_SESSION_FIELD_USER`). The one
+/// rule for header names and for field names in every operation.
+pub fn canonical(name: &str) -> std::borrow::Cow<'_, str> {
+    let plain = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if plain {
+        return name.into();
+    }
+    name.chars()
+        .map(|c| match c {
+            'A'..='Z' => c.to_ascii_lowercase(),
+            'a'..='z' | '0'..='9' => c,
+            _ => '-',
+        })
+        .collect::<String>()
+        .into()
+}
 
 /// Whether `name` is a valid field name: 1 to 64 of `a-z 0-9 -`.
 pub fn is_valid_name(name: &str) -> bool {
@@ -387,19 +409,9 @@ impl Protocol {
         &self.config
     }
 
-    /// The header name as a backend framework sees it: lower case, `_` read as `-`.
-    fn normalized(name: &HeaderName) -> std::borrow::Cow<'_, str> {
-        let s = name.as_str();
-        if s.contains('_') {
-            s.replace('_', "-").into()
-        } else {
-            s.into()
-        }
-    }
-
     /// Whether a header name belongs to the protocol (the status header or any name with the prefix).
     pub fn is_protocol_header(&self, name: &HeaderName) -> bool {
-        let n = Self::normalized(name);
+        let n = canonical(name.as_str());
         n.starts_with(&self.config.header_prefix) || n == self.status.as_str()
     }
 
@@ -488,11 +500,14 @@ impl Protocol {
         name: &HeaderName,
         value: &HeaderValue,
     ) -> Result<(), ProtocolError> {
-        let n = Self::normalized(name);
+        let n = canonical(name.as_str());
         let header = || name.as_str().to_owned();
+        // `n` is already canonical, and so is every name taken from it; a Delete list's names go
+        // through the same rule.
         let field = |rest: &str| -> Result<String, ProtocolError> {
-            if is_valid_name(rest) {
-                Ok(rest.to_owned())
+            let rest = canonical(rest);
+            if is_valid_name(&rest) {
+                Ok(rest.into_owned())
             } else {
                 Err(ProtocolError::InvalidName { header: header() })
             }
@@ -535,7 +550,7 @@ impl Protocol {
                 .to_str()
                 .map_err(|_| ProtocolError::InvalidName { header: header() })?;
             for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                let f = field(&item.to_ascii_lowercase())?;
+                let f = field(item)?;
                 if !changes.delete.contains(&f) {
                     changes.delete.push(f);
                 }
@@ -655,6 +670,22 @@ mod tests {
     }
 
     #[test]
+    fn one_rule_for_names_in_every_operation() {
+        assert_eq!(canonical("user"), "user");
+        assert_eq!(canonical("My_Field.2"), "my-field-2");
+        let p = protocol();
+        let mut h = map(&[
+            ("x-session-set-my_field", "1"),
+            ("x-session-incr-other.count", "1"),
+            ("x-session-delete", "My_Field, stale.flag"),
+        ]);
+        let c = p.take_changes(&mut h).unwrap();
+        assert_eq!(c.set, vec![("my-field".to_owned(), "1".to_owned())]);
+        assert_eq!(c.incr, vec![("other-count".to_owned(), 1)]);
+        assert_eq!(c.delete, vec!["my-field", "stale-flag"]);
+    }
+
+    #[test]
     fn counters_parse_like_redis() {
         assert_eq!(parse_counter("0"), Some(0));
         assert_eq!(parse_counter("-12"), Some(-12));
@@ -682,12 +713,14 @@ mod tests {
             ("x-session", "active"),
             ("x-session-field-user", "admin"),
             ("X_Session_Field_user", "admin"),
+            ("X.Session.Field.user", "admin"),
+            ("x-session.set~role", "admin"),
             ("x-session-set-role", "admin"),
             ("x_session", "active"),
             ("x-sessionfoo", "kept"),
             ("accept", "*/*"),
         ]);
-        assert_eq!(p.strip(&mut h), 5);
+        assert_eq!(p.strip(&mut h), 7);
         assert_eq!(h.len(), 2);
         assert!(h.contains_key("x-sessionfoo"));
     }
@@ -746,13 +779,19 @@ mod tests {
         let p = protocol();
         let cases: &[(&str, &str)] = &[
             ("x-session-set-", "v"),
-            ("x-session-set-a.b", "v"),
+            (
+                "x-session-set-a_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                "v",
+            ),
             ("x-session-set-user", "%zz"),
             ("x-session-incr-n", "one"),
             ("x-session-incr-n", "9007199254740992"),
             ("x-session-destroy", "yes"),
             ("x-session-rotate", ""),
-            ("x-session-delete", "a b"),
+            (
+                "x-session-delete",
+                "a, bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+            ),
             ("x-session-frobnicate", "1"),
         ];
         for (k, v) in cases {

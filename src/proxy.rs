@@ -1,27 +1,35 @@
-//! The request path: resolve the cookie, load the session, strip and inject headers, forward,
-//! read the backend's changes, store them, set or clear the cookie, answer.
+//! The request path, phase by phase, in the order of the README's "How a request flows":
+//! check the request, resolve the cookie and load the session, prepare the backend's request
+//! (strip the client's session headers, inject the real ones), forward it, take the backend's
+//! changes, store them, answer (set or clear the cookie).
 //!
 //! Bodies stream through in both directions; only headers are touched. Every failure becomes a
 //! [`ProxyError`], and [`ProxyError::into_response`] is the one place that turns failures into
 //! status codes.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, Full};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use tracing::Instrument;
 
-use crate::body::{IdleTimeout, StripTrailers};
+use crate::body::{ClientBody, IdleTimeout, StripTrailers};
 use crate::config::{Config, TtlPolicy, Upstream};
 use crate::cookie::{split_cookies, CookieWriter, SessionId, SigningKeys};
-use crate::metrics::{Event, Lookup, Metrics, StoreOp};
+use crate::hop;
+use crate::log_limit::LogLimit;
+use crate::metrics::{ClientFault, Event, Lookup, Metrics, StoreOp, UpstreamFailure};
 use crate::protocol::{apply_to_fields, Changes, Protocol, ProtocolError, Rejection};
 use crate::store::{now_ms, Applied, Session, SessionStore, StoreError, Target};
 use crate::tunnel;
@@ -30,14 +38,24 @@ use crate::tunnel;
 /// backend goes silent for the upstream timeout), or its own short text.
 pub type ProxyBody = Either<IdleTimeout<StripTrailers<Incoming>>, Full<Bytes>>;
 
+/// The body of a request on its way to the backend: the client's, or none for a retry.
+type UpstreamBody = Either<ClientBody<StripTrailers<Incoming>>, Empty<Bytes>>;
+
 /// How long clients are asked to wait before retrying when the store is unavailable.
 const RETRY_AFTER_SECS: HeaderValue = HeaderValue::from_static("1");
+
+/// Session cookies of one name checked per request. Browsers send one per matching path and
+/// domain, so a handful covers every real case; past that a forged flood costs nothing more.
+pub const MAX_SESSION_COOKIES: usize = 4;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Warnings a client can cause at will: at most one line a second of each.
+static FORGED_WARNINGS: LogLimit = LogLimit::new(1000);
+static SPOOF_WARNINGS: LogLimit = LogLimit::new(1000);
+static CLIENT_ERROR_WARNINGS: LogLimit = LogLimit::new(1000);
 
 /// Why a request could not be served normally.
 #[derive(Debug, thiserror::Error)]
@@ -63,15 +81,33 @@ pub enum ProxyError {
     /// The backend switched protocols without being asked to (or without saying to what).
     #[error("backend switched protocols unasked")]
     UnexpectedUpgrade,
-    /// The request cannot be forwarded.
-    #[error("bad request: {0}")]
-    BadRequest(&'static str),
+    /// The request itself cannot be forwarded.
+    #[error("bad request")]
+    BadRequest(#[from] BadRequest),
+    /// The client's request body was malformed or cut off on its way to the backend.
+    #[error("the client's request body failed")]
+    ClientBody(#[source] hyper_util::client::legacy::Error),
+}
+
+/// What is wrong with a request that is refused with 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    /// An HTTP/1.1 request without `Host`.
+    #[error("an HTTP/1.1 request without a Host header")]
+    MissingHost,
+    /// More than one `Host` header.
+    #[error("more than one Host header")]
+    SeveralHosts,
+    /// A request target that cannot be turned into the backend's.
+    #[error("a request target that cannot be forwarded")]
+    Target,
 }
 
 impl ProxyError {
     /// The response for this error: a status and a short plain-text body, never a detail that
-    /// could leak session data.
-    pub fn into_response(self) -> Response<ProxyBody> {
+    /// could leak session data. `close` asks the client to close an HTTP/1 connection whose state
+    /// is in doubt (a request body that may not have been read to its end).
+    pub fn into_response(self, close: bool) -> Response<ProxyBody> {
         let (status, text) = match &self {
             ProxyError::Store(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -86,7 +122,17 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY,
                 "backend sent invalid session headers\n",
             ),
-            ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad request\n"),
+            ProxyError::BadRequest(BadRequest::MissingHost) => {
+                (StatusCode::BAD_REQUEST, "bad request: no Host header\n")
+            }
+            ProxyError::BadRequest(BadRequest::SeveralHosts) => (
+                StatusCode::BAD_REQUEST,
+                "bad request: more than one Host header\n",
+            ),
+            ProxyError::BadRequest(BadRequest::Target) => {
+                (StatusCode::BAD_REQUEST, "bad request\n")
+            }
+            ProxyError::ClientBody(_) => (StatusCode::BAD_REQUEST, "bad request: malformed body\n"),
         };
         let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
             text.as_bytes(),
@@ -100,6 +146,9 @@ impl ProxyError {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if status == StatusCode::SERVICE_UNAVAILABLE {
             h.insert(header::RETRY_AFTER, RETRY_AFTER_SECS);
+        }
+        if close {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }
@@ -122,7 +171,10 @@ pub struct Proxy {
     ttl: TtlPolicy,
     upstream: Upstream,
     upstream_timeout: Duration,
-    client: Client<HttpConnector, StripTrailers<Incoming>>,
+    /// Pooled connections to the backend.
+    client: Client<HttpConnector, UpstreamBody>,
+    /// Fresh connections only, for a retry.
+    fresh: Client<HttpConnector, UpstreamBody>,
     metrics: Metrics,
 }
 
@@ -133,8 +185,12 @@ impl Proxy {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.upstream_timeout.min(Duration::from_secs(5))));
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(config.upstream_idle_timeout)
             .pool_max_idle_per_host(256)
+            .build(connector.clone());
+        // Never reuses a connection: a retry must not meet another one the backend has closed.
+        let fresh = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
             .build(connector);
         Proxy {
             store,
@@ -145,6 +201,7 @@ impl Proxy {
             upstream: config.upstream.clone(),
             upstream_timeout: config.upstream_timeout,
             client,
+            fresh,
             metrics,
         }
     }
@@ -152,23 +209,17 @@ impl Proxy {
     /// Serves one request from `peer`. Never fails: errors become responses.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let start = Instant::now();
-        let resp = match self.serve(req, peer).await {
+        // Never the query: it may carry tokens.
+        let span =
+            tracing::info_span!("request", %peer, method = %req.method(), path = req.uri().path());
+        // Answered early, an HTTP/1 connection whose request body may not have been read to its
+        // end cannot carry another request safely.
+        let in_doubt = req.version() <= Version::HTTP_11 && !req.body().is_end_stream();
+        let resp = match self.serve(req, peer).instrument(span.clone()).await {
             Ok(resp) => resp,
             Err(e) => {
-                match &e {
-                    ProxyError::Protocol(reason) => {
-                        self.metrics.event(Event::ProtocolError);
-                        tracing::warn!(%reason, "backend response broke the session protocol; nothing stored");
-                    }
-                    ProxyError::Rejected(reason) => {
-                        self.metrics.event(Event::ProtocolError);
-                        tracing::warn!(%reason, "backend's session changes refused; nothing stored");
-                    }
-                    other => {
-                        tracing::warn!(error = %other, source = ?std::error::Error::source(other), "request failed")
-                    }
-                }
-                e.into_response()
+                span.in_scope(|| self.report(&e));
+                e.into_response(in_doubt)
             }
         };
         self.metrics
@@ -176,110 +227,65 @@ impl Proxy {
         resp
     }
 
+    /// The request's path, phase by phase.
     async fn serve(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        check_host(&req)?;
         let https = req
             .headers()
             .get(&X_FORWARDED_PROTO)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
-
-        // A WebSocket (or other) upgrade keeps its two hop-by-hop headers across this hop.
-        let upgrade = tunnel::requested_upgrade(req.version(), req.headers())
-            .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
-
+        let upgrade = Upgrade::requested(&mut req);
         // The client's hop-by-hop headers go first: a `Connection` header naming a header could
         // otherwise remove one that stickless injects below.
-        remove_hop_by_hop(req.headers_mut());
+        hop::remove_hop_by_hop(req.headers_mut());
 
-        // 1. Resolve the cookie and load the session.
         let session = self.resolve(req.headers_mut()).await?;
+        let prepared = self.prepare(req, peer, session.as_ref(), upgrade.as_ref())?;
+        let mut resp = self.forward(prepared).await?;
 
-        // 2. Strip what the client sent in the protocol's name (headers and, as the body streams,
-        // trailers), then inject the real session.
-        let stripped = self.protocol.strip(req.headers_mut());
-        if stripped > 0 {
-            self.metrics.spoofed_headers.inc_by(stripped as u64);
-            tracing::warn!(count = stripped, %peer, "removed client headers that used the session header prefix");
-        }
-        self.protocol
-            .inject(req.headers_mut(), session.as_ref().map(|(_, s)| &s.fields));
-
-        // 3. Forward.
-        self.prepare_upstream_request(&mut req, peer)?;
-        if let Some((protocol, _)) = &upgrade {
-            tunnel::mark_upgrade(req.headers_mut(), protocol.clone());
-        }
-        let protocol = self.protocol.clone();
-        let req = req.map(|body| StripTrailers::new(body, protocol));
-        let started = Instant::now();
-        let sent = tokio::time::timeout(self.upstream_timeout, self.client.request(req)).await;
-        self.metrics.upstream(started.elapsed());
-        let mut resp = match sent {
-            Err(_) => {
-                self.metrics.upstream_error("timeout");
-                return Err(ProxyError::UpstreamTimeout(self.upstream_timeout));
-            }
-            Ok(Err(e)) if e.is_connect() => {
-                self.metrics.upstream_error("connect");
-                return Err(ProxyError::UpstreamConnect(e));
-            }
-            Ok(Err(e)) => {
-                self.metrics.upstream_error("response");
-                return Err(ProxyError::Upstream(e));
-            }
-            Ok(Ok(resp)) => resp,
-        };
-
-        // 4. Read the backend's changes (all protocol headers are removed), store them.
         let changes = self.protocol.take_changes(resp.headers_mut())?;
-        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-        let backend_protocol = resp.headers().get(header::UPGRADE).cloned();
-        remove_hop_by_hop(resp.headers_mut());
-        let tunnel = match (switching, upgrade, backend_protocol) {
-            (false, _, _) => None,
-            (true, Some((_, client)), Some(protocol)) => {
-                tunnel::mark_upgrade(resp.headers_mut(), protocol);
-                Some((client, hyper::upgrade::on(&mut resp)))
-            }
-            (true, _, _) => return Err(ProxyError::UnexpectedUpgrade),
-        };
+        let backend_upgrade = resp.headers().get(header::UPGRADE).cloned();
+        hop::remove_hop_by_hop(resp.headers_mut());
+        let tunnel = Upgrade::accept(upgrade, backend_upgrade, &mut resp)?;
         let action = if changes.is_empty() {
             CookieAction::Keep
         } else {
             self.store_changes(session, &changes).await?
         };
+        Ok(self.answer(resp, action, https, tunnel))
+    }
 
-        // 5. Set or clear the cookie beside the backend's own cookies, and answer.
-        if !matches!(action, CookieAction::Keep) {
-            // A response that sets a session cookie must never be cached and served to another user.
-            resp.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        }
-        match action {
-            CookieAction::Keep => {}
-            CookieAction::Set { id, created_ms } => {
-                let max_age = self.ttl.absolute.map(|abs| {
-                    let end = created_ms + abs.as_millis() as u64;
-                    end.saturating_sub(now_ms()).div_ceil(1000)
+    /// Logs a failed request: the reason, never a value. What a client can cause at will is
+    /// rate-limited.
+    fn report(&self, e: &ProxyError) {
+        match e {
+            ProxyError::Protocol(reason) => {
+                self.metrics.event(Event::ProtocolError);
+                tracing::warn!(%reason, "backend response broke the session protocol; nothing stored");
+            }
+            ProxyError::Rejected(reason) => {
+                self.metrics.event(Event::ProtocolError);
+                tracing::warn!(%reason, "backend's session changes refused; nothing stored");
+            }
+            ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => {
+                self.metrics.client_error(match e {
+                    ProxyError::BadRequest(BadRequest::MissingHost) => ClientFault::MissingHost,
+                    ProxyError::BadRequest(BadRequest::SeveralHosts) => ClientFault::SeveralHosts,
+                    ProxyError::BadRequest(BadRequest::Target) => ClientFault::Target,
+                    _ => ClientFault::Body,
                 });
-                let value = self.cookies.set(&self.keys.sign(&id), max_age, https);
-                resp.headers_mut().append(header::SET_COOKIE, value);
+                if let Some(held_back) = CLIENT_ERROR_WARNINGS.allow() {
+                    tracing::warn!(error = %e, held_back, "bad request");
+                }
             }
-            CookieAction::Clear => {
-                resp.headers_mut()
-                    .append(header::SET_COOKIE, self.cookies.clear(https));
+            other => {
+                tracing::warn!(error = %other, source = ?std::error::Error::source(other), "request failed")
             }
         }
-        if let Some((client, backend)) = tunnel {
-            // The changes are stored and the cookie set before the protocol switches.
-            tokio::spawn(tunnel::run(client, backend, self.upstream_timeout));
-        }
-        let (idle, protocol) = (self.upstream_timeout, self.protocol.clone());
-        Ok(resp
-            .map(|body| Either::Left(IdleTimeout::new(StripTrailers::new(body, protocol), idle))))
     }
 
     /// Takes the session cookie out of the request and loads its session. A missing, malformed or
@@ -302,14 +308,21 @@ impl Proxy {
             return Ok(None);
         }
         // Several cookies of one name can arrive (different paths or domains): the first that
-        // verifies wins.
+        // verifies wins. Only the first few are checked, so that a flood of forged values costs
+        // a bounded number of HMACs.
         let Some(id) = cookies
             .session_values
             .iter()
+            .take(MAX_SESSION_COOKIES)
             .find_map(|v| self.keys.verify(v))
         else {
             self.metrics.lookup(Lookup::Invalid);
-            tracing::warn!("session cookie failed verification; treated as no session");
+            if let Some(held_back) = FORGED_WARNINGS.allow() {
+                tracing::warn!(
+                    held_back,
+                    "session cookie failed verification; treated as no session"
+                );
+            }
             return Ok(None);
         };
         match self.timed(StoreOp::Load, self.store.load(&id)).await {
@@ -326,6 +339,120 @@ impl Proxy {
                 Err(e.into())
             }
         }
+    }
+
+    /// Builds the backend's request: the client's protocol headers out, the session's in, the
+    /// target and the forwarding headers set.
+    fn prepare(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        session: Option<&(SessionId, Session)>,
+        upgrade: Option<&Upgrade>,
+    ) -> Result<Prepared, ProxyError> {
+        let stripped = self.protocol.strip(req.headers_mut());
+        if stripped > 0 {
+            self.metrics.spoofed_headers.inc_by(stripped as u64);
+            if let Some(held_back) = SPOOF_WARNINGS.allow() {
+                tracing::warn!(
+                    count = stripped,
+                    held_back,
+                    "removed client headers that used the session header prefix"
+                );
+            }
+        }
+        self.protocol
+            .inject(req.headers_mut(), session.map(|(_, s)| &s.fields));
+        self.set_target(&mut req, peer)?;
+        if let Some(upgrade) = upgrade {
+            hop::mark_upgrade(req.headers_mut(), upgrade.protocol.clone());
+        }
+        let replay = Replay::of(&req);
+        let client_failed = Arc::new(AtomicBool::new(false));
+        let protocol = self.protocol.clone();
+        let failed = client_failed.clone();
+        let req = req
+            .map(|body| Either::Left(ClientBody::new(StripTrailers::new(body, protocol), failed)));
+        Ok(Prepared {
+            req,
+            replay,
+            client_failed,
+        })
+    }
+
+    /// Sends the request to the backend and waits for its response head, at most
+    /// `--upstream-timeout` in all. A request that can be sent again safely (idempotent, without a
+    /// body) and failed before any of the response arrived is retried once on a new connection:
+    /// the usual cause is a pooled connection that the backend closed as the request went out.
+    async fn forward(&self, prepared: Prepared) -> Result<Response<Incoming>, ProxyError> {
+        let Prepared {
+            req,
+            replay,
+            client_failed,
+        } = prepared;
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.upstream_timeout;
+        let mut sent = tokio::time::timeout_at(deadline, self.client.request(req)).await;
+        let retry = matches!(&sent, Ok(Err(e)) if !e.is_connect());
+        if let (true, Some(replay)) = (retry, replay) {
+            self.metrics.upstream_retries.inc();
+            tracing::debug!(
+                "backend connection failed before the response; retrying once on a new connection"
+            );
+            sent =
+                tokio::time::timeout_at(deadline, self.fresh.request(replay.into_request())).await;
+        }
+        self.metrics.upstream(started.elapsed());
+        match sent {
+            Ok(Ok(resp)) => Ok(resp),
+            Err(_) => {
+                self.metrics.upstream_error(UpstreamFailure::Timeout);
+                Err(ProxyError::UpstreamTimeout(self.upstream_timeout))
+            }
+            Ok(Err(e)) if client_failed.load(Ordering::Relaxed) => Err(ProxyError::ClientBody(e)),
+            Ok(Err(e)) if e.is_connect() => {
+                self.metrics.upstream_error(UpstreamFailure::Connect);
+                Err(ProxyError::UpstreamConnect(e))
+            }
+            Ok(Err(e)) => {
+                self.metrics.upstream_error(UpstreamFailure::Response);
+                Err(ProxyError::Upstream(e))
+            }
+        }
+    }
+
+    /// Sets or clears the cookie beside the backend's own cookies, starts the tunnel of an
+    /// upgrade, and streams the backend's body on.
+    fn answer(
+        &self,
+        mut resp: Response<Incoming>,
+        action: CookieAction,
+        https: bool,
+        tunnel: Option<(OnUpgrade, OnUpgrade)>,
+    ) -> Response<ProxyBody> {
+        let cookie = match action {
+            CookieAction::Keep => None,
+            CookieAction::Set { id, created_ms } => {
+                let max_age = self.ttl.absolute.map(|abs| {
+                    let end = created_ms + abs.as_millis() as u64;
+                    end.saturating_sub(now_ms()).div_ceil(1000)
+                });
+                Some(self.cookies.set(&self.keys.sign(&id), max_age, https))
+            }
+            CookieAction::Clear => Some(self.cookies.clear(https)),
+        };
+        if let Some(cookie) = cookie {
+            let h = resp.headers_mut();
+            h.append(header::SET_COOKIE, cookie);
+            // A response that sets a session cookie must never be cached and served to another user.
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        }
+        if let Some((client, backend)) = tunnel {
+            // The changes are stored and the cookie set before the protocol switches.
+            tokio::spawn(tunnel::splice(client, backend, self.upstream_timeout));
+        }
+        let (idle, protocol) = (self.upstream_timeout, self.protocol.clone());
+        resp.map(|body| Either::Left(IdleTimeout::new(StripTrailers::new(body, protocol), idle)))
     }
 
     /// Applies the backend's changes in the documented order: Destroy, Rotate, Delete, Set, Incr.
@@ -456,11 +583,8 @@ impl Proxy {
         result
     }
 
-    fn prepare_upstream_request(
-        &self,
-        req: &mut Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Result<(), ProxyError> {
+    /// Points the request at the backend and adds the forwarding headers.
+    fn set_target(&self, req: &mut Request<Incoming>, peer: SocketAddr) -> Result<(), ProxyError> {
         let path = req
             .uri()
             .path_and_query()
@@ -472,7 +596,7 @@ impl Proxy {
             .authority(self.upstream.authority.clone())
             .path_and_query(path)
             .build()
-            .map_err(|_| ProxyError::BadRequest("unusable request target"))?;
+            .map_err(|_| ProxyError::BadRequest(BadRequest::Target))?;
         *req.version_mut() = Version::HTTP_11;
         let headers = req.headers_mut();
         // HTTP/2 requests carry the host in the URI; the backend gets it as `Host`.
@@ -507,34 +631,85 @@ impl Proxy {
     }
 }
 
-/// The comma-separated tokens of every `Connection` header, trimmed.
-pub(crate) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+/// Checks `Host` as RFC 9112 section 3.2 asks: exactly one in an HTTP/1.1 request, never two.
+fn check_host<B>(req: &Request<B>) -> Result<(), BadRequest> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => Err(BadRequest::SeveralHosts),
+        (None, _) if req.version() == Version::HTTP_11 => Err(BadRequest::MissingHost),
+        _ => Ok(()),
+    }
 }
 
-/// Removes the hop-by-hop headers of RFC 9110 section 7.6.1: those named in `Connection`, and
-/// `Connection`, `Proxy-Connection`, `Keep-Alive`, `TE`, `Transfer-Encoding` and `Upgrade`.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+/// The backend's request, ready to send.
+struct Prepared {
+    req: Request<UpstreamBody>,
+    /// What it takes to send it again, when that is safe.
+    replay: Option<Replay>,
+    /// Set when the client's body fails on the way.
+    client_failed: Arc<AtomicBool>,
+}
+
+/// The head of an idempotent request without a body, kept to send it again.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    fn of<B: Body>(req: &Request<B>) -> Option<Self> {
+        let idempotent = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+        (idempotent && req.body().is_end_stream()).then(|| Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+        })
     }
-    for n in [
-        &header::CONNECTION,
-        &PROXY_CONNECTION,
-        &KEEP_ALIVE,
-        &header::TE,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
-        headers.remove(n);
+
+    fn into_request(self) -> Request<UpstreamBody> {
+        let mut req = Request::new(Either::Right(Empty::new()));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// A client's request to switch protocols (WebSocket and the like): the one place that follows
+/// an upgrade from the request to the backend's `101`.
+struct Upgrade {
+    protocol: HeaderValue,
+    client: OnUpgrade,
+}
+
+impl Upgrade {
+    /// Takes the client's side of an upgrade the request asks for.
+    fn requested(req: &mut Request<Incoming>) -> Option<Self> {
+        let protocol = hop::requested_upgrade(req.version(), req.headers())?;
+        Some(Upgrade {
+            protocol,
+            client: hyper::upgrade::on(req),
+        })
+    }
+
+    /// The two ends of the tunnel when the backend switched protocols as asked; nothing when it
+    /// did not switch. `backend_protocol` is the backend's `Upgrade` header.
+    fn accept(
+        requested: Option<Upgrade>,
+        backend_protocol: Option<HeaderValue>,
+        resp: &mut Response<Incoming>,
+    ) -> Result<Option<(OnUpgrade, OnUpgrade)>, ProxyError> {
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(None);
+        }
+        match (requested, backend_protocol) {
+            (Some(upgrade), Some(protocol)) => {
+                hop::mark_upgrade(resp.headers_mut(), protocol);
+                Ok(Some((upgrade.client, hyper::upgrade::on(resp))))
+            }
+            _ => Err(ProxyError::UnexpectedUpgrade),
+        }
     }
 }
 
@@ -543,38 +718,77 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hop_by_hop_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, x-private"),
+    fn every_error_maps_to_a_status() {
+        let timeout = ProxyError::UpstreamTimeout(Duration::from_secs(1)).into_response(false);
+        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(!timeout.headers().contains_key(header::CONNECTION));
+        let store =
+            ProxyError::Store(StoreError::Timeout(Duration::from_secs(1))).into_response(true);
+        assert_eq!(store.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(store.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(store.headers()[header::CONNECTION], "close");
+        let protocol = ProxyError::Protocol(ProtocolError::BadFlag { header: "x".into() })
+            .into_response(false);
+        assert_eq!(protocol.status(), StatusCode::BAD_GATEWAY);
+        let rejected = ProxyError::Rejected(Rejection::TooManyFields { count: 2, max: 1 })
+            .into_response(false);
+        assert_eq!(rejected.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            ProxyError::UnexpectedUpgrade.into_response(false).status(),
+            StatusCode::BAD_GATEWAY
         );
-        h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        remove_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-kept"));
+        for bad in [
+            BadRequest::MissingHost,
+            BadRequest::SeveralHosts,
+            BadRequest::Target,
+        ] {
+            assert_eq!(
+                ProxyError::BadRequest(bad).into_response(false).status(),
+                StatusCode::BAD_REQUEST
+            );
+        }
     }
 
     #[test]
-    fn every_error_maps_to_a_status() {
-        let timeout = ProxyError::UpstreamTimeout(Duration::from_secs(1)).into_response();
-        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
-        let store = ProxyError::Store(StoreError::Timeout(Duration::from_secs(1))).into_response();
-        assert_eq!(store.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(store.headers()[header::RETRY_AFTER], "1");
-        let protocol =
-            ProxyError::Protocol(ProtocolError::BadFlag { header: "x".into() }).into_response();
-        assert_eq!(protocol.status(), StatusCode::BAD_GATEWAY);
-        let rejected =
-            ProxyError::Rejected(Rejection::TooManyFields { count: 2, max: 1 }).into_response();
-        assert_eq!(rejected.status(), StatusCode::BAD_GATEWAY);
+    fn host_rules() {
+        let req = |version, hosts: &[&str]| {
+            let mut b = Request::builder().version(version).uri("/");
+            for h in hosts {
+                b = b.header(header::HOST, *h);
+            }
+            b.body(()).unwrap()
+        };
+        assert_eq!(check_host(&req(Version::HTTP_11, &["a"])), Ok(()));
         assert_eq!(
-            ProxyError::BadRequest("x").into_response().status(),
-            StatusCode::BAD_REQUEST
+            check_host(&req(Version::HTTP_11, &[])),
+            Err(BadRequest::MissingHost)
         );
+        assert_eq!(
+            check_host(&req(Version::HTTP_11, &["a", "b"])),
+            Err(BadRequest::SeveralHosts)
+        );
+        assert_eq!(check_host(&req(Version::HTTP_10, &[])), Ok(()));
+        assert_eq!(check_host(&req(Version::HTTP_2, &[])), Ok(()));
+        assert_eq!(
+            check_host(&req(Version::HTTP_2, &["a", "a"])),
+            Err(BadRequest::SeveralHosts)
+        );
+    }
+
+    #[test]
+    fn only_idempotent_requests_without_a_body_are_replayed() {
+        let req = |m: Method, body: &'static str| {
+            Request::builder()
+                .method(m)
+                .uri("/")
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .unwrap()
+        };
+        assert!(Replay::of(&req(Method::GET, "")).is_some());
+        assert!(Replay::of(&req(Method::HEAD, "")).is_some());
+        assert!(Replay::of(&req(Method::OPTIONS, "")).is_some());
+        assert!(Replay::of(&req(Method::GET, "x")).is_none());
+        assert!(Replay::of(&req(Method::POST, "")).is_none());
+        assert!(Replay::of(&req(Method::DELETE, "")).is_none());
     }
 }

@@ -1,7 +1,8 @@
 //! Upgraded connections: WebSocket and any other HTTP/1.1 `Upgrade` protocol. Once the backend
 //! answers `101 Switching Protocols`, bytes are copied both ways until either side closes, or until
 //! the tunnel has been silent in both directions for the idle timeout (as nginx's
-//! `proxy_read_timeout` does; WebSocket libraries ping well within it).
+//! `proxy_read_timeout` does; WebSocket libraries ping well within it). The handshake's headers
+//! are read and written by [`crate::hop`].
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,32 +10,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::header::{self, HeaderMap, HeaderValue};
-use http::Version;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::proxy::connection_tokens;
-
-/// Whether a request asks to switch protocols: HTTP/1.1 with `Connection: upgrade` and an
-/// `Upgrade` header. Returns the requested protocol.
-pub fn requested_upgrade(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
-    let asks = version == Version::HTTP_11
-        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"));
-    asks.then(|| headers.get(header::UPGRADE).cloned())
-        .flatten()
-}
-
-/// Puts back the two headers that carry an upgrade across this hop.
-pub fn mark_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
-    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::UPGRADE, protocol);
-}
-
 /// Copies between the client's and the backend's upgraded connections until one closes or both
 /// stay silent for `idle`.
-pub async fn run(client: OnUpgrade, backend: OnUpgrade, idle: Duration) {
+pub async fn splice(client: OnUpgrade, backend: OnUpgrade, idle: Duration) {
     let (client, backend) = match tokio::try_join!(client, backend) {
         Ok(both) => both,
         Err(e) => {
@@ -120,31 +102,5 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn detects_upgrade_requests() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, Upgrade"),
-        );
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        assert_eq!(
-            requested_upgrade(Version::HTTP_11, &h).unwrap(),
-            "websocket"
-        );
-        assert!(requested_upgrade(Version::HTTP_10, &h).is_none());
-        assert!(requested_upgrade(Version::HTTP_2, &h).is_none());
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-        assert!(requested_upgrade(Version::HTTP_11, &h).is_none());
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.remove(header::UPGRADE);
-        assert!(requested_upgrade(Version::HTTP_11, &h).is_none());
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Run with `cargo bench --bench proxy` (needs `redis-server`; `bash scripts/test.sh` installs
 //! it). Results are printed as a Markdown table; BENCHMARKS.md records them.
-//! `STICKLESS_BENCH_N` sets the number of sequential requests per scenario (default 5000).
+//! `STICKLESS_TEST_BENCH_N` sets the number of sequential requests per scenario (default 5000).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -86,7 +86,7 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let n: usize = std::env::var("STICKLESS_BENCH_N")
+    let n: usize = std::env::var("STICKLESS_TEST_BENCH_N")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5000);

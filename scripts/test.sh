@@ -5,7 +5,7 @@
 #   bash scripts/test.sh                 # everything
 #   bash scripts/test.sh some_test_name  # extra arguments go to the test runner
 #   bash scripts/test.sh --checks        # also cargo fmt --check and clippy -D warnings
-#   STICKLESS_CHECKS=1 bash scripts/test.sh   # same as --checks
+#   STICKLESS_TEST_CHECKS=1 bash scripts/test.sh   # same as --checks
 #
 # The tests start their own redis-server processes on free loopback ports; this
 # script never starts (or stops) a Redis service.
@@ -14,7 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 
-checks=${STICKLESS_CHECKS:-0}
+checks=${STICKLESS_TEST_CHECKS:-0}
 if [ "${1:-}" = "--checks" ]; then
   checks=1
   shift
@@ -49,8 +49,8 @@ _flask_ok() { "$1" -c 'import flask' >/dev/null 2>&1; }
 
 ensure_python_flask() {
   local py cand pip_log
-  if [ -n "${STICKLESS_PYTHON:-}" ] && _flask_ok "$STICKLESS_PYTHON"; then
-    log "python with flask: $STICKLESS_PYTHON (from STICKLESS_PYTHON)"
+  if [ -n "${STICKLESS_TEST_PYTHON:-}" ] && _flask_ok "$STICKLESS_TEST_PYTHON"; then
+    log "python with flask: $STICKLESS_TEST_PYTHON (from STICKLESS_TEST_PYTHON)"
     return
   fi
   if ! command -v python3 >/dev/null 2>&1; then
@@ -80,9 +80,9 @@ ensure_python_flask() {
   # apt's python3-flask is for /usr/bin/python3, which may differ from the python3 on PATH.
   for cand in "$py" /usr/bin/python3; do
     if _flask_ok "$cand"; then
-      STICKLESS_PYTHON=$cand
-      export STICKLESS_PYTHON
-      log "python with flask: $STICKLESS_PYTHON"
+      STICKLESS_TEST_PYTHON=$cand
+      export STICKLESS_TEST_PYTHON
+      log "python with flask: $STICKLESS_TEST_PYTHON"
       return
     fi
   done

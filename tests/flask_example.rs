@@ -3,7 +3,7 @@
 //! alternates between the two proxies. No sticky sessions: the login, the visit counter and the
 //! logout are shared through Redis.
 //!
-//! Needs a Python that can `import flask`: `$STICKLESS_PYTHON`, else `python3`
+//! Needs a Python that can `import flask`: `$STICKLESS_TEST_PYTHON`, else `python3`
 //! (`bash scripts/test.sh` installs Flask and sets it up).
 
 mod support;
@@ -32,7 +32,7 @@ const FORM: &str = "application/x-www-form-urlencoded";
 // ---------------------------------------------------------------------------------------------
 
 fn python() -> String {
-    std::env::var("STICKLESS_PYTHON")
+    std::env::var("STICKLESS_TEST_PYTHON")
         .ok()
         .filter(|p| !p.trim().is_empty())
         .unwrap_or_else(|| "python3".to_owned())
@@ -40,8 +40,8 @@ fn python() -> String {
 
 /// Fails the test (no silent skip) when the interpreter cannot import Flask.
 fn require_flask(py: &str) {
-    let hint = "run `bash scripts/test.sh` (it installs Flask and sets STICKLESS_PYTHON), \
-                or point STICKLESS_PYTHON at a python that has Flask";
+    let hint = "run `bash scripts/test.sh` (it installs Flask and sets STICKLESS_TEST_PYTHON), \
+                or point STICKLESS_TEST_PYTHON at a python that has Flask";
     match Command::new(py)
         .args(["-c", "import flask, markupsafe"])
         .stdin(Stdio::null())

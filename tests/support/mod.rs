@@ -41,7 +41,7 @@ pub fn free_port() -> u16 {
 }
 
 fn redis_server_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("STICKLESS_REDIS_SERVER") {
+    if let Ok(p) = std::env::var("STICKLESS_TEST_REDIS_SERVER") {
         return p.into();
     }
     for dir in std::env::var("PATH").unwrap_or_default().split(':').chain([
@@ -54,7 +54,7 @@ fn redis_server_binary() -> PathBuf {
             return p;
         }
     }
-    panic!("redis-server not found: run `bash scripts/test.sh`, which installs it, or set STICKLESS_REDIS_SERVER");
+    panic!("redis-server not found: run `bash scripts/test.sh`, which installs it, or set STICKLESS_TEST_REDIS_SERVER");
 }
 
 /// A `redis-server` process of our own on a free loopback port, killed on drop.

@@ -202,27 +202,33 @@ impl Drop for Certs {
 async fn rediss_with_a_password_over_tls() {
     let certs = Certs::make();
     let secret = "tls-pw-90ab";
-    let tls_port = free_port().to_string();
     let (cert, key, ca) = (
         certs.path("server.pem"),
         certs.path("server.key"),
         certs.path("ca.pem"),
     );
     // The plain port is only for the harness and the independent client; stickless uses TLS.
-    let redis = RedisServer::start_with(&[
-        "--requirepass",
-        secret,
-        "--tls-port",
-        &tls_port,
-        "--tls-cert-file",
-        &cert,
-        "--tls-key-file",
-        &key,
-        "--tls-ca-cert-file",
-        &ca,
-        "--tls-auth-clients",
-        "no",
-    ]);
+    // Both ports are picked anew on each try, in case another process took one meanwhile.
+    let (redis, tls_port) = (0..5)
+        .find_map(|_| {
+            let tls_port = free_port().to_string();
+            RedisServer::try_start_with(&[
+                "--requirepass",
+                secret,
+                "--tls-port",
+                &tls_port,
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "no",
+            ])
+            .map(|r| (r, tls_port))
+        })
+        .expect("redis-server with TLS starts");
     let backend = TestBackend::start().await;
     let tls_url = format!("rediss://:{secret}@127.0.0.1:{tls_port}");
     // The CA is trusted the way an operator trusts a private CA: through SSL_CERT_FILE.

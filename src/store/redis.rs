@@ -284,7 +284,7 @@ fn session_from_reply(reply: Vec<Value>) -> Result<Option<Session>, StoreError> 
     if reply.is_empty() {
         return Ok(None);
     }
-    if reply.len() % 2 != 0 {
+    if !reply.len().is_multiple_of(2) {
         return Err(StoreError::Unexpected("odd-length hash reply"));
     }
     let mut fields = Fields::new();

@@ -20,15 +20,56 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+/// Runs blocking fixture work (starting processes, polling ports) without holding up the
+/// runtime's other tasks, which the in-process test backend needs: inside a multi-threaded tokio
+/// runtime the thread is handed over for the duration; elsewhere the work just runs.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// Polls `f` until it returns `Some`, or panics with `what` after `deadline`.
 pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(v) = f() {
-            return v;
+    blocking(|| {
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
+    })
+}
+
+/// A loopback port held for the caller: bound but not listening, so connections to it are
+/// refused and no other process can take it, until [`ReservedPort::listen`] turns it into a
+/// listener. Unlike "bind, release, reuse", nothing can race for it in between.
+pub struct ReservedPort {
+    socket: tokio::net::TcpSocket,
+    pub port: u16,
+}
+
+impl ReservedPort {
+    /// Reserves a free loopback port.
+    pub fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket
+            .bind("127.0.0.1:0".parse().unwrap())
+            .expect("a free loopback port");
+        let port = socket.local_addr().expect("its address").port();
+        ReservedPort { socket, port }
+    }
+
+    /// Starts listening on the reserved port.
+    pub fn listen(self) -> tokio::net::TcpListener {
+        self.socket
+            .listen(1024)
+            .expect("listen on the reserved port")
     }
 }
 
@@ -72,11 +113,17 @@ impl RedisServer {
     /// Starts a server with extra `--name value` arguments.
     pub fn start_with(extra: &[&str]) -> Self {
         for _ in 0..5 {
-            if let Some(s) = Self::try_start(free_port(), extra) {
+            if let Some(s) = Self::try_start_with(extra) {
                 return s;
             }
         }
         panic!("could not start redis-server");
+    }
+
+    /// One try at starting a server on a fresh port; `None` when the port (or another one in
+    /// `extra`) was taken meanwhile, so that the caller can retry with other ports.
+    pub fn try_start_with(extra: &[&str]) -> Option<Self> {
+        Self::try_start(free_port(), extra)
     }
 
     /// Starts a server on a given port (to bring one back where a killed one was).
@@ -89,7 +136,7 @@ impl RedisServer {
     }
 
     fn try_start(port: u16, extra: &[&str]) -> Option<Self> {
-        {
+        blocking(|| {
             let mut child = Command::new(redis_server_binary())
                 .args([
                     "--port",
@@ -126,8 +173,8 @@ impl RedisServer {
             }
             let _ = child.kill();
             let _ = child.wait();
-        }
-        None
+            None
+        })
     }
 
     /// `redis://127.0.0.1:<port>`
@@ -461,7 +508,7 @@ impl Stickless {
                 l.lock().unwrap().push(line);
             }
         });
-        let ready = match rx.recv_timeout(Duration::from_secs(20)) {
+        let ready = match blocking(|| rx.recv_timeout(Duration::from_secs(20))) {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();

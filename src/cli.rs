@@ -1,15 +1,19 @@
-//! The command line: clap definitions, and their conversion into the library's typed
-//! [`Config`]. Every flag can also be set by an environment variable `STICKLESS_<FLAG>`.
+//! The command line: clap definitions, and their translation into the library's [`Settings`].
+//! Every rule about values lives in the library (the value types' parsers and [`Config::new`]);
+//! this module only names flags. Every flag can also be set by an environment variable
+//! `STICKLESS_<FLAG>`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use stickless::config::{
-    self, Config, CookieConfig, ProtocolConfig, SameSite, SecureMode, StoreConfig, TtlPolicy,
+    self, Config, HeaderPrefix, InvalidValue, ProtocolConfig, Settings, StoreConfig, TtlPolicy,
     Upstream,
 };
-use stickless::cookie::{KeyError, SigningKeys};
+use stickless::cookie::{
+    CookieAttribute, CookieConfig, CookieName, KeyError, SameSite, SecureMode, SigningKeys,
+};
 
 /// A session proxy: shared sessions on Redis / ElastiCache for any web app, without sticky
 /// sessions or a session library.
@@ -34,43 +38,19 @@ pub enum Command {
     Demo(DemoArgs),
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
+fn duration(s: &str) -> Result<Duration, InvalidValue> {
     config::parse_duration(s)
 }
 /// A duration or `off`. A named type, because clap reads a bare `Option` as "flag may be absent".
 #[derive(Debug, Clone, Copy)]
 pub struct MaybeDuration(pub Option<Duration>);
 
-fn optional_duration(s: &str) -> Result<MaybeDuration, String> {
+fn optional_duration(s: &str) -> Result<MaybeDuration, InvalidValue> {
     config::parse_optional_duration(s).map(MaybeDuration)
 }
-fn cookie_name(s: &str) -> Result<String, String> {
-    config::validate_cookie_name(s).map(|()| s.to_owned())
-}
-fn cookie_attribute(s: &str) -> Result<String, String> {
-    config::validate_cookie_attribute(s).map(|()| s.to_owned())
-}
-fn positive(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(format!("`{s}` is not a positive whole number")),
-    }
-}
-/// Field counts are bounded so that one change always fits in one script call.
-fn max_fields(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n) if (1..=1000).contains(&n) => Ok(n),
-        _ => Err(format!("`{s}` is not a whole number from 1 to 1000")),
-    }
-}
-fn key_prefix(s: &str) -> Result<String, String> {
-    if s.len() <= 128 && !s.bytes().any(|b| b.is_ascii_control() || b == b' ') {
-        Ok(s.to_owned())
-    } else {
-        Err(format!(
-            "`{s}` is not a key prefix; use at most 128 characters without spaces"
-        ))
-    }
+fn count(s: &str) -> Result<usize, InvalidValue> {
+    s.parse::<usize>()
+        .map_err(|_| InvalidValue::new(s, "a whole number"))
 }
 
 #[derive(Clone, Args)]
@@ -113,14 +93,14 @@ pub struct ServeArgs {
     )]
     pub secret_keys: Option<String>,
     /// Name of the session cookie.
-    #[arg(long, env = "STICKLESS_COOKIE_NAME", default_value = "sid", value_parser = cookie_name)]
-    pub cookie_name: String,
+    #[arg(long, env = "STICKLESS_COOKIE_NAME", default_value = "sid", value_parser = CookieName::parse)]
+    pub cookie_name: CookieName,
     /// Domain attribute of the cookie (default: none, the cookie stays on the request's host).
-    #[arg(long, env = "STICKLESS_COOKIE_DOMAIN", value_parser = cookie_attribute)]
-    pub cookie_domain: Option<String>,
+    #[arg(long, env = "STICKLESS_COOKIE_DOMAIN", value_parser = CookieAttribute::parse)]
+    pub cookie_domain: Option<CookieAttribute>,
     /// Path attribute of the cookie.
-    #[arg(long, env = "STICKLESS_COOKIE_PATH", default_value = "/", value_parser = cookie_attribute)]
-    pub cookie_path: String,
+    #[arg(long, env = "STICKLESS_COOKIE_PATH", default_value = "/", value_parser = CookieAttribute::parse)]
+    pub cookie_path: CookieAttribute,
     /// Secure attribute: auto (when the request came over TLS or with X-Forwarded-Proto: https),
     /// true or false.
     #[arg(long, env = "STICKLESS_COOKIE_SECURE", default_value = "auto", value_parser = SecureMode::parse)]
@@ -135,10 +115,10 @@ pub struct ServeArgs {
     #[arg(long, env = "STICKLESS_ABSOLUTE_TIMEOUT", default_value = "off", value_parser = optional_duration)]
     pub absolute_timeout: MaybeDuration,
     /// Prefix of the protocol headers between stickless and the backend.
-    #[arg(long, env = "STICKLESS_HEADER_PREFIX", default_value = "x-session-", value_parser = config::parse_header_prefix)]
-    pub header_prefix: String,
+    #[arg(long, env = "STICKLESS_HEADER_PREFIX", default_value = "x-session-", value_parser = HeaderPrefix::parse)]
+    pub header_prefix: HeaderPrefix,
     /// Prefix of the Redis keys (sessions are <prefix><id>).
-    #[arg(long, env = "STICKLESS_KEY_PREFIX", default_value = "stickless:", value_parser = key_prefix)]
+    #[arg(long, env = "STICKLESS_KEY_PREFIX", default_value = "stickless:")]
     pub key_prefix: String,
     /// Bound on every Redis call; past it the request is answered 503.
     #[arg(long, env = "STICKLESS_REDIS_TIMEOUT", default_value = "1s", value_parser = duration)]
@@ -151,13 +131,13 @@ pub struct ServeArgs {
     #[arg(long, env = "STICKLESS_UPSTREAM_IDLE_TIMEOUT", default_value = "1s", value_parser = duration)]
     pub upstream_idle_timeout: Duration,
     /// Most fields a session may hold.
-    #[arg(long, env = "STICKLESS_MAX_FIELDS", default_value = "64", value_parser = max_fields)]
+    #[arg(long, env = "STICKLESS_MAX_FIELDS", default_value = "64", value_parser = count)]
     pub max_fields: usize,
     /// Longest field value, in bytes.
-    #[arg(long, env = "STICKLESS_MAX_VALUE_BYTES", default_value = "4096", value_parser = positive)]
+    #[arg(long, env = "STICKLESS_MAX_VALUE_BYTES", default_value = "4096", value_parser = count)]
     pub max_value_bytes: usize,
     /// Largest session (field names plus values), in bytes.
-    #[arg(long, env = "STICKLESS_MAX_SESSION_BYTES", default_value = "16384", value_parser = positive)]
+    #[arg(long, env = "STICKLESS_MAX_SESSION_BYTES", default_value = "16384", value_parser = count)]
     pub max_session_bytes: usize,
 }
 
@@ -199,7 +179,7 @@ pub struct DemoArgs {
 /// A configuration error: the flag it concerns and what to do.
 #[derive(Debug)]
 pub struct ConfigError {
-    pub flag: &'static str,
+    pub flag: String,
     pub message: String,
 }
 
@@ -213,94 +193,63 @@ impl ServeArgs {
             .filter(|u| !u.trim().is_empty());
         let store = match redis_url {
             None => StoreConfig::Memory,
-            Some(url) => {
-                let lower = url.to_ascii_lowercase();
-                if !(lower.starts_with("redis://") || lower.starts_with("rediss://")) {
-                    return Err(ConfigError {
-                        flag: "--redis-url",
-                        message: "expected redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] or rediss://... (TLS)".into(),
-                    });
-                }
-                StoreConfig::Redis {
-                    url,
-                    key_prefix: self.key_prefix,
-                    timeout: self.redis_timeout,
-                }
-            }
+            Some(url) => StoreConfig::Redis {
+                url,
+                key_prefix: self.key_prefix,
+                timeout: self.redis_timeout,
+            },
         };
-        let keys = match (&self.secret_keys, &store) {
-            (Some(list), _) => SigningKeys::parse(list).map_err(|e| ConfigError {
-                flag: "--secret-keys",
+        let keys = match &self.secret_keys {
+            None => None,
+            Some(list) => Some(SigningKeys::parse(list).map_err(|e| ConfigError {
+                flag: "--secret-keys".into(),
                 message: match e {
                     KeyError::Empty => "no key given; make one with `stickless gen-key`".into(),
                     e => format!("{e}; make one with `stickless gen-key`"),
                 },
-            })?,
-            (None, StoreConfig::Memory) => SigningKeys::random(),
-            (None, StoreConfig::Redis { .. }) => {
-                return Err(ConfigError {
-                    flag: "--secret-keys",
-                    message: "required with --redis-url, so that every instance signs and verifies the same cookies; \
-                              make one with `stickless gen-key` and give the same key to every instance \
-                              (also readable from STICKLESS_SECRET_KEYS)"
-                        .into(),
-                })
-            }
+            })?),
         };
         if let Some(abs) = self.absolute_timeout.0 {
             if abs < self.idle_timeout {
                 tracing::info!("--absolute-timeout is shorter than --idle-timeout: sessions end at the absolute timeout");
             }
         }
-        if self.max_value_bytes > self.max_session_bytes {
-            return Err(ConfigError {
-                flag: "--max-value-bytes",
-                message: format!(
-                    "{} is more than --max-session-bytes ({}); lower it or raise --max-session-bytes",
-                    self.max_value_bytes, self.max_session_bytes
-                ),
-            });
-        }
-        if self.cookie_same_site == SameSite::None && self.cookie_secure == SecureMode::Never {
-            return Err(ConfigError {
-                flag: "--cookie-same-site",
-                message: "none requires a Secure cookie (browsers drop the cookie otherwise); use --cookie-secure auto or true".into(),
-            });
-        }
-        if self.listen == self.admin_listen && self.listen.port() != 0 {
-            return Err(ConfigError {
-                flag: "--admin-listen",
-                message: format!(
-                    "{} is also --listen; give the admin listener its own port",
-                    self.listen
-                ),
-            });
-        }
-        Ok(Config {
-            listen: self.listen,
-            admin_listen: self.admin_listen,
-            upstream: self.upstream,
-            store,
-            keys,
-            cookie: CookieConfig {
-                name: self.cookie_name,
-                domain: self.cookie_domain,
-                path: self.cookie_path,
-                secure: self.cookie_secure,
-                same_site: self.cookie_same_site,
-            },
-            ttl: TtlPolicy {
-                idle: self.idle_timeout,
-                absolute: self.absolute_timeout.0,
-            },
-            protocol: ProtocolConfig {
-                header_prefix: self.header_prefix,
-                max_fields: self.max_fields,
-                max_value_bytes: self.max_value_bytes,
-                max_session_bytes: self.max_session_bytes,
-            },
-            upstream_timeout: self.upstream_timeout,
-            upstream_idle_timeout: self.upstream_idle_timeout,
+        let mut settings = Settings::new(self.upstream);
+        settings.listen = self.listen;
+        settings.admin_listen = self.admin_listen;
+        settings.store = store;
+        settings.keys = keys;
+        settings.cookie = CookieConfig {
+            name: self.cookie_name,
+            domain: self.cookie_domain,
+            path: self.cookie_path,
+            secure: self.cookie_secure,
+            same_site: self.cookie_same_site,
+        };
+        settings.ttl = TtlPolicy {
+            idle: self.idle_timeout,
+            absolute: self.absolute_timeout.0,
+        };
+        settings.protocol = ProtocolConfig {
+            header_prefix: self.header_prefix,
+            max_fields: self.max_fields,
+            max_value_bytes: self.max_value_bytes,
+            max_session_bytes: self.max_session_bytes,
+        };
+        settings.upstream_timeout = self.upstream_timeout;
+        settings.upstream_idle_timeout = self.upstream_idle_timeout;
+        Config::new(settings).map_err(|e| {
+            let hint = match e {
+                config::ConfigError::KeysRequired => {
+                    "; make one with `stickless gen-key` and give the same key to every instance \
+                     (also readable from STICKLESS_SECRET_KEYS)"
+                }
+                _ => "",
+            };
+            ConfigError {
+                flag: format!("--{}", e.setting()),
+                message: format!("{e}{hint}"),
+            }
         })
     }
 }
@@ -375,17 +324,45 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_flag() {
+        // Refused by the value's parser, as clap errors (exit 2).
         for (flag, value) in [
             ("--idle-timeout", "soon"),
             ("--upstream", "ftp://x"),
             ("--cookie-same-site", "sometimes"),
+            ("--cookie-name", "s;d"),
+            ("--header-prefix", "x"),
             ("--listen", "nowhere"),
-            ("--max-fields", "0"),
-            ("--max-fields", "1001"),
+            ("--max-fields", "many"),
         ] {
             let err = parse(&[flag, value]).unwrap_err();
             assert_eq!(err.exit_code(), 2);
             assert!(err.to_string().contains(flag), "{err}");
+        }
+        // Refused by the library's checks, named by the flag.
+        for (args, flag) in [
+            (&["--max-fields", "0"][..], "--max-fields"),
+            (&["--max-fields", "1001"][..], "--max-fields"),
+            (&["--max-value-bytes", "0"][..], "--max-value-bytes"),
+            (
+                &["--max-value-bytes", "10", "--max-session-bytes", "5"][..],
+                "--max-value-bytes",
+            ),
+            (
+                &["--cookie-same-site", "none", "--cookie-secure", "false"][..],
+                "--cookie-same-site",
+            ),
+            (
+                &[
+                    "--listen",
+                    "127.0.0.1:7000",
+                    "--admin-listen",
+                    "127.0.0.1:7000",
+                ][..],
+                "--admin-listen",
+            ),
+        ] {
+            let err = parse(args).unwrap().serve.into_config(None).unwrap_err();
+            assert_eq!(err.flag, flag, "{args:?}: {}", err.message);
         }
     }
 }

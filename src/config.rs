@@ -1,18 +1,50 @@
 //! The typed configuration the library runs on, and the parsing of the values that are shared by every
-//! front end (durations, cookie attributes, keys).
+//! front end (durations, the backend's address, the header prefix).
 //!
-//! The command line lives in the binary; it turns flags into a [`Config`] through the constructors and
-//! parsers here, so that every rule about what a value may be lives in one place and is unit tested.
+//! Every rule about what a value may be lives in the library: each part of [`Settings`] is valid by
+//! its type, and [`Config::new`] checks how the parts fit together, returning a [`ConfigError`] that
+//! names the setting. The command line lives in the binary and only translates flags into
+//! [`Settings`], so a program that uses the library cannot build a configuration that fails later.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::time::Duration;
 
-use crate::cookie::SigningKeys;
+use crate::cookie::{CookieConfig, SameSite, SecureMode, SigningKeys};
 
-/// Everything stickless needs to serve.
+/// A value that is not what a setting accepts. Its text names what is accepted; it shows the value
+/// only where the value cannot hold a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{expected}", value.as_ref().map(|v| format!("`{v}` is not ")).unwrap_or_else(|| "expected ".into()))]
+pub struct InvalidValue {
+    value: Option<String>,
+    expected: Cow<'static, str>,
+}
+
+impl InvalidValue {
+    /// `value` is not `expected` (for example "a duration like 30m").
+    pub fn new(value: &str, expected: impl Into<Cow<'static, str>>) -> Self {
+        InvalidValue {
+            value: Some(value.chars().take(200).collect()),
+            expected: expected.into(),
+        }
+    }
+
+    /// Like [`InvalidValue::new`], for a value that may hold a secret and is never shown.
+    pub fn redacted(expected: impl Into<Cow<'static, str>>) -> Self {
+        InvalidValue {
+            value: None,
+            expected: expected.into(),
+        }
+    }
+}
+
+/// What stickless needs to serve, as given: [`Config::new`] checks it and fills in what is left
+/// to choose. Each part is valid by its type; `Config::new` checks how the parts fit together.
 #[derive(Debug, Clone)]
-pub struct Config {
+pub struct Settings {
     /// Address the proxy listens on.
     pub listen: SocketAddr,
     /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
@@ -21,8 +53,9 @@ pub struct Config {
     pub upstream: Upstream,
     /// Where sessions live.
     pub store: StoreConfig,
-    /// Keys that sign and verify session cookies.
-    pub keys: SigningKeys,
+    /// Keys that sign and verify session cookies; required with Redis, random by default on the
+    /// embedded store (whose cookies need not outlive the process).
+    pub keys: Option<SigningKeys>,
     /// Session cookie attributes.
     pub cookie: CookieConfig,
     /// Session lifetime.
@@ -36,6 +69,194 @@ pub struct Config {
     pub upstream_idle_timeout: Duration,
 }
 
+impl Settings {
+    /// The defaults, in front of `upstream`.
+    pub fn new(upstream: Upstream) -> Self {
+        Settings {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9180)),
+            upstream,
+            store: StoreConfig::Memory,
+            keys: None,
+            cookie: CookieConfig::default(),
+            ttl: TtlPolicy::default(),
+            protocol: ProtocolConfig::default(),
+            upstream_timeout: Duration::from_secs(60),
+            upstream_idle_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A checked configuration: everything the library runs on. Read its [`Settings`] through
+/// `Deref`; it cannot be changed once checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    settings: Settings,
+    keys: SigningKeys,
+}
+
+impl Deref for Config {
+    type Target = Settings;
+
+    fn deref(&self) -> &Settings {
+        &self.settings
+    }
+}
+
+/// Why settings do not make a configuration. [`ConfigError::setting`] names the setting to
+/// change, in the spelling of its flag without the dashes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// Redis needs keys that every instance shares.
+    #[error("required with Redis, so that every instance signs and verifies the same cookies")]
+    KeysRequired,
+    /// `SameSite=None` with `Secure` never.
+    #[error("none requires a Secure cookie (browsers drop the cookie otherwise); use a secure mode of auto or true")]
+    SameSiteNoneWithoutSecure,
+    /// A single value could be larger than a whole session.
+    #[error(
+        "{value} is more than the largest session ({session}); lower it or raise the session limit"
+    )]
+    ValueLargerThanSession {
+        /// The longest value.
+        value: usize,
+        /// The largest session.
+        session: usize,
+    },
+    /// A count outside its range.
+    #[error("{value} is not from {min} to {max}")]
+    OutOfRange {
+        /// Which setting.
+        setting: &'static str,
+        /// The value given.
+        value: usize,
+        /// Smallest allowed.
+        min: usize,
+        /// Largest allowed.
+        max: usize,
+    },
+    /// A duration of zero.
+    #[error("zero is not allowed; give a positive duration")]
+    ZeroDuration {
+        /// Which setting.
+        setting: &'static str,
+    },
+    /// The admin listener on the proxy's own address.
+    #[error("{0} is also the proxy's address; give the admin listener its own port")]
+    AdminOnProxyAddress(SocketAddr),
+    /// A Redis URL of a form stickless does not speak.
+    #[error("expected redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] or rediss://... (TLS)")]
+    RedisUrl,
+    /// A Redis key prefix with spaces or control characters, or too long.
+    #[error("use at most 128 characters without spaces or control characters")]
+    KeyPrefix,
+}
+
+impl ConfigError {
+    /// The setting to change, spelled as its flag without the leading dashes.
+    pub fn setting(&self) -> &'static str {
+        match self {
+            ConfigError::KeysRequired => "secret-keys",
+            ConfigError::SameSiteNoneWithoutSecure => "cookie-same-site",
+            ConfigError::ValueLargerThanSession { .. } => "max-value-bytes",
+            ConfigError::OutOfRange { setting, .. } | ConfigError::ZeroDuration { setting } => {
+                setting
+            }
+            ConfigError::AdminOnProxyAddress(_) => "admin-listen",
+            ConfigError::RedisUrl => "redis-url",
+            ConfigError::KeyPrefix => "key-prefix",
+        }
+    }
+}
+
+/// Most fields a session may hold, as a setting: bounded so that one change always fits in one
+/// script call.
+pub const MAX_FIELDS_LIMIT: usize = 1000;
+
+impl Config {
+    /// Checks `settings` and completes them (a random key for the embedded store when none is
+    /// given).
+    ///
+    /// # Errors
+    /// [`ConfigError`] for the first setting that does not fit, naming it.
+    pub fn new(settings: Settings) -> Result<Self, ConfigError> {
+        let p = &settings.protocol;
+        if !(1..=MAX_FIELDS_LIMIT).contains(&p.max_fields) {
+            return Err(ConfigError::OutOfRange {
+                setting: "max-fields",
+                value: p.max_fields,
+                min: 1,
+                max: MAX_FIELDS_LIMIT,
+            });
+        }
+        for (setting, value) in [
+            ("max-value-bytes", p.max_value_bytes),
+            ("max-session-bytes", p.max_session_bytes),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::OutOfRange {
+                    setting,
+                    value,
+                    min: 1,
+                    max: usize::MAX,
+                });
+            }
+        }
+        if p.max_value_bytes > p.max_session_bytes {
+            return Err(ConfigError::ValueLargerThanSession {
+                value: p.max_value_bytes,
+                session: p.max_session_bytes,
+            });
+        }
+        let mut durations = vec![
+            ("idle-timeout", settings.ttl.idle),
+            ("upstream-timeout", settings.upstream_timeout),
+            ("upstream-idle-timeout", settings.upstream_idle_timeout),
+        ];
+        if let StoreConfig::Redis { timeout, .. } = &settings.store {
+            durations.push(("redis-timeout", *timeout));
+        }
+        if let Some((setting, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
+            return Err(ConfigError::ZeroDuration { setting });
+        }
+        if settings.cookie.same_site == SameSite::None
+            && settings.cookie.secure == SecureMode::Never
+        {
+            return Err(ConfigError::SameSiteNoneWithoutSecure);
+        }
+        if settings.listen == settings.admin_listen && settings.listen.port() != 0 {
+            return Err(ConfigError::AdminOnProxyAddress(settings.listen));
+        }
+        if let StoreConfig::Redis {
+            url, key_prefix, ..
+        } = &settings.store
+        {
+            let lower = url.to_ascii_lowercase();
+            if !(lower.starts_with("redis://") || lower.starts_with("rediss://")) {
+                return Err(ConfigError::RedisUrl);
+            }
+            if key_prefix.len() > 128
+                || key_prefix
+                    .bytes()
+                    .any(|b| b.is_ascii_control() || b == b' ')
+            {
+                return Err(ConfigError::KeyPrefix);
+            }
+        }
+        let keys = match (&settings.keys, &settings.store) {
+            (Some(keys), _) => keys.clone(),
+            (None, StoreConfig::Memory) => SigningKeys::random(),
+            (None, StoreConfig::Redis { .. }) => return Err(ConfigError::KeysRequired),
+        };
+        Ok(Config { settings, keys })
+    }
+
+    /// The keys that sign and verify session cookies.
+    pub fn keys(&self) -> &SigningKeys {
+        &self.keys
+    }
+}
+
 /// The backend's base address: scheme `http`, a host and a port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
@@ -47,39 +268,36 @@ impl Upstream {
     /// Parses `http://host:port` (a trailing `/` is allowed; the port defaults to 80).
     ///
     /// # Errors
-    /// A message saying what is accepted, for anything else.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let uri: http::Uri = s
-            .parse()
-            .map_err(|_| format!("`{s}` is not a URL; expected http://HOST:PORT"))?;
+    /// [`InvalidValue`] saying what is accepted, for anything else.
+    pub fn parse(s: &str) -> Result<Self, InvalidValue> {
+        const FORM: &str = "a URL of the form http://HOST:PORT";
+        let uri: http::Uri = s.parse().map_err(|_| InvalidValue::new(s, FORM))?;
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            // Never echo credentials.
+            return Err(InvalidValue::redacted(
+                "http://HOST:PORT without credentials",
+            ));
+        }
         match uri.scheme_str() {
             Some("http") => {}
-            Some(other) => {
-                return Err(format!(
-                    "scheme `{other}` is not supported; expected http://HOST:PORT (stickless talks plain HTTP to a local backend)"
+            Some(_) => {
+                return Err(InvalidValue::new(
+                    s,
+                    "an http:// URL (stickless talks plain HTTP to a local backend); use http://HOST:PORT",
                 ))
             }
-            None => return Err(format!("`{s}` has no scheme; expected http://HOST:PORT")),
+            None => return Err(InvalidValue::new(s, FORM)),
         }
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-            return Err(format!(
-                "`{s}` has a path; expected http://HOST:PORT without a path"
-            ));
+            return Err(InvalidValue::new(s, "http://HOST:PORT without a path"));
         }
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("`{s}` has no host; expected http://HOST:PORT"))?;
-        if authority.as_str().contains('@') {
-            return Err(format!(
-                "`{s}` carries credentials; expected http://HOST:PORT"
-            ));
-        }
+        let authority = uri.authority().ok_or_else(|| InvalidValue::new(s, FORM))?;
         let authority = if authority.port().is_some() {
             authority.clone()
         } else {
             format!("{}:80", authority.host())
                 .parse()
-                .map_err(|_| format!("`{s}` has an invalid host"))?
+                .map_err(|_| InvalidValue::new(s, FORM))?
         };
         Ok(Upstream { authority })
     }
@@ -120,125 +338,6 @@ impl fmt::Debug for StoreConfig {
     }
 }
 
-/// When the cookie carries the `Secure` attribute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SecureMode {
-    /// Set when the request came over TLS or with `X-Forwarded-Proto: https`.
-    Auto,
-    /// Always.
-    Always,
-    /// Never.
-    Never,
-}
-
-impl SecureMode {
-    /// Parses `auto`, `true` or `false`.
-    ///
-    /// # Errors
-    /// A message listing what is accepted.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(SecureMode::Auto),
-            "true" | "yes" | "on" | "always" => Ok(SecureMode::Always),
-            "false" | "no" | "off" | "never" => Ok(SecureMode::Never),
-            _ => Err(format!("`{s}` is not one of auto, true, false")),
-        }
-    }
-}
-
-/// The cookie's `SameSite` attribute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SameSite {
-    /// `SameSite=Lax`
-    Lax,
-    /// `SameSite=Strict`
-    Strict,
-    /// `SameSite=None` (browsers require `Secure` with it).
-    None,
-}
-
-impl SameSite {
-    /// Parses `lax`, `strict` or `none`.
-    ///
-    /// # Errors
-    /// A message listing what is accepted.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "lax" => Ok(SameSite::Lax),
-            "strict" => Ok(SameSite::Strict),
-            "none" => Ok(SameSite::None),
-            _ => Err(format!("`{s}` is not one of lax, strict, none")),
-        }
-    }
-
-    /// The attribute's value as written in `Set-Cookie`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SameSite::Lax => "Lax",
-            SameSite::Strict => "Strict",
-            SameSite::None => "None",
-        }
-    }
-}
-
-/// Attributes of the session cookie. It is always `HttpOnly`.
-#[derive(Debug, Clone)]
-pub struct CookieConfig {
-    /// Cookie name.
-    pub name: String,
-    /// `Domain` attribute, when set.
-    pub domain: Option<String>,
-    /// `Path` attribute.
-    pub path: String,
-    /// When to add `Secure`.
-    pub secure: SecureMode,
-    /// `SameSite` attribute.
-    pub same_site: SameSite,
-}
-
-impl Default for CookieConfig {
-    fn default() -> Self {
-        CookieConfig {
-            name: "sid".into(),
-            domain: None,
-            path: "/".into(),
-            secure: SecureMode::Auto,
-            same_site: SameSite::Lax,
-        }
-    }
-}
-
-/// Checks a cookie name against RFC 6265's token grammar.
-///
-/// # Errors
-/// A message saying what is accepted.
-pub fn validate_cookie_name(s: &str) -> Result<(), String> {
-    let ok = !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{s}` is not a cookie name; use letters, digits and !#$%&'*+-.^_`|~"
-        ))
-    }
-}
-
-/// Checks a cookie attribute value (domain or path): visible ASCII without `;`.
-///
-/// # Errors
-/// A message saying what is accepted.
-pub fn validate_cookie_attribute(s: &str) -> Result<(), String> {
-    if !s.is_empty() && s.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b';') {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{s}` is not allowed; use visible ASCII characters without `;` or spaces"
-        ))
-    }
-}
-
 /// How long sessions live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TtlPolicy {
@@ -257,11 +356,49 @@ impl Default for TtlPolicy {
     }
 }
 
+/// The prefix of every protocol header: lower case, letters, digits and `-`, ending in `-`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderPrefix(String);
+
+impl HeaderPrefix {
+    /// Parses a prefix, lower-casing it and reading `_` as `-`.
+    ///
+    /// # Errors
+    /// [`InvalidValue`] saying what is accepted.
+    pub fn parse(s: &str) -> Result<Self, InvalidValue> {
+        let p = s.to_ascii_lowercase().replace('_', "-");
+        let ok = p.len() >= 2
+            && p.len() <= 64
+            && p.ends_with('-')
+            && p.starts_with(|c: char| c.is_ascii_alphabetic())
+            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if ok {
+            Ok(HeaderPrefix(p))
+        } else {
+            Err(InvalidValue::new(
+                s,
+                "a header prefix of letters, digits and `-`, ending in `-` (like x-session-)",
+            ))
+        }
+    }
+
+    /// The prefix, lower case.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for HeaderPrefix {
+    fn default() -> Self {
+        HeaderPrefix("x-session-".into())
+    }
+}
+
 /// The header protocol's settings and limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtocolConfig {
-    /// Lower-case prefix of every protocol header, e.g. `x-session-`.
-    pub header_prefix: String,
+    /// Prefix of every protocol header, e.g. `x-session-`.
+    pub header_prefix: HeaderPrefix,
     /// Most fields one session may hold.
     pub max_fields: usize,
     /// Longest value, in bytes once decoded.
@@ -273,7 +410,7 @@ pub struct ProtocolConfig {
 impl Default for ProtocolConfig {
     fn default() -> Self {
         ProtocolConfig {
-            header_prefix: "x-session-".into(),
+            header_prefix: HeaderPrefix::default(),
             max_fields: 64,
             max_value_bytes: 4096,
             max_session_bytes: 16384,
@@ -281,35 +418,20 @@ impl Default for ProtocolConfig {
     }
 }
 
-/// Checks a header prefix: lower-cased, letters, digits and `-`, ending in `-`.
-///
-/// # Errors
-/// A message saying what is accepted.
-pub fn parse_header_prefix(s: &str) -> Result<String, String> {
-    let p = s.to_ascii_lowercase().replace('_', "-");
-    let ok = p.len() >= 2
-        && p.len() <= 64
-        && p.ends_with('-')
-        && p.starts_with(|c: char| c.is_ascii_alphabetic())
-        && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-    if ok {
-        Ok(p)
-    } else {
-        Err(format!(
-            "`{s}` is not a header prefix; use letters, digits and `-`, ending in `-` (like x-session-)"
-        ))
-    }
-}
-
 /// Parses a duration such as `30m`, `1s`, `250ms`, `12h`, `7d` or `90` (seconds).
 ///
 /// # Errors
-/// A message saying what is accepted.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+/// [`InvalidValue`] saying what is accepted.
+pub fn parse_duration(s: &str) -> Result<Duration, InvalidValue> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let err = || format!("`{s}` is not a duration; use a number with ms, s, m, h or d (like 30m)");
+    let err = || {
+        InvalidValue::new(
+            s,
+            "a duration; use a number with ms, s, m, h or d (like 30m)",
+        )
+    };
     let n: u64 = num.parse().map_err(|_| err())?;
     let d = match unit.trim() {
         "ms" => Duration::from_millis(n),
@@ -320,11 +442,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(err()),
     };
     if d.is_zero() {
-        return Err(format!("`{s}` is zero; give a positive duration"));
+        return Err(InvalidValue::new(s, "a positive duration"));
     }
     // Redis takes milliseconds as a signed 64-bit number; a century is plenty.
     if d > Duration::from_secs(100 * 365 * 86400) {
-        return Err(format!("`{s}` is too long; give at most 36500d"));
+        return Err(InvalidValue::new(s, "a duration of at most 36500d"));
     }
     Ok(d)
 }
@@ -333,7 +455,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 ///
 /// # Errors
 /// As [`parse_duration`].
-pub fn parse_optional_duration(s: &str) -> Result<Option<Duration>, String> {
+pub fn parse_optional_duration(s: &str) -> Result<Option<Duration>, InvalidValue> {
     match s.trim().to_ascii_lowercase().as_str() {
         "off" | "none" | "0" => Ok(None),
         _ => parse_duration(s).map(Some),
@@ -380,21 +502,91 @@ mod tests {
     }
 
     #[test]
-    fn prefixes_and_cookie_attributes() {
-        assert_eq!(parse_header_prefix("X-Session-"), Ok("x-session-".into()));
-        assert_eq!(parse_header_prefix("x_app_"), Ok("x-app-".into()));
-        assert!(parse_header_prefix("x-session").is_err());
-        assert!(parse_header_prefix("-").is_err());
-        assert!(parse_header_prefix("x sess-").is_err());
-        assert!(validate_cookie_name("sid").is_ok());
-        assert!(validate_cookie_name("__Host-sid").is_ok());
-        assert!(validate_cookie_name("s;id").is_err());
-        assert!(validate_cookie_name("").is_err());
-        assert!(validate_cookie_attribute("/app").is_ok());
-        assert!(validate_cookie_attribute("/a;b").is_err());
-        assert_eq!(SecureMode::parse("AUTO"), Ok(SecureMode::Auto));
-        assert!(SecureMode::parse("maybe").is_err());
-        assert_eq!(SameSite::parse("Strict"), Ok(SameSite::Strict));
-        assert!(SameSite::parse("lazy").is_err());
+    fn credentials_in_an_upstream_are_never_echoed() {
+        let e = Upstream::parse("http://user:hunter2@x:1").unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn prefixes() {
+        assert_eq!(
+            HeaderPrefix::parse("X-Session-").unwrap().as_str(),
+            "x-session-"
+        );
+        assert_eq!(HeaderPrefix::parse("x_app_").unwrap().as_str(), "x-app-");
+        assert!(HeaderPrefix::parse("x-session").is_err());
+        assert!(HeaderPrefix::parse("-").is_err());
+        assert!(HeaderPrefix::parse("x sess-").is_err());
+    }
+
+    fn settings() -> Settings {
+        Settings::new(Upstream::parse("http://127.0.0.1:5000").unwrap())
+    }
+
+    fn redis() -> StoreConfig {
+        StoreConfig::Redis {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "stickless:".into(),
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn defaults_make_a_config() {
+        let c = Config::new(settings()).unwrap();
+        assert!(matches!(c.store, StoreConfig::Memory));
+        assert_eq!(c.ttl.idle, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn settings_that_do_not_fit_together_are_refused_by_name() {
+        let refused = |f: &dyn Fn(&mut Settings)| {
+            let mut s = settings();
+            f(&mut s);
+            Config::new(s).unwrap_err()
+        };
+        let e = refused(&|s| s.store = redis());
+        assert_eq!((e.setting(), e), ("secret-keys", ConfigError::KeysRequired));
+        let e = refused(&|s| {
+            s.cookie.same_site = SameSite::None;
+            s.cookie.secure = SecureMode::Never;
+        });
+        assert_eq!(e.setting(), "cookie-same-site");
+        let e = refused(&|s| s.protocol.max_value_bytes = s.protocol.max_session_bytes + 1);
+        assert_eq!(e.setting(), "max-value-bytes");
+        let e = refused(&|s| s.protocol.max_fields = 0);
+        assert_eq!(e.setting(), "max-fields");
+        let e = refused(&|s| s.protocol.max_fields = MAX_FIELDS_LIMIT + 1);
+        assert_eq!(e.setting(), "max-fields");
+        let e = refused(&|s| s.protocol.max_session_bytes = 0);
+        assert_eq!(e.setting(), "max-session-bytes");
+        let e = refused(&|s| s.ttl.idle = Duration::ZERO);
+        assert_eq!(e.setting(), "idle-timeout");
+        let e = refused(&|s| s.upstream_idle_timeout = Duration::ZERO);
+        assert_eq!(e.setting(), "upstream-idle-timeout");
+        let e = refused(&|s| s.admin_listen = s.listen);
+        assert_eq!(e.setting(), "admin-listen");
+        let e = refused(&|s| {
+            s.keys = Some(SigningKeys::random());
+            s.store = StoreConfig::Redis {
+                url: "http://127.0.0.1".into(),
+                key_prefix: "k:".into(),
+                timeout: Duration::from_secs(1),
+            };
+        });
+        assert_eq!(e.setting(), "redis-url");
+        let e = refused(&|s| {
+            s.keys = Some(SigningKeys::random());
+            s.store = StoreConfig::Redis {
+                url: "redis://h".into(),
+                key_prefix: "a b".into(),
+                timeout: Duration::from_secs(1),
+            };
+        });
+        assert_eq!(e.setting(), "key-prefix");
+        let mut ok = settings();
+        ok.keys = Some(SigningKeys::random());
+        ok.store = redis();
+        assert!(Config::new(ok).is_ok());
     }
 }

@@ -5,6 +5,9 @@
 //! signing key. Every configured key verifies, so keys can be rotated: add the new key in front,
 //! keep the old one behind it until the idle timeout has passed, then drop it. Tags are compared in
 //! constant time, and a cookie whose tag fails is never looked up in the store.
+//!
+//! The cookie's settings ([`CookieConfig`]) live here too: a name and attributes that can only be
+//! built valid, so that writing `Set-Cookie` can never fail.
 
 use std::fmt;
 
@@ -15,7 +18,7 @@ use http::HeaderValue;
 use rand::RngCore;
 use sha2::Sha256;
 
-use crate::config::{CookieConfig, SameSite};
+use crate::config::InvalidValue;
 
 type HmacSha256 = SimpleHmac<Sha256>;
 
@@ -245,6 +248,154 @@ fn trim_ascii(mut s: &[u8]) -> &[u8] {
     s
 }
 
+/// When the cookie carries the `Secure` attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecureMode {
+    /// Set when the request came over TLS or with `X-Forwarded-Proto: https`.
+    Auto,
+    /// Always.
+    Always,
+    /// Never.
+    Never,
+}
+
+impl SecureMode {
+    /// Parses `auto`, `true` or `false` (also `always`/`never`, `yes`/`no`, `on`/`off`).
+    ///
+    /// # Errors
+    /// [`InvalidValue`] naming what is accepted.
+    pub fn parse(s: &str) -> Result<Self, InvalidValue> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(SecureMode::Auto),
+            "true" | "yes" | "on" | "always" => Ok(SecureMode::Always),
+            "false" | "no" | "off" | "never" => Ok(SecureMode::Never),
+            _ => Err(InvalidValue::new(s, "one of auto, true, false")),
+        }
+    }
+}
+
+/// The cookie's `SameSite` attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    /// `SameSite=Lax`
+    Lax,
+    /// `SameSite=Strict`
+    Strict,
+    /// `SameSite=None` (browsers require `Secure` with it).
+    None,
+}
+
+impl SameSite {
+    /// Parses `lax`, `strict` or `none`.
+    ///
+    /// # Errors
+    /// [`InvalidValue`] naming what is accepted.
+    pub fn parse(s: &str) -> Result<Self, InvalidValue> {
+        match s.to_ascii_lowercase().as_str() {
+            "lax" => Ok(SameSite::Lax),
+            "strict" => Ok(SameSite::Strict),
+            "none" => Ok(SameSite::None),
+            _ => Err(InvalidValue::new(s, "one of lax, strict, none")),
+        }
+    }
+
+    /// The attribute's value as written in `Set-Cookie`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SameSite::Lax => "Lax",
+            SameSite::Strict => "Strict",
+            SameSite::None => "None",
+        }
+    }
+}
+
+/// A cookie name: an RFC 6265 token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CookieName(String);
+
+impl CookieName {
+    /// Checks `s` against RFC 6265's token grammar.
+    ///
+    /// # Errors
+    /// [`InvalidValue`] saying what is accepted.
+    pub fn parse(s: &str) -> Result<Self, InvalidValue> {
+        let ok = !s.is_empty()
+            && s.len() <= 256
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if ok {
+            Ok(CookieName(s.to_owned()))
+        } else {
+            Err(InvalidValue::new(
+                s,
+                "a cookie name of letters, digits and !#$%&'*+-.^_`|~",
+            ))
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A cookie attribute value (`Domain` or `Path`): visible ASCII without `;`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CookieAttribute(String);
+
+impl CookieAttribute {
+    /// Checks `s`.
+    ///
+    /// # Errors
+    /// [`InvalidValue`] saying what is accepted.
+    pub fn parse(s: &str) -> Result<Self, InvalidValue> {
+        if !s.is_empty()
+            && s.len() <= 1024
+            && s.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b';')
+        {
+            Ok(CookieAttribute(s.to_owned()))
+        } else {
+            Err(InvalidValue::new(
+                s,
+                "visible ASCII characters without `;` or spaces",
+            ))
+        }
+    }
+
+    /// The value.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Attributes of the session cookie. It is always `HttpOnly`. Every part is valid by
+/// construction; [`crate::config::Config`] checks that they fit together.
+#[derive(Debug, Clone)]
+pub struct CookieConfig {
+    /// Cookie name.
+    pub name: CookieName,
+    /// `Domain` attribute, when set.
+    pub domain: Option<CookieAttribute>,
+    /// `Path` attribute.
+    pub path: CookieAttribute,
+    /// When to add `Secure`.
+    pub secure: SecureMode,
+    /// `SameSite` attribute.
+    pub same_site: SameSite,
+}
+
+impl Default for CookieConfig {
+    fn default() -> Self {
+        CookieConfig {
+            name: CookieName("sid".into()),
+            domain: None,
+            path: CookieAttribute("/".into()),
+            secure: SecureMode::Auto,
+            same_site: SameSite::Lax,
+        }
+    }
+}
+
 /// Builds `Set-Cookie` values for the session cookie.
 #[derive(Debug, Clone)]
 pub struct CookieWriter {
@@ -259,22 +410,22 @@ impl CookieWriter {
 
     /// The cookie name.
     pub fn name(&self) -> &str {
-        &self.config.name
+        self.config.name.as_str()
     }
 
     /// Whether `Secure` is added, given whether the request came over HTTPS.
     pub fn secure(&self, request_is_https: bool) -> bool {
         match self.config.secure {
-            crate::config::SecureMode::Auto => request_is_https,
-            crate::config::SecureMode::Always => true,
-            crate::config::SecureMode::Never => false,
+            SecureMode::Auto => request_is_https,
+            SecureMode::Always => true,
+            SecureMode::Never => false,
         }
     }
 
     /// `Set-Cookie` for a session cookie. `max_age` is the absolute timeout when there is one:
     /// otherwise the cookie lives as long as the browser, and the store decides when it expires.
     pub fn set(&self, value: &str, max_age: Option<u64>, https: bool) -> HeaderValue {
-        let mut s = format!("{}={}", self.config.name, value);
+        let mut s = format!("{}={}", self.config.name.as_str(), value);
         if let Some(age) = max_age {
             s.push_str(&format!("; Max-Age={age}"));
         }
@@ -286,7 +437,7 @@ impl CookieWriter {
     pub fn clear(&self, https: bool) -> HeaderValue {
         let mut s = format!(
             "{}=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT",
-            self.config.name
+            self.config.name.as_str()
         );
         self.attributes(&mut s, https);
         HeaderValue::from_str(&s).expect("cookie name and attributes are validated")
@@ -294,12 +445,13 @@ impl CookieWriter {
 
     fn attributes(&self, s: &mut String, https: bool) {
         s.push_str("; Path=");
-        s.push_str(&self.config.path);
+        s.push_str(self.config.path.as_str());
         if let Some(d) = &self.config.domain {
             s.push_str("; Domain=");
-            s.push_str(d);
+            s.push_str(d.as_str());
         }
-        // Browsers drop `SameSite=None` cookies that are not `Secure`.
+        // Browsers drop `SameSite=None` cookies that are not `Secure` (and the configuration
+        // refuses `SameSite=None` with `Secure` never): over plain HTTP, `auto` adds it too.
         if self.secure(https) || self.config.same_site == SameSite::None {
             s.push_str("; Secure");
         }
@@ -405,6 +557,22 @@ mod tests {
     }
 
     #[test]
+    fn names_and_attributes_are_validated() {
+        assert!(CookieName::parse("sid").is_ok());
+        assert!(CookieName::parse("__Host-sid").is_ok());
+        assert!(CookieName::parse("s;id").is_err());
+        assert!(CookieName::parse("").is_err());
+        assert!(CookieName::parse(&"s".repeat(257)).is_err());
+        assert!(CookieAttribute::parse("/app").is_ok());
+        assert!(CookieAttribute::parse("/a;b").is_err());
+        assert!(CookieAttribute::parse("a b").is_err());
+        assert_eq!(SecureMode::parse("AUTO"), Ok(SecureMode::Auto));
+        assert!(SecureMode::parse("maybe").is_err());
+        assert_eq!(SameSite::parse("Strict"), Ok(SameSite::Strict));
+        assert!(SameSite::parse("lazy").is_err());
+    }
+
+    #[test]
     fn set_cookie_attributes() {
         let w = CookieWriter::new(CookieConfig::default());
         assert_eq!(
@@ -421,9 +589,9 @@ mod tests {
             .unwrap()
             .starts_with("sid=; Max-Age=0;"));
         let w = CookieWriter::new(CookieConfig {
-            domain: Some("example.com".into()),
+            domain: Some(CookieAttribute::parse("example.com").unwrap()),
             same_site: SameSite::None,
-            secure: crate::config::SecureMode::Never,
+            secure: SecureMode::Auto,
             ..CookieConfig::default()
         });
         assert_eq!(

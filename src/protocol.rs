@@ -389,9 +389,10 @@ const NONE: HeaderValue = HeaderValue::from_static("none");
 impl Protocol {
     /// Header names for `config.header_prefix` (lower case, ending in `-`).
     pub fn new(config: ProtocolConfig) -> Self {
-        let p = config.header_prefix.clone();
+        let p = config.header_prefix.as_str().to_owned();
+        // A `HeaderPrefix` is letters, digits and `-`, starting with a letter: a header name.
         let status = HeaderName::from_bytes(p.trim_end_matches('-').as_bytes())
-            .expect("the prefix is validated as a header name");
+            .expect("a HeaderPrefix is a header name");
         Protocol {
             status,
             field_prefix: format!("{p}field-"),
@@ -412,7 +413,7 @@ impl Protocol {
     /// Whether a header name belongs to the protocol (the status header or any name with the prefix).
     pub fn is_protocol_header(&self, name: &HeaderName) -> bool {
         let n = canonical(name.as_str());
-        n.starts_with(&self.config.header_prefix) || n == self.status.as_str()
+        n.starts_with(self.config.header_prefix.as_str()) || n == self.status.as_str()
     }
 
     /// Removes every protocol header a client sent; returns how many there were.

@@ -194,7 +194,7 @@ impl Proxy {
             .build(connector);
         Proxy {
             store,
-            keys: config.keys.clone(),
+            keys: config.keys().clone(),
             cookies: CookieWriter::new(config.cookie.clone()),
             protocol: Arc::new(Protocol::new(config.protocol.clone())),
             ttl: config.ttl,

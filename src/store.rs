@@ -73,6 +73,10 @@ pub enum StoreError {
     /// No answer within the configured bound.
     #[error("the session store did not answer within {0:?}")]
     Timeout(Duration),
+    /// The store ran the call after its deadline, when the caller had already given up (a
+    /// stalled store answering late): nothing was changed.
+    #[error("the session store ran the call after its deadline of {0:?}; nothing was changed")]
+    Late(Duration),
     /// The Redis client reported an error.
     #[error("redis error")]
     Redis(#[from] fred::error::Error),

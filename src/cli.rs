@@ -37,6 +37,17 @@ pub enum Command {
 fn duration(s: &str) -> Result<Duration, String> {
     config::parse_duration(s)
 }
+
+/// A duration of at least a second: the old session is kept, marked rotated, for this long, and
+/// must outlive the rotation's second step so that a failed rotation can be undone.
+fn rotation_grace(s: &str) -> Result<Duration, String> {
+    let d = config::parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("`{s}` is too short; expected at least 1s"));
+    }
+    Ok(d)
+}
+
 /// A duration or `off`. A named type, because clap reads a bare `Option` as "flag may be absent".
 #[derive(Debug, Clone, Copy)]
 pub struct MaybeDuration(pub Option<Duration>);
@@ -134,6 +145,11 @@ pub struct ServeArgs {
     /// Lifetime from creation that no activity extends (e.g. 12h), or off.
     #[arg(long, env = "STICKLESS_ABSOLUTE_TIMEOUT", default_value = "off", value_parser = optional_duration)]
     pub absolute_timeout: MaybeDuration,
+    /// After a rotation (login), how long the old session id is remembered as rotated: a request
+    /// still carrying the old cookie then gets no session and cannot replace the new cookie.
+    /// At least 1s.
+    #[arg(long, env = "STICKLESS_ROTATION_GRACE", default_value = "60s", value_parser = rotation_grace)]
+    pub rotation_grace: Duration,
     /// Prefix of the protocol headers between stickless and the backend.
     #[arg(long, env = "STICKLESS_HEADER_PREFIX", default_value = "x-session-", value_parser = config::parse_header_prefix)]
     pub header_prefix: String,
@@ -243,6 +259,19 @@ impl ServeArgs {
                 })
             }
         };
+        if matches!(store, StoreConfig::Redis { .. })
+            && self.rotation_grace < 2 * self.redis_timeout
+        {
+            // The old session, marked rotated, is what a failed rotation is undone from: it must
+            // outlive the rotation's second step and the undo, each bounded by the timeout.
+            return Err(ConfigError {
+                flag: "--rotation-grace",
+                message: format!(
+                    "must be at least twice --redis-timeout ({:?})",
+                    self.redis_timeout
+                ),
+            });
+        }
         if let Some(abs) = self.absolute_timeout.0 {
             if abs < self.idle_timeout {
                 tracing::info!("--absolute-timeout is shorter than --idle-timeout: sessions end at the absolute timeout");
@@ -288,6 +317,7 @@ impl ServeArgs {
             ttl: TtlPolicy {
                 idle: self.idle_timeout,
                 absolute: self.absolute_timeout.0,
+                rotation_grace: self.rotation_grace,
             },
             protocol: ProtocolConfig {
                 header_prefix: self.header_prefix,
@@ -322,6 +352,7 @@ mod tests {
         let cfg = cli.serve.into_config(None).unwrap();
         assert!(matches!(cfg.store, StoreConfig::Memory));
         assert_eq!(cfg.ttl.idle, Duration::from_secs(1800));
+        assert_eq!(cfg.ttl.rotation_grace, config::DEFAULT_ROTATION_GRACE);
         assert!(matches!(
             parse(&["gen-key"]).unwrap().command,
             Some(Command::GenKey)
@@ -361,6 +392,21 @@ mod tests {
         assert_eq!(err.flag, "--secret-keys");
         let cli = parse(&["--redis-url", "http://h", "--secret-keys", &"k".repeat(32)]).unwrap();
         assert_eq!(cli.serve.into_config(None).unwrap_err().flag, "--redis-url");
+        let cli = parse(&[
+            "--redis-url",
+            "redis://h",
+            "--secret-keys",
+            &"k".repeat(32),
+            "--redis-timeout",
+            "2s",
+            "--rotation-grace",
+            "1s",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.serve.into_config(None).unwrap_err().flag,
+            "--rotation-grace"
+        );
         let cli = parse(&["--secret-keys", "short"]).unwrap();
         assert_eq!(
             cli.serve.into_config(None).unwrap_err().flag,
@@ -372,6 +418,7 @@ mod tests {
     fn bad_values_name_the_flag() {
         for (flag, value) in [
             ("--idle-timeout", "soon"),
+            ("--rotation-grace", "500ms"),
             ("--upstream", "ftp://x"),
             ("--cookie-same-site", "sometimes"),
             ("--listen", "nowhere"),

@@ -243,13 +243,22 @@ pub struct TtlPolicy {
     pub idle: Duration,
     /// Lifetime from creation that no activity extends; `None` for no limit.
     pub absolute: Option<Duration>,
+    /// How long a rotated-away id is remembered as rotated (a tombstone) rather than unknown.
+    /// Within it, a request still carrying the old cookie gets no session, and its changes are
+    /// dropped without a new cookie that would replace the one the rotation set.
+    pub rotation_grace: Duration,
 }
+
+/// The default [`TtlPolicy::rotation_grace`]: as long as the default `--upstream-timeout`, so it
+/// covers every request that was already in flight with the old cookie when a login rotated it.
+pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(60);
 
 impl Default for TtlPolicy {
     fn default() -> Self {
         TtlPolicy {
             idle: Duration::from_secs(30 * 60),
             absolute: None,
+            rotation_grace: DEFAULT_ROTATION_GRACE,
         }
     }
 }

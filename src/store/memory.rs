@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{now_ms, ttl_now, Applied, Session, SessionStore, StoreError, Target};
+use super::{now_ms, ttl_now, Applied, Loaded, Session, SessionStore, StoreError, Target};
 use crate::config::{ProtocolConfig, TtlPolicy};
 use crate::cookie::SessionId;
 use crate::protocol::{apply_to_fields, Changes};
@@ -22,6 +22,8 @@ const SWEEP_EVERY: u64 = 4096;
 struct Entry {
     session: Session,
     expires_ms: u64,
+    /// A tombstone: the session was rotated away from this id (see [`super::ROTATED_FIELD`]).
+    rotated: bool,
 }
 
 /// Sessions in a map behind a mutex.
@@ -70,20 +72,23 @@ impl MemoryStore {
 
 #[async_trait]
 impl SessionStore for MemoryStore {
-    async fn load(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
+    async fn load(&self, id: &SessionId) -> Result<Loaded, StoreError> {
         let now = now_ms();
         let mut map = self.lock();
         let Some(entry) = Self::live(&mut map, id, now) else {
-            return Ok(None);
+            return Ok(Loaded::Absent);
         };
+        if entry.rotated {
+            return Ok(Loaded::Rotated);
+        }
         match ttl_now(&self.ttl, entry.session.created_ms, now) {
             Some(ttl) => {
                 entry.expires_ms = now + ttl.as_millis() as u64;
-                Ok(Some(entry.session.clone()))
+                Ok(Loaded::Live(entry.session.clone()))
             }
             None => {
                 map.remove(id);
-                Ok(None)
+                Ok(Loaded::Absent)
             }
         }
     }
@@ -99,8 +104,8 @@ impl SessionStore for MemoryStore {
         self.sweep_sometimes(&mut map, now);
         let base = match target {
             Target::Existing => match Self::live(&mut map, id, now) {
-                Some(e) => e.session.clone(),
-                None => return Ok(Applied::Gone),
+                Some(e) if !e.rotated => e.session.clone(),
+                _ => return Ok(Applied::Gone),
             },
             Target::New { base } => base.cloned().unwrap_or_else(|| Session {
                 fields: Default::default(),
@@ -121,6 +126,7 @@ impl SessionStore for MemoryStore {
             Entry {
                 session: Session { fields, created_ms },
                 expires_ms: now + ttl.as_millis() as u64,
+                rotated: false,
             },
         );
         Ok(Applied::Stored { created_ms })
@@ -129,10 +135,37 @@ impl SessionStore for MemoryStore {
     async fn take(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
         let now = now_ms();
         let mut map = self.lock();
-        Ok(Self::live(&mut map, id, now)
-            .is_some()
-            .then(|| map.remove(id).map(|e| e.session))
-            .flatten())
+        match Self::live(&mut map, id, now) {
+            Some(entry) if !entry.rotated => {
+                entry.rotated = true;
+                entry.expires_ms = now + self.ttl.rotation_grace.as_millis() as u64;
+                Ok(Some(entry.session.clone()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn restore(&self, id: &SessionId) -> Result<Applied, StoreError> {
+        let now = now_ms();
+        let mut map = self.lock();
+        let Some(entry) = Self::live(&mut map, id, now) else {
+            return Ok(Applied::Gone);
+        };
+        let created_ms = entry.session.created_ms;
+        if !entry.rotated {
+            return Ok(Applied::Stored { created_ms });
+        }
+        match ttl_now(&self.ttl, created_ms, now) {
+            Some(ttl) => {
+                entry.rotated = false;
+                entry.expires_ms = now + ttl.as_millis() as u64;
+                Ok(Applied::Stored { created_ms })
+            }
+            None => {
+                map.remove(id);
+                Ok(Applied::Gone)
+            }
+        }
     }
 
     async fn destroy(&self, id: &SessionId) -> Result<(), StoreError> {

@@ -22,7 +22,10 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand, Value};
 
-use super::{now_ms, Applied, Session, SessionStore, StoreError, Target, CREATED_FIELD};
+use super::{
+    now_ms, Applied, Loaded, Session, SessionStore, StoreError, Target, CREATED_FIELD,
+    ROTATED_FIELD,
+};
 use crate::config::{ProtocolConfig, TtlPolicy};
 use crate::cookie::SessionId;
 use crate::protocol::{Changes, Fields, Rejection};
@@ -42,9 +45,11 @@ if deadline > 0 and clock > deadline then return {'late', string.format('%d', cl
     };
 }
 
-/// Reads a session and renews its TTL, cut short by the absolute timeout.
+/// Reads a session and renews its TTL, cut short by the absolute timeout. A tombstone is left
+/// as it is: its TTL is the rotation grace, counted from the rotation.
 /// ARGV: deadline, now_ms, idle_ms, absolute_ms (0 for none).
-/// Reply: `{'absent'}` or `{'live', name, value, ...}` (the hash, `_created` included).
+/// Reply: `{'absent'}`, `{'rotated'}` or `{'live', name, value, ...}` (the hash, `_created`
+/// included).
 const LOAD: &str = concat!(
     deadline_check!(),
     r#"
@@ -52,7 +57,8 @@ local h = redis.call('HGETALL', KEYS[1])
 if #h == 0 then return {'absent'} end
 local created
 for i = 1, #h, 2 do
-  if h[i] == '_created' then created = tonumber(h[i + 1]) break end
+  if h[i] == '_created' then created = tonumber(h[i + 1])
+  elseif h[i] == '_rotated' then return {'rotated'} end
 end
 local ttl = tonumber(ARGV[3])
 local abs = tonumber(ARGV[4])
@@ -70,16 +76,55 @@ return h
 "#
 );
 
-/// Reads and deletes a session (the first half of a rotation).
-/// ARGV: deadline. Reply: `{'absent'}` or `{'taken', name, value, ...}`.
+/// Reads a session and turns it into a tombstone (the first half of a rotation): the fields
+/// stay, so that a failed rotation can be undone, the marker `_rotated` makes every later load
+/// of this id `rotated`, and the key lives for the rotation grace. A tombstone is never taken
+/// again. ARGV: deadline, grace_ms, now_ms.
+/// Reply: `{'absent'}` or `{'taken', name, value, ...}`.
 const TAKE: &str = concat!(
     deadline_check!(),
     r#"
 local h = redis.call('HGETALL', KEYS[1])
 if #h == 0 then return {'absent'} end
-redis.call('DEL', KEYS[1])
+for i = 1, #h, 2 do
+  if h[i] == '_rotated' then return {'absent'} end
+end
+redis.call('HSET', KEYS[1], '_rotated', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 table.insert(h, 1, 'taken')
 return h
+"#
+);
+
+/// Undoes a take: a tombstone becomes a live session again, with its TTL renewed (cut short by
+/// the absolute timeout, past which it is deleted instead). A live session is left as it is.
+/// ARGV: deadline, now_ms, idle_ms, absolute_ms. Reply: `{'ok', created_ms}` or `{'gone'}`.
+const RESTORE: &str = concat!(
+    deadline_check!(),
+    r#"
+local h = redis.call('HGETALL', KEYS[1])
+if #h == 0 then return {'gone'} end
+local now = tonumber(ARGV[2])
+local created, rotated
+for i = 1, #h, 2 do
+  if h[i] == '_created' then created = tonumber(h[i + 1])
+  elseif h[i] == '_rotated' then rotated = true end
+end
+created = created or now
+if not rotated then return {'ok', string.format('%d', created)} end
+local ttl = tonumber(ARGV[3])
+local abs = tonumber(ARGV[4])
+if abs > 0 then
+  local left = created + abs - now
+  if left <= 0 then
+    redis.call('DEL', KEYS[1])
+    return {'gone'}
+  end
+  if left < ttl then ttl = left end
+end
+redis.call('HDEL', KEYS[1], '_rotated')
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {'ok', string.format('%d', created)}
 "#
 );
 
@@ -115,7 +160,9 @@ if existing then
   local h = redis.call('HGETALL', key)
   if #h == 0 then return {'gone'} end
   for i = 1, #h, 2 do
-    if h[i] == '_created' then created = tonumber(h[i + 1]) else cur[h[i]] = h[i + 1] end
+    if h[i] == '_created' then created = tonumber(h[i + 1])
+    elseif h[i] == '_rotated' then return {'gone'}
+    else cur[h[i]] = h[i + 1] end
   end
   created = created or now
 else
@@ -203,6 +250,7 @@ pub struct RedisStore {
     clock: Arc<RedisClock>,
     load: Script,
     take: Script,
+    restore: Script,
     destroy: Script,
     apply: Script,
 }
@@ -367,6 +415,7 @@ impl RedisStore {
             clock,
             load: Script::from_lua(LOAD),
             take: Script::from_lua(TAKE),
+            restore: Script::from_lua(RESTORE),
             destroy: Script::from_lua(DESTROY),
             apply: Script::from_lua(APPLY),
             settings,
@@ -505,7 +554,7 @@ fn session_from_reply(
         let v = text(&v).ok_or(StoreError::Unexpected("non-string hash value"))?;
         if k == CREATED_FIELD {
             created_ms = v.parse().unwrap_or(created_ms);
-        } else {
+        } else if k != ROTATED_FIELD {
             fields.insert(k, v);
         }
     }
@@ -524,11 +573,14 @@ fn text(v: &Value) -> Option<String> {
 
 #[async_trait]
 impl SessionStore for RedisStore {
-    async fn load(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
+    async fn load(&self, id: &SessionId) -> Result<Loaded, StoreError> {
         let mut args = vec![Self::deadline_placeholder()];
         args.extend(self.ttl_args(now_ms()));
         let reply = self.run(&self.load, self.key(id), args).await?;
-        session_from_reply(reply, "live")
+        if reply.first().and_then(text).as_deref() == Some("rotated") {
+            return Ok(Loaded::Rotated);
+        }
+        Ok(session_from_reply(reply, "live")?.map_or(Loaded::Absent, Loaded::Live))
     }
 
     async fn apply(
@@ -602,9 +654,30 @@ impl SessionStore for RedisStore {
     }
 
     async fn take(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
-        let args = vec![Self::deadline_placeholder()];
+        let args = vec![
+            Self::deadline_placeholder(),
+            Value::Integer(self.settings.ttl.rotation_grace.as_millis() as i64),
+            Value::Integer(now_ms() as i64),
+        ];
         let reply = self.run(&self.take, self.key(id), args).await?;
         session_from_reply(reply, "taken")
+    }
+
+    async fn restore(&self, id: &SessionId) -> Result<Applied, StoreError> {
+        let mut args = vec![Self::deadline_placeholder()];
+        args.extend(self.ttl_args(now_ms()));
+        let reply = self.run(&self.restore, self.key(id), args).await?;
+        let words: Vec<String> = reply.iter().filter_map(text).collect();
+        match words.first().map(String::as_str) {
+            Some("ok") => Ok(Applied::Stored {
+                created_ms: words
+                    .get(1)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or(StoreError::Unexpected("restore without creation time"))?,
+            }),
+            Some("gone") => Ok(Applied::Gone),
+            _ => Err(StoreError::Unexpected("unknown restore result")),
+        }
     }
 
     async fn destroy(&self, id: &SessionId) -> Result<(), StoreError> {

@@ -110,9 +110,10 @@ pub enum StoreError {
     /// stalled store answering late): nothing was changed.
     #[error("the session store ran the call after its deadline of {0:?}; nothing was changed")]
     Late(Duration),
-    /// The Redis client reported an error.
-    #[error("redis error")]
-    Redis(#[from] fred::error::Error),
+    /// The store's client failed: a lost connection, an error reply, a refused login. The source
+    /// is the client's own error; it stays boxed so that no client crate shows through the trait.
+    #[error("session store error")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
     /// Redis answered something the store cannot read.
     #[error("unexpected reply from the session store: {0}")]
     Unexpected(&'static str),
@@ -176,6 +177,17 @@ pub(crate) fn ttl_now(ttl: &TtlPolicy, created_ms: u64, now_ms: u64) -> Option<D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_errors_keep_their_source() {
+        let e = StoreError::Backend(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset",
+        )));
+        let source = std::error::Error::source(&e).expect("the client's error is the source");
+        assert_eq!(source.to_string(), "connection reset");
+        assert!(source.downcast_ref::<std::io::Error>().is_some());
+    }
 
     #[test]
     fn ttl_is_cut_by_the_absolute_timeout() {

@@ -441,7 +441,7 @@ impl RedisStore {
             Ok(Err(e)) if *e.kind() == fred::error::ErrorKind::Timeout => {
                 Err(StoreError::Timeout(timeout))
             }
-            Ok(Err(e)) => Err(e.into()),
+            Ok(Err(e)) => Err(StoreError::Backend(Box::new(e))),
             Err(_) => Err(StoreError::Timeout(timeout)),
         }
     }

@@ -28,7 +28,7 @@ where
             return v;
         }
         assert!(Instant::now() < end, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -62,11 +62,12 @@ async fn answered_while_redis_is_frozen(
         let replies: Vec<&str> = replies.iter().map(String::as_str).collect();
         http.get_replying(&url, &replies).await
     });
-    wait_for(
+    eventually(
         "the request to reach the backend",
         Duration::from_secs(5),
-        || (backend.hits() > before).then_some(()),
-    );
+        || async { (backend.hits() > before).then_some(()) },
+    )
+    .await;
     redis.pause();
     let started = Instant::now();
     let r = request.await.expect("the request task");

@@ -114,6 +114,11 @@ pub struct ServeArgs {
     /// Lifetime from creation that no activity extends (e.g. 12h), or off.
     #[arg(long, env = "STICKLESS_ABSOLUTE_TIMEOUT", default_value = "off", value_parser = optional_duration)]
     pub absolute_timeout: MaybeDuration,
+    /// After a rotation (login), how long the old session id is remembered as rotated: a request
+    /// still carrying the old cookie then gets no session and cannot replace the new cookie.
+    /// At least 1s, and with Redis at least twice --redis-timeout.
+    #[arg(long, env = "STICKLESS_ROTATION_GRACE", default_value = "60s", value_parser = duration)]
+    pub rotation_grace: Duration,
     /// Prefix of the protocol headers between stickless and the backend.
     #[arg(long, env = "STICKLESS_HEADER_PREFIX", default_value = "x-session-", value_parser = HeaderPrefix::parse)]
     pub header_prefix: HeaderPrefix,
@@ -229,6 +234,7 @@ impl ServeArgs {
         settings.ttl = TtlPolicy {
             idle: self.idle_timeout,
             absolute: self.absolute_timeout.0,
+            rotation_grace: self.rotation_grace,
         };
         settings.protocol = ProtocolConfig {
             header_prefix: self.header_prefix,
@@ -276,6 +282,7 @@ mod tests {
         let cfg = cli.serve.into_config(None).unwrap();
         assert!(matches!(cfg.store, StoreConfig::Memory));
         assert_eq!(cfg.ttl.idle, Duration::from_secs(1800));
+        assert_eq!(cfg.ttl.rotation_grace, config::DEFAULT_ROTATION_GRACE);
         assert!(matches!(
             parse(&["gen-key"]).unwrap().command,
             Some(Command::GenKey)
@@ -315,6 +322,21 @@ mod tests {
         assert_eq!(err.flag, "--secret-keys");
         let cli = parse(&["--redis-url", "http://h", "--secret-keys", &"k".repeat(32)]).unwrap();
         assert_eq!(cli.serve.into_config(None).unwrap_err().flag, "--redis-url");
+        let cli = parse(&[
+            "--redis-url",
+            "redis://h",
+            "--secret-keys",
+            &"k".repeat(32),
+            "--redis-timeout",
+            "2s",
+            "--rotation-grace",
+            "1s",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.serve.into_config(None).unwrap_err().flag,
+            "--rotation-grace"
+        );
         let cli = parse(&["--secret-keys", "short"]).unwrap();
         assert_eq!(
             cli.serve.into_config(None).unwrap_err().flag,
@@ -343,6 +365,7 @@ mod tests {
             (&["--max-fields", "0"][..], "--max-fields"),
             (&["--max-fields", "1001"][..], "--max-fields"),
             (&["--max-value-bytes", "0"][..], "--max-value-bytes"),
+            (&["--rotation-grace", "500ms"][..], "--rotation-grace"),
             (
                 &["--max-value-bytes", "10", "--max-session-bytes", "5"][..],
                 "--max-value-bytes",

@@ -147,6 +147,14 @@ pub enum ConfigError {
     /// A Redis URL of a form stickless does not speak.
     #[error("expected redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] or rediss://... (TLS)")]
     RedisUrl,
+    /// A rotation grace too short for the tombstone to outlive a rotation's second step.
+    #[error("{given:?} is shorter than {least:?}: the old session, kept marked as rotated, must outlive a rotation's second step and its undo (at least 1s, and twice --redis-timeout with Redis)")]
+    RotationGraceTooShort {
+        /// The grace given.
+        given: Duration,
+        /// The least allowed.
+        least: Duration,
+    },
     /// A Redis key prefix with spaces or control characters, or too long.
     #[error("use at most 128 characters without spaces or control characters")]
     KeyPrefix,
@@ -165,6 +173,7 @@ impl ConfigError {
             ConfigError::AdminOnProxyAddress(_) => "admin-listen",
             ConfigError::RedisUrl => "redis-url",
             ConfigError::KeyPrefix => "key-prefix",
+            ConfigError::RotationGraceTooShort { .. } => "rotation-grace",
         }
     }
 }
@@ -218,6 +227,18 @@ impl Config {
         }
         if let Some((setting, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
             return Err(ConfigError::ZeroDuration { setting });
+        }
+        // The tombstone a rotation leaves is what a failed rotation is undone from: it must outlive
+        // the rotation's second step and the undo, each bounded by the store timeout.
+        let least = match &settings.store {
+            StoreConfig::Redis { timeout, .. } => (2 * *timeout).max(Duration::from_secs(1)),
+            StoreConfig::Memory => Duration::from_secs(1),
+        };
+        if settings.ttl.rotation_grace < least {
+            return Err(ConfigError::RotationGraceTooShort {
+                given: settings.ttl.rotation_grace,
+                least,
+            });
         }
         if settings.cookie.same_site == SameSite::None
             && settings.cookie.secure == SecureMode::Never
@@ -345,13 +366,22 @@ pub struct TtlPolicy {
     pub idle: Duration,
     /// Lifetime from creation that no activity extends; `None` for no limit.
     pub absolute: Option<Duration>,
+    /// How long a rotated-away id is remembered as rotated (a tombstone) rather than unknown.
+    /// Within it, a request still carrying the old cookie gets no session, and its changes are
+    /// dropped without a new cookie that would replace the one the rotation set.
+    pub rotation_grace: Duration,
 }
+
+/// The default [`TtlPolicy::rotation_grace`]: as long as the default `--upstream-timeout`, so it
+/// covers every request that was already in flight with the old cookie when a login rotated it.
+pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(60);
 
 impl Default for TtlPolicy {
     fn default() -> Self {
         TtlPolicy {
             idle: Duration::from_secs(30 * 60),
             absolute: None,
+            rotation_grace: DEFAULT_ROTATION_GRACE,
         }
     }
 }
@@ -564,6 +594,18 @@ mod tests {
         assert_eq!(e.setting(), "idle-timeout");
         let e = refused(&|s| s.upstream_idle_timeout = Duration::ZERO);
         assert_eq!(e.setting(), "upstream-idle-timeout");
+        let e = refused(&|s| s.ttl.rotation_grace = Duration::from_millis(500));
+        assert_eq!(e.setting(), "rotation-grace");
+        let e = refused(&|s| {
+            s.keys = Some(SigningKeys::random());
+            s.store = StoreConfig::Redis {
+                url: "redis://h".into(),
+                key_prefix: "k:".into(),
+                timeout: Duration::from_secs(2),
+            };
+            s.ttl.rotation_grace = Duration::from_secs(3);
+        });
+        assert_eq!(e.setting(), "rotation-grace");
         let e = refused(&|s| s.admin_listen = s.listen);
         assert_eq!(e.setting(), "admin-listen");
         let e = refused(&|s| {

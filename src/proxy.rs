@@ -31,7 +31,7 @@ use crate::hop;
 use crate::log_limit::LogLimit;
 use crate::metrics::{ClientFault, Event, Lookup, Metrics, StoreOp, UpstreamFailure};
 use crate::protocol::{apply_to_fields, Changes, Protocol, ProtocolError, Rejection};
-use crate::store::{now_ms, Applied, Session, SessionStore, StoreError, Target};
+use crate::store::{now_ms, Applied, Loaded, Session, SessionStore, StoreError, Target};
 use crate::tunnel;
 
 /// The body of every response stickless sends: the backend's, streamed (and cut off if the
@@ -243,7 +243,7 @@ impl Proxy {
         // otherwise remove one that stickless injects below.
         hop::remove_hop_by_hop(req.headers_mut());
 
-        let session = self.resolve(req.headers_mut()).await?;
+        let (session, rotated) = self.resolve(req.headers_mut()).await?;
         let prepared = self.prepare(req, peer, session.as_ref(), upgrade.as_ref())?;
         let mut resp = self.forward(prepared).await?;
 
@@ -253,6 +253,8 @@ impl Proxy {
         let tunnel = Upgrade::accept(upgrade, backend_upgrade, &mut resp)?;
         let action = if changes.is_empty() {
             CookieAction::Keep
+        } else if rotated {
+            self.drop_after_rotation(&changes)
         } else {
             self.store_changes(session, &changes).await?
         };
@@ -289,14 +291,15 @@ impl Proxy {
     }
 
     /// Takes the session cookie out of the request and loads its session. A missing, malformed or
-    /// forged cookie means no session; only a store failure is an error.
+    /// forged cookie means no session; only a store failure is an error. The flag is set for a
+    /// cookie whose session was rotated away within the grace period (no session either).
     async fn resolve(
         &self,
         headers: &mut HeaderMap,
-    ) -> Result<Option<(SessionId, Session)>, ProxyError> {
+    ) -> Result<(Option<(SessionId, Session)>, bool), ProxyError> {
         if !headers.contains_key(header::COOKIE) {
             self.metrics.lookup(Lookup::Miss);
-            return Ok(None);
+            return Ok((None, false));
         }
         let cookies = split_cookies(headers.get_all(header::COOKIE).iter(), self.cookies.name());
         headers.remove(header::COOKIE);
@@ -305,7 +308,7 @@ impl Proxy {
         }
         if cookies.session_values.is_empty() {
             self.metrics.lookup(Lookup::Miss);
-            return Ok(None);
+            return Ok((None, false));
         }
         // Several cookies of one name can arrive (different paths or domains): the first that
         // verifies wins. Only the first few are checked, so that a flood of forged values costs
@@ -323,16 +326,20 @@ impl Proxy {
                     "session cookie failed verification; treated as no session"
                 );
             }
-            return Ok(None);
+            return Ok((None, false));
         };
         match self.timed(StoreOp::Load, self.store.load(&id)).await {
-            Ok(Some(session)) => {
+            Ok(Loaded::Live(session)) => {
                 self.metrics.lookup(Lookup::Hit);
-                Ok(Some((id, session)))
+                Ok((Some((id, session)), false))
             }
-            Ok(None) => {
+            Ok(Loaded::Rotated) => {
                 self.metrics.lookup(Lookup::Miss);
-                Ok(None)
+                Ok((None, true))
+            }
+            Ok(Loaded::Absent) => {
+                self.metrics.lookup(Lookup::Miss);
+                Ok((None, false))
             }
             Err(e) => {
                 self.metrics.lookup(Lookup::Error);
@@ -487,8 +494,13 @@ impl Proxy {
         let mut moved: Option<(SessionId, Session)> = None;
         if changes.rotate {
             if let Some(old) = current.take() {
-                if let Some(taken) = self.timed(StoreOp::Take, self.store.take(&old)).await? {
-                    moved = Some((old, taken));
+                match self.timed(StoreOp::Take, self.store.take(&old)).await {
+                    Ok(taken) => moved = taken.map(|taken| (old, taken)),
+                    // The take may have run and only its answer been lost.
+                    Err(e) => {
+                        self.put_back(Some(old)).await;
+                        return Err(e.into());
+                    }
                 }
             }
         }
@@ -538,28 +550,22 @@ impl Proxy {
             }
             Ok(Applied::Gone) => Ok(action),
             Ok(Applied::Rejected(r)) => {
-                self.put_back(moved).await;
+                self.put_back(moved.map(|(old, _)| old)).await;
                 Err(r.into())
             }
             Err(e) => {
-                self.put_back(moved).await;
+                self.put_back(moved.map(|(old, _)| old)).await;
                 Err(e.into())
             }
         }
     }
 
-    /// A rotation took the old session but could not write the new one: the fields go back under
-    /// the old id, so that a failed login does not also log the user out.
-    async fn put_back(&self, moved: Option<(SessionId, Session)>) {
-        let Some((old, base)) = moved else { return };
-        let target = Target::New { base: Some(&base) };
-        match self
-            .timed(
-                StoreOp::Apply,
-                self.store.apply(&old, target, &Changes::default()),
-            )
-            .await
-        {
+    /// A rotation took the old session (or may have) but could not write the new one: the take's
+    /// tombstone, which still holds the fields, becomes the session again, so that a failed login
+    /// does not also log the user out.
+    async fn put_back(&self, old: Option<SessionId>) {
+        let Some(old) = old else { return };
+        match self.timed(StoreOp::Apply, self.store.restore(&old)).await {
             Ok(Applied::Stored { .. }) => {
                 tracing::warn!("rotation failed; the session stays under its old id");
             }
@@ -569,6 +575,24 @@ impl Proxy {
             Err(e) => {
                 tracing::error!(error = %e, "rotation failed and the session could not be put back")
             }
+        }
+    }
+
+    /// The changes of a request whose cookie's session was rotated away moments ago, typically
+    /// one of a page's requests still in flight during a login. They are dropped, and no cookie is
+    /// set: a new session's cookie would replace the one the rotation set, and the login with it.
+    /// A Destroy still clears the cookie.
+    fn drop_after_rotation(&self, changes: &Changes) -> CookieAction {
+        if changes.rotate || !changes.field_changes().is_empty() {
+            self.metrics.event(Event::Dropped);
+            tracing::warn!(
+                "request carried the cookie of a session rotated meanwhile; its changes were dropped"
+            );
+        }
+        if changes.destroy {
+            CookieAction::Clear
+        } else {
+            CookieAction::Keep
         }
     }
 

@@ -5,6 +5,13 @@
 //! A session is a set of fields plus its creation time. Every operation is atomic in the store:
 //! a load renews the sliding TTL in the same step, and a change applies field by field, all or
 //! nothing, and never brings back a session that expired in the meantime.
+//!
+//! A rotation takes a session from its old id and writes it under a new one. The take leaves a
+//! *tombstone* under the old id for [`TtlPolicy::rotation_grace`]: the old fields, marked
+//! rotated, never the new id's. A request that still carries the old cookie loads it as
+//! [`Loaded::Rotated`], so the proxy can refuse it a session without handing it a cookie that
+//! would replace the new one; and a rotation whose second step fails is undone from it with
+//! [`SessionStore::restore`].
 
 pub mod memory;
 pub mod redis;
@@ -21,6 +28,32 @@ use crate::protocol::{Changes, Fields, Rejection};
 /// The hash field that holds a session's creation time in milliseconds since the Unix epoch.
 /// Its `_` keeps it apart from every protocol field name.
 pub const CREATED_FIELD: &str = "_created";
+
+/// The hash field that marks a tombstone: a session rotated away from this id. It holds the time
+/// of the rotation in milliseconds since the Unix epoch.
+pub const ROTATED_FIELD: &str = "_rotated";
+
+/// What a load found under an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Loaded {
+    /// A live session, whose idle TTL the load has renewed.
+    Live(Session),
+    /// A session rotated away from this id within the rotation grace: no session for this
+    /// request, and no new one either.
+    Rotated,
+    /// Nothing: never created, expired, destroyed, or rotated longer ago than the grace.
+    Absent,
+}
+
+impl Loaded {
+    /// The session, if live.
+    pub fn live(self) -> Option<Session> {
+        match self {
+            Loaded::Live(s) => Some(s),
+            Loaded::Rotated | Loaded::Absent => None,
+        }
+    }
+}
 
 /// A loaded session.
 #[derive(Clone, PartialEq, Eq)]
@@ -73,9 +106,14 @@ pub enum StoreError {
     /// No answer within the configured bound.
     #[error("the session store did not answer within {0:?}")]
     Timeout(Duration),
-    /// The Redis client reported an error.
-    #[error("redis error")]
-    Redis(#[from] fred::error::Error),
+    /// The store ran the call after its deadline, when the caller had already given up (a
+    /// stalled store answering late): nothing was changed.
+    #[error("the session store ran the call after its deadline of {0:?}; nothing was changed")]
+    Late(Duration),
+    /// The store's client failed: a lost connection, an error reply, a refused login. The source
+    /// is the client's own error; it stays boxed so that no client crate shows through the trait.
+    #[error("session store error")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
     /// Redis answered something the store cannot read.
     #[error("unexpected reply from the session store: {0}")]
     Unexpected(&'static str),
@@ -85,11 +123,12 @@ pub enum StoreError {
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
     /// Loads a session and renews its idle TTL in the same atomic step (one round trip).
-    /// `None` when it does not exist or has reached its absolute timeout.
-    async fn load(&self, id: &SessionId) -> Result<Option<Session>, StoreError>;
+    /// [`Loaded::Absent`] when it does not exist or has reached its absolute timeout,
+    /// [`Loaded::Rotated`] for a tombstone (whose TTL is left alone).
+    async fn load(&self, id: &SessionId) -> Result<Loaded, StoreError>;
 
     /// Applies field changes atomically, checking the limits against what is stored at that
-    /// moment, and renews the TTL.
+    /// moment, and renews the TTL. A tombstone is [`Applied::Gone`] for [`Target::Existing`].
     async fn apply(
         &self,
         id: &SessionId,
@@ -97,10 +136,18 @@ pub trait SessionStore: Send + Sync + 'static {
         changes: &Changes,
     ) -> Result<Applied, StoreError>;
 
-    /// Reads and deletes a session in one atomic step (the first half of a rotation).
+    /// Reads a session and turns it into a tombstone for the rotation grace, in one atomic step
+    /// (the first half of a rotation). `None` when there is no live session, tombstones included:
+    /// of concurrent rotations of one session, one gets it.
     async fn take(&self, id: &SessionId) -> Result<Option<Session>, StoreError>;
 
-    /// Deletes a session.
+    /// Undoes a take whose rotation failed: the tombstone becomes the live session again, with a
+    /// renewed TTL. [`Applied::Stored`] when a session is live under `id` afterwards (a live one
+    /// is left as it is), [`Applied::Gone`] when the tombstone expired or the absolute timeout
+    /// has passed.
+    async fn restore(&self, id: &SessionId) -> Result<Applied, StoreError>;
+
+    /// Deletes a session (or a tombstone).
     async fn destroy(&self, id: &SessionId) -> Result<(), StoreError>;
 
     /// Checks that the store answers.
@@ -132,10 +179,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn backend_errors_keep_their_source() {
+        let e = StoreError::Backend(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset",
+        )));
+        let source = std::error::Error::source(&e).expect("the client's error is the source");
+        assert_eq!(source.to_string(), "connection reset");
+        assert!(source.downcast_ref::<std::io::Error>().is_some());
+    }
+
+    #[test]
     fn ttl_is_cut_by_the_absolute_timeout() {
         let mut p = TtlPolicy {
             idle: Duration::from_secs(60),
             absolute: None,
+            ..TtlPolicy::default()
         };
         assert_eq!(ttl_now(&p, 0, 10_000_000), Some(Duration::from_secs(60)));
         p.absolute = Some(Duration::from_secs(100));

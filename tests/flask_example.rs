@@ -501,8 +501,15 @@ async fn non_ascii_username_round_trips_and_login_rotates() {
             "the login rotated the session id"
         );
         let key = format!("stickless:{}", id_of(&cookie));
-        assert_eq!(pttl(redis, &old_key).await, -2, "the old id is gone");
-        assert_eq!(keys(redis, "stickless:*").await, vec![key.clone()]);
+        // The old id is only a tombstone for the rotation grace: marked, without the new fields.
+        let tombstone = hgetall(redis, &old_key).await;
+        assert!(tombstone.contains_key("_rotated"), "{tombstone:?}");
+        assert_eq!(tombstone.get("username").map(String::as_str), Some("alice"));
+        let mut all = keys(redis, "stickless:*").await;
+        all.sort();
+        let mut expected = vec![key.clone(), old_key.clone()];
+        expected.sort();
+        assert_eq!(all, expected);
 
         // Redis holds the decoded value, byte for byte; the rotation kept the rest.
         let stored = hgetall(redis, &key).await;
@@ -555,7 +562,11 @@ async fn non_ascii_username_round_trips_and_login_rotates() {
         assert_eq!(pttl(redis, &key).await, -2);
         let r = http.get(&a.url("/")).await;
         assert_not_logged_in(&r, "GET / on A after logout");
-        assert!(keys(redis, "stickless:*").await.is_empty());
+        assert_eq!(
+            keys(redis, "stickless:*").await,
+            vec![old_key],
+            "only the rotation's tombstone is left"
+        );
     })
     .await;
 }

@@ -459,14 +459,23 @@ async fn rotate_moves_the_session_to_a_new_id() {
         vec![format!("sid={new}; Path=/; HttpOnly; SameSite=Lax")]
     );
     let new_key = key_of(&new);
-    assert_eq!(pttl(&redis, &old_key).await, -2, "the old key is gone");
+    // The old key is a tombstone for the rotation grace (60 s by default): the old fields, marked.
+    let mut tombstone = hgetall(&redis, &old_key).await;
+    assert!(tombstone.remove("_rotated").is_some(), "{tombstone:?}");
+    assert_eq!(tombstone, old_hash);
+    let p = pttl(&redis, &old_key).await;
+    assert!(p > 50_000 && p <= 60_000, "tombstone PTTL {p}");
     assert_eq!(
         hgetall(&redis, &new_key).await,
         old_hash,
         "fields and _created moved"
     );
     assert!(pttl(&redis, &new_key).await > 1_700_000);
-    assert_eq!(keys(&redis, "*").await, vec![new_key]);
+    let mut all = keys(&redis, "*").await;
+    all.sort();
+    let mut expected = vec![new_key, old_key];
+    expected.sort();
+    assert_eq!(all, expected);
 
     let r = get_with(&proxy.url("/"), &[("cookie", &format!("sid={old}"))]).await;
     assert_eq!(r.seen().header("x-session"), Some("none"));
@@ -486,7 +495,11 @@ async fn rotate_moves_the_session_to_a_new_id() {
         .await;
     assert_eq!(r.status, 200);
     assert!(r.set_cookies().is_empty());
-    assert_eq!(keys(&redis, "*").await.len(), 1);
+    assert_eq!(
+        keys(&redis, "*").await.len(),
+        2,
+        "the new key and the tombstone"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -514,7 +527,11 @@ async fn rotate_and_set_in_one_response_is_a_login() {
     assert_eq!(cookies.len(), 1, "one cookie: {cookies:?}");
     let logged_in = r.sid().unwrap();
     assert_ne!(id_of(&logged_in), id_of(&anon));
-    assert_eq!(pttl(&redis, &key_of(&anon)).await, -2);
+    let tombstone = hgetall(&redis, &key_of(&anon)).await;
+    assert!(
+        tombstone.contains_key("_rotated") && !tombstone.contains_key("user"),
+        "the old key is a tombstone without the login's fields: {tombstone:?}"
+    );
     let stored = hgetall(&redis, &key_of(&logged_in)).await;
     assert_eq!(stored["_created"], created, "_created preserved");
     assert_eq!(
@@ -536,7 +553,11 @@ async fn rotate_and_set_in_one_response_is_a_login() {
         without_created(hgetall(&redis, &key_of(&bob)).await),
         map(&[("user", "bob")])
     );
-    assert_eq!(keys(&redis, "*").await.len(), 2);
+    assert_eq!(
+        keys(&redis, "*").await.len(),
+        3,
+        "alice, bob and the tombstone"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1452,7 +1473,11 @@ async fn header_prefix_switches_every_header_name() {
         .get_replying(&proxy.url("/"), &["x-app-destroy: true"])
         .await;
     assert_eq!(r.sid().as_deref(), Some(""));
-    assert!(keys(&redis, "*").await.is_empty());
+    assert_eq!(
+        keys(&redis, "*").await,
+        vec![key],
+        "only the rotation's tombstone is left"
+    );
     let r = http
         .get_replying(&proxy.url("/"), &["x-app-frobnicate: 1"])
         .await;
@@ -1739,4 +1764,127 @@ async fn session_headers_sent_as_trailers_are_removed() {
         "the backend got only the harmless trailer"
     );
     let _ = stop.send(());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests still carrying the cookie from before a login
+// ---------------------------------------------------------------------------------------------
+
+const DROPPED: &str = "stickless_session_events_total{event=\"dropped\"}";
+const GRACE: Duration = Duration::from_secs(1);
+
+/// A page's requests that were sent with the cookie from before the login (A) while the login
+/// rotated it to B. They must not replace B's cookie in the browser, nor see B's fields; once the
+/// grace period is over, A is simply unknown. Only HTTP is used, so this runs on both stores.
+async fn old_cookie_after_a_login(proxy: &Stickless, redis: Option<&RedisServer>) {
+    let mut http = Http::with_jar();
+    http.get_replying(&proxy.url("/cart"), &["x-session-set-cart: 3"])
+        .await;
+    let a = http.sid.clone().expect("a session");
+    let r = http
+        .get_replying(
+            &proxy.url("/login"),
+            &["x-session-rotate: true", "x-session-set-user: alice"],
+        )
+        .await;
+    let b = r.sid().expect("the login sets a new cookie");
+    assert_ne!(id_of(&a), id_of(&b));
+    let rotated_at = std::time::Instant::now();
+    let b_fields = map(&[("cart", "3"), ("user", "alice")]);
+    let old = || {
+        let mut h = Http::new();
+        h.sid = Some(a.clone());
+        h.keep_cookies = true;
+        h
+    };
+
+    // The old cookie's requests: every change dropped, no cookie, no fields.
+    let dropped = proxy.metric(DROPPED).await;
+    for replies in [
+        &["x-session-set-x: 1"][..],
+        &["x-session-incr-n: 1"],
+        &["x-session-delete: cart"],
+        &["x-session-rotate: true", "x-session-set-user: mallory"],
+    ] {
+        let r = old().get_replying(&proxy.url("/"), replies).await;
+        assert_eq!(r.status, 200, "{replies:?}: {}", r.text());
+        assert!(
+            r.set_cookies().is_empty(),
+            "{replies:?}: a request with the pre-login cookie replaced the login's cookie: {:?}",
+            r.set_cookies()
+        );
+        assert_eq!(r.seen().header("x-session"), Some("none"), "{replies:?}");
+        assert!(r.seen().fields().is_empty(), "{replies:?}");
+        assert!(
+            rotated_at.elapsed() < GRACE,
+            "test design: the grace ran out"
+        );
+    }
+    assert_eq!(proxy.metric(DROPPED).await, dropped + 4.0);
+    // A logout with the old cookie still clears the cookie.
+    let r = old()
+        .get_replying(&proxy.url("/logout"), &["x-session-destroy: true"])
+        .await;
+    assert_eq!(r.sid().as_deref(), Some(""), "Destroy clears the cookie");
+
+    // B is untouched.
+    let r = http.get(&proxy.url("/")).await;
+    assert_eq!(r.seen().header("x-session"), Some("active"));
+    assert_eq!(r.seen().fields(), b_fields);
+    if let Some(redis) = redis {
+        let stored = hgetall(redis, &key_of(&a)).await;
+        assert!(
+            !stored.contains_key("user") && !stored.contains_key("x"),
+            "the old key never holds the login's fields: {stored:?}"
+        );
+    }
+
+    // After the grace, the old cookie is an unknown session: a Set starts a new one.
+    let started = std::time::Instant::now();
+    let fresh = loop {
+        let r = old()
+            .get_replying(&proxy.url("/"), &["x-session-set-x: 1"])
+            .await;
+        assert_eq!(r.seen().header("x-session"), Some("none"));
+        if let Some(c) = r.sid() {
+            break c;
+        }
+        assert!(
+            started.elapsed() < GRACE + Duration::from_secs(5),
+            "the old cookie still counts as rotated {:?} after the login",
+            rotated_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        rotated_at.elapsed() >= GRACE - Duration::from_millis(100),
+        "the grace ended after {:?}",
+        rotated_at.elapsed()
+    );
+    assert_ne!(id_of(&fresh), id_of(&a));
+    assert_ne!(id_of(&fresh), id_of(&b));
+    let r = http.get(&proxy.url("/")).await;
+    assert_eq!(r.seen().fields(), b_fields, "B is still untouched");
+    if let Some(redis) = redis {
+        assert_eq!(pttl(redis, &key_of(&a)).await, -2, "the tombstone expired");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pre_login_cookie_never_replaces_the_login_on_redis() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(
+        &backend.url(),
+        &redis,
+        &["--rotation-grace", "1s", "--redis-timeout", "300ms"],
+    );
+    old_cookie_after_a_login(&proxy, Some(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pre_login_cookie_never_replaces_the_login_on_the_embedded_store() {
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::start(&backend.url(), &["--rotation-grace", "1s"]);
+    old_cookie_after_a_login(&proxy, None).await;
 }

@@ -5,63 +5,154 @@
 //! round trip, and works unchanged on a cluster (one key, one slot). Scripts go by `EVALSHA` and
 //! are loaded again after a `NOSCRIPT` (a restarted or newly promoted server has an empty script
 //! cache). Nothing here needs `CONFIG` or any other command that ElastiCache disables.
+//!
+//! A call that times out has not necessarily failed: a script queued behind a stalled Redis still
+//! runs when Redis resumes, long after the client was answered 503. So every script carries a
+//! deadline in Redis's own clock (`ARGV[1]`) and refuses to act once Redis's `TIME` is past it;
+//! the ambiguous window shrinks to the network delay of the reply. The offset between this
+//! machine's clock and Redis's is measured with `TIME` when a connection is made and on every
+//! [`SessionStore::ping`], never in the request path.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use fred::prelude::*;
 use fred::types::scripts::Script;
-use fred::types::Value;
+use fred::types::{ClusterHash, CustomCommand, Value};
 
-use super::{now_ms, Applied, Session, SessionStore, StoreError, Target, CREATED_FIELD};
+use super::{
+    now_ms, Applied, Loaded, Session, SessionStore, StoreError, Target, CREATED_FIELD,
+    ROTATED_FIELD,
+};
 use crate::config::{ProtocolConfig, TtlPolicy};
 use crate::cookie::SessionId;
 use crate::protocol::{Changes, Fields, Rejection};
 
-/// Reads a session and renews its TTL, cut short by the absolute timeout.
-/// ARGV: now_ms, idle_ms, absolute_ms (0 for none).
-const LOAD: &str = r#"
+/// The start of every script: `ARGV[1]` is a deadline in milliseconds of Redis's clock (0 for
+/// none). Past it, the caller has given up and answered 503, so the script must change nothing.
+/// Redis 5 and later replicate a script's effects, not the script, which is what allows `TIME`
+/// before writes.
+macro_rules! deadline_check {
+    () => {
+        r#"
+local t = redis.call('TIME')
+local clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local deadline = tonumber(ARGV[1])
+if deadline > 0 and clock > deadline then return {'late', string.format('%d', clock)} end
+"#
+    };
+}
+
+/// Reads a session and renews its TTL, cut short by the absolute timeout. A tombstone is left
+/// as it is: its TTL is the rotation grace, counted from the rotation.
+/// ARGV: deadline, now_ms, idle_ms, absolute_ms (0 for none).
+/// Reply: `{'absent'}`, `{'rotated'}` or `{'live', name, value, ...}` (the hash, `_created`
+/// included).
+const LOAD: &str = concat!(
+    deadline_check!(),
+    r#"
 local h = redis.call('HGETALL', KEYS[1])
-if #h == 0 then return h end
+if #h == 0 then return {'absent'} end
 local created
 for i = 1, #h, 2 do
-  if h[i] == '_created' then created = tonumber(h[i + 1]) break end
+  if h[i] == '_created' then created = tonumber(h[i + 1])
+  elseif h[i] == '_rotated' then return {'rotated'} end
 end
-local ttl = tonumber(ARGV[2])
-local abs = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[3])
+local abs = tonumber(ARGV[4])
 if abs > 0 and created then
-  local left = created + abs - tonumber(ARGV[1])
+  local left = created + abs - tonumber(ARGV[2])
   if left <= 0 then
     redis.call('DEL', KEYS[1])
-    return {}
+    return {'absent'}
   end
   if left < ttl then ttl = left end
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
+table.insert(h, 1, 'live')
 return h
-"#;
+"#
+);
 
-/// Reads and deletes a session (the first half of a rotation).
-const TAKE: &str = r#"
+/// Reads a session and turns it into a tombstone (the first half of a rotation): the fields
+/// stay, so that a failed rotation can be undone, the marker `_rotated` makes every later load
+/// of this id `rotated`, and the key lives for the rotation grace. A tombstone is never taken
+/// again. ARGV: deadline, grace_ms, now_ms.
+/// Reply: `{'absent'}` or `{'taken', name, value, ...}`.
+const TAKE: &str = concat!(
+    deadline_check!(),
+    r#"
 local h = redis.call('HGETALL', KEYS[1])
-if #h > 0 then redis.call('DEL', KEYS[1]) end
+if #h == 0 then return {'absent'} end
+for i = 1, #h, 2 do
+  if h[i] == '_rotated' then return {'absent'} end
+end
+redis.call('HSET', KEYS[1], '_rotated', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+table.insert(h, 1, 'taken')
 return h
-"#;
+"#
+);
+
+/// Undoes a take: a tombstone becomes a live session again, with its TTL renewed (cut short by
+/// the absolute timeout, past which it is deleted instead). A live session is left as it is.
+/// ARGV: deadline, now_ms, idle_ms, absolute_ms. Reply: `{'ok', created_ms}` or `{'gone'}`.
+const RESTORE: &str = concat!(
+    deadline_check!(),
+    r#"
+local h = redis.call('HGETALL', KEYS[1])
+if #h == 0 then return {'gone'} end
+local now = tonumber(ARGV[2])
+local created, rotated
+for i = 1, #h, 2 do
+  if h[i] == '_created' then created = tonumber(h[i + 1])
+  elseif h[i] == '_rotated' then rotated = true end
+end
+created = created or now
+if not rotated then return {'ok', string.format('%d', created)} end
+local ttl = tonumber(ARGV[3])
+local abs = tonumber(ARGV[4])
+if abs > 0 then
+  local left = created + abs - now
+  if left <= 0 then
+    redis.call('DEL', KEYS[1])
+    return {'gone'}
+  end
+  if left < ttl then ttl = left end
+end
+redis.call('HDEL', KEYS[1], '_rotated')
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {'ok', string.format('%d', created)}
+"#
+);
+
+/// Deletes a session. ARGV: deadline. Reply: `{'ok'}`.
+const DESTROY: &str = concat!(
+    deadline_check!(),
+    r#"
+redis.call('DEL', KEYS[1])
+return {'ok'}
+"#
+);
 
 /// Applies changes all or nothing: first works out the resulting session and checks it, then
 /// writes field by field (HDEL, HSET, HINCRBY) and renews the TTL. It mirrors
 /// `protocol::apply_to_fields`, which the memory store runs.
-/// ARGV: mode ('existing' | 'new'), now_ms, idle_ms, absolute_ms, max_fields, max_bytes,
-/// created_ms (new sessions; '' for now), then counted lists: base pairs, deletes, set pairs,
-/// incr pairs.
-const APPLY: &str = r#"
+/// ARGV: deadline, mode ('existing' | 'new'), now_ms, idle_ms, absolute_ms, max_fields,
+/// max_bytes, created_ms (new sessions; '' for now), then counted lists: base pairs, deletes,
+/// set pairs, incr pairs.
+const APPLY: &str = concat!(
+    deadline_check!(),
+    r#"
 local key = KEYS[1]
-local existing = ARGV[1] == 'existing'
-local now = tonumber(ARGV[2])
-local ttl = tonumber(ARGV[3])
-local abs = tonumber(ARGV[4])
-local max_fields = tonumber(ARGV[5])
-local max_bytes = tonumber(ARGV[6])
+local existing = ARGV[2] == 'existing'
+local now = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+local abs = tonumber(ARGV[5])
+local max_fields = tonumber(ARGV[6])
+local max_bytes = tonumber(ARGV[7])
 local MAX = 9007199254740991
 local cur = {}
 local created
@@ -69,11 +160,13 @@ if existing then
   local h = redis.call('HGETALL', key)
   if #h == 0 then return {'gone'} end
   for i = 1, #h, 2 do
-    if h[i] == '_created' then created = tonumber(h[i + 1]) else cur[h[i]] = h[i + 1] end
+    if h[i] == '_created' then created = tonumber(h[i + 1])
+    elseif h[i] == '_rotated' then return {'gone'}
+    else cur[h[i]] = h[i + 1] end
   end
   created = created or now
 else
-  created = tonumber(ARGV[7]) or now
+  created = tonumber(ARGV[8]) or now
 end
 if abs > 0 then
   local left = created + abs - now
@@ -83,7 +176,7 @@ if abs > 0 then
   end
   if left < ttl then ttl = left end
 end
-local i = 8
+local i = 9
 local base = {}
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
@@ -132,7 +225,8 @@ if #sets > 0 then redis.call('HSET', key, unpack(sets)) end
 for j = 1, #incrs, 2 do redis.call('HINCRBY', key, incrs[j], incrs[j + 1]) end
 redis.call('PEXPIRE', key, ttl)
 return {'ok', string.format('%d', created)}
-"#;
+"#
+);
 
 /// Settings of the Redis store.
 #[derive(Clone)]
@@ -153,9 +247,87 @@ pub struct RedisSettings {
 pub struct RedisStore {
     client: Client,
     settings: RedisSettings,
+    clock: Arc<RedisClock>,
     load: Script,
     take: Script,
+    restore: Script,
+    destroy: Script,
     apply: Script,
+}
+
+/// What is known of Redis's clock: its offset from this machine's wall clock.
+struct RedisClock {
+    /// Redis's `TIME` minus the local wall clock, in milliseconds; [`RedisClock::UNKNOWN`] until
+    /// first measured.
+    offset_ms: AtomicI64,
+    /// Set when a connection is (re)made: the server, and so its clock, may have changed. The
+    /// next store call then measures again, in the background.
+    stale: AtomicBool,
+}
+
+impl RedisClock {
+    const UNKNOWN: i64 = i64::MIN;
+
+    fn offset(&self) -> Option<i64> {
+        Some(self.offset_ms.load(Ordering::Relaxed)).filter(|&o| o != Self::UNKNOWN)
+    }
+
+    fn set(&self, offset_ms: i64) {
+        self.offset_ms.store(offset_ms, Ordering::Relaxed);
+    }
+
+    /// Asks Redis for its `TIME` and records the offset, taking the middle of the round trip as
+    /// the moment Redis read its clock (so the error is at most half the round trip).
+    async fn measure(&self, client: &Client) -> Result<(), fred::error::Error> {
+        let before = now_us();
+        let reply: Vec<String> = client
+            .custom(
+                CustomCommand::new_static("TIME", ClusterHash::Random, false),
+                Vec::<Value>::new(),
+            )
+            .await?;
+        let after = now_us();
+        let redis_us = match reply.as_slice() {
+            [secs, micros] => secs
+                .parse::<i64>()
+                .ok()
+                .zip(micros.parse::<i64>().ok())
+                .map(|(s, us)| s * 1_000_000 + us),
+            _ => None,
+        };
+        let Some(redis_us) = redis_us else {
+            return Err(fred::error::Error::new(
+                fred::error::ErrorKind::Protocol,
+                "unexpected TIME reply",
+            ));
+        };
+        let offset_ms = (redis_us - (before + after) / 2).div_euclid(1000);
+        if let Some(old) = self.offset() {
+            if (old - offset_ms).abs() > 100 {
+                tracing::info!(
+                    old_ms = old,
+                    new_ms = offset_ms,
+                    "redis clock offset changed"
+                );
+            }
+        }
+        self.set(offset_ms);
+        Ok(())
+    }
+}
+
+/// Microseconds since the Unix epoch on the local wall clock.
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// How long before the caller gives up a script must have started, for its reply to have time to
+/// come back: the reply's network delay plus the error of the clock offset (half a round trip),
+/// with room to spare on a healthy network, and never more than a quarter of the timeout.
+fn deadline_margin(timeout: Duration) -> Duration {
+    (timeout / 4).min(Duration::from_millis(50))
 }
 
 /// Why the Redis store could not be set up.
@@ -205,9 +377,18 @@ impl RedisStore {
             tracing::warn!(server = ?server.map(|s| s.to_string()), error = %error, "redis connection error");
             Ok(())
         });
-        client.on_reconnect(|server| async move {
-            tracing::info!(server = %server, "redis connected");
-            Ok(())
+        let clock = Arc::new(RedisClock {
+            offset_ms: AtomicI64::new(RedisClock::UNKNOWN),
+            stale: AtomicBool::new(true),
+        });
+        let on_connect = clock.clone();
+        client.on_reconnect(move |server| {
+            // Only a flag: measuring here would need the client inside its own callback.
+            on_connect.stale.store(true, Ordering::Relaxed);
+            async move {
+                tracing::info!(server = %server, "redis connected");
+                Ok(())
+            }
         });
         client.connect();
         match tokio::time::timeout(
@@ -216,7 +397,14 @@ impl RedisStore {
         )
         .await
         {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                // Measured before the first request, so that it already carries a deadline.
+                match tokio::time::timeout(timeout, clock.measure(&client)).await {
+                    Ok(Ok(())) => clock.stale.store(false, Ordering::Relaxed),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "could not read the redis clock"),
+                    Err(_) => tracing::warn!("redis did not answer TIME in time"),
+                }
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "redis is not reachable yet; retrying in the background")
             }
@@ -224,8 +412,11 @@ impl RedisStore {
         }
         Ok(RedisStore {
             client,
+            clock,
             load: Script::from_lua(LOAD),
             take: Script::from_lua(TAKE),
+            restore: Script::from_lua(RESTORE),
+            destroy: Script::from_lua(DESTROY),
             apply: Script::from_lua(APPLY),
             settings,
         })
@@ -250,19 +441,76 @@ impl RedisStore {
             Ok(Err(e)) if *e.kind() == fred::error::ErrorKind::Timeout => {
                 Err(StoreError::Timeout(timeout))
             }
-            Ok(Err(e)) => Err(e.into()),
+            Ok(Err(e)) => Err(StoreError::Backend(Box::new(e))),
             Err(_) => Err(StoreError::Timeout(timeout)),
         }
     }
 
+    /// Runs a script whose `ARGV[1]` is a placeholder for the deadline, which is filled in here,
+    /// as late as possible. A script that reports it started after its deadline changed nothing:
+    /// that is [`StoreError::Late`].
     async fn run(
         &self,
         script: &Script,
         key: String,
-        args: Vec<Value>,
+        mut args: Vec<Value>,
     ) -> Result<Vec<Value>, StoreError> {
-        self.bounded(script.evalsha_with_reload::<Vec<Value>, _, _>(&self.client, key, args))
-            .await
+        if self.clock.stale.swap(false, Ordering::Relaxed) {
+            self.remeasure_in_background();
+        }
+        let timeout = self.settings.timeout;
+        let budget = timeout.saturating_sub(deadline_margin(timeout));
+        let started = Instant::now();
+        let sent_us = now_us();
+        if let Some(first) = args.first_mut() {
+            // Without a measured offset there is no deadline (0): the script always acts.
+            *first = Value::Integer(self.clock.offset().map_or(0, |offset| {
+                sent_us.div_euclid(1000) + offset + budget.as_millis() as i64
+            }));
+        }
+        let reply = self
+            .bounded(script.evalsha_with_reload::<Vec<Value>, _, _>(&self.client, key, args))
+            .await?;
+        if reply.first().and_then(text).as_deref() == Some("late") {
+            if started.elapsed() < budget {
+                // Late by Redis's clock but not by ours: the offset is wrong (a failover to a
+                // server with another clock, a clock step). The reply carries Redis's time.
+                if let Some(redis_ms) = reply
+                    .get(1)
+                    .and_then(text)
+                    .and_then(|t| t.parse::<i64>().ok())
+                {
+                    let mid_ms = (sent_us + now_us()).div_euclid(2_000);
+                    self.clock.set(redis_ms - mid_ms);
+                    tracing::warn!("a redis script was refused as late by a wrong clock offset; offset measured again");
+                }
+            }
+            return Err(StoreError::Late(timeout));
+        }
+        Ok(reply)
+    }
+
+    fn remeasure_in_background(&self) {
+        let (client, clock, timeout) = (
+            self.client.clone(),
+            self.clock.clone(),
+            self.settings.timeout,
+        );
+        tokio::spawn(async move {
+            match tokio::time::timeout(timeout, clock.measure(&client)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    clock.stale.store(true, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "could not read the redis clock")
+                }
+                Err(_) => clock.stale.store(true, Ordering::Relaxed),
+            }
+        });
+    }
+
+    /// The deadline's place in a script's arguments, filled in by [`RedisStore::run`].
+    fn deadline_placeholder() -> Value {
+        Value::Integer(0)
     }
 
     fn ttl_args(&self, now: u64) -> [Value; 3] {
@@ -279,10 +527,21 @@ impl RedisStore {
     }
 }
 
-/// Turns a flat HGETALL reply into a session.
-fn session_from_reply(reply: Vec<Value>) -> Result<Option<Session>, StoreError> {
-    if reply.is_empty() {
-        return Ok(None);
+/// Turns a script's reply, a status word and then a flat HGETALL, into a session: `None` for
+/// the word `absent`.
+fn session_from_reply(
+    mut reply: Vec<Value>,
+    found: &'static str,
+) -> Result<Option<Session>, StoreError> {
+    let status = if reply.is_empty() {
+        None
+    } else {
+        text(&reply.remove(0))
+    };
+    match status.as_deref() {
+        Some("absent") => return Ok(None),
+        Some(s) if s == found => {}
+        _ => return Err(StoreError::Unexpected("unknown read result")),
     }
     if !reply.len().is_multiple_of(2) {
         return Err(StoreError::Unexpected("odd-length hash reply"));
@@ -295,7 +554,7 @@ fn session_from_reply(reply: Vec<Value>) -> Result<Option<Session>, StoreError> 
         let v = text(&v).ok_or(StoreError::Unexpected("non-string hash value"))?;
         if k == CREATED_FIELD {
             created_ms = v.parse().unwrap_or(created_ms);
-        } else {
+        } else if k != ROTATED_FIELD {
             fields.insert(k, v);
         }
     }
@@ -314,11 +573,14 @@ fn text(v: &Value) -> Option<String> {
 
 #[async_trait]
 impl SessionStore for RedisStore {
-    async fn load(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
-        let reply = self
-            .run(&self.load, self.key(id), self.ttl_args(now_ms()).to_vec())
-            .await?;
-        session_from_reply(reply)
+    async fn load(&self, id: &SessionId) -> Result<Loaded, StoreError> {
+        let mut args = vec![Self::deadline_placeholder()];
+        args.extend(self.ttl_args(now_ms()));
+        let reply = self.run(&self.load, self.key(id), args).await?;
+        if reply.first().and_then(text).as_deref() == Some("rotated") {
+            return Ok(Loaded::Rotated);
+        }
+        Ok(session_from_reply(reply, "live")?.map_or(Loaded::Absent, Loaded::Live))
     }
 
     async fn apply(
@@ -337,9 +599,10 @@ impl SessionStore for RedisStore {
             ),
         };
         let mut args: Vec<Value> = Vec::with_capacity(
-            12 + 2 * (changes.set.len() + changes.incr.len()) + changes.delete.len(),
+            13 + 2 * (changes.set.len() + changes.incr.len()) + changes.delete.len(),
         );
         args.extend([
+            Self::deadline_placeholder(),
             mode.into(),
             now,
             idle,
@@ -391,19 +654,42 @@ impl SessionStore for RedisStore {
     }
 
     async fn take(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
-        let reply = self.run(&self.take, self.key(id), Vec::new()).await?;
-        session_from_reply(reply)
+        let args = vec![
+            Self::deadline_placeholder(),
+            Value::Integer(self.settings.ttl.rotation_grace.as_millis() as i64),
+            Value::Integer(now_ms() as i64),
+        ];
+        let reply = self.run(&self.take, self.key(id), args).await?;
+        session_from_reply(reply, "taken")
+    }
+
+    async fn restore(&self, id: &SessionId) -> Result<Applied, StoreError> {
+        let mut args = vec![Self::deadline_placeholder()];
+        args.extend(self.ttl_args(now_ms()));
+        let reply = self.run(&self.restore, self.key(id), args).await?;
+        let words: Vec<String> = reply.iter().filter_map(text).collect();
+        match words.first().map(String::as_str) {
+            Some("ok") => Ok(Applied::Stored {
+                created_ms: words
+                    .get(1)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or(StoreError::Unexpected("restore without creation time"))?,
+            }),
+            Some("gone") => Ok(Applied::Gone),
+            _ => Err(StoreError::Unexpected("unknown restore result")),
+        }
     }
 
     async fn destroy(&self, id: &SessionId) -> Result<(), StoreError> {
-        self.bounded(self.client.del::<i64, _>(self.key(id)))
+        let args = vec![Self::deadline_placeholder()];
+        self.run(&self.destroy, self.key(id), args)
             .await
             .map(|_| ())
     }
 
+    /// Reads Redis's `TIME`: an answer shows that Redis is up, and it refreshes the clock offset
+    /// that deadlines are computed with.
     async fn ping(&self) -> Result<(), StoreError> {
-        self.bounded(self.client.ping::<Value>(None))
-            .await
-            .map(|_| ())
+        self.bounded(self.clock.measure(&self.client)).await
     }
 }

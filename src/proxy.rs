@@ -256,7 +256,7 @@ impl Proxy {
         } else if rotated {
             self.drop_after_rotation(&changes)
         } else {
-            self.store_changes(session, &changes).await?
+            self.commit(session, &changes).await?
         };
         Ok(self.answer(resp, action, https, tunnel))
     }
@@ -463,7 +463,7 @@ impl Proxy {
     }
 
     /// Applies the backend's changes in the documented order: Destroy, Rotate, Delete, Set, Incr.
-    async fn store_changes(
+    async fn commit(
         &self,
         session: Option<(SessionId, Session)>,
         changes: &Changes,
@@ -480,92 +480,119 @@ impl Proxy {
             self.protocol.limits(),
         )?;
 
-        let mut current = session.map(|(id, _)| id);
-        let mut action = CookieAction::Keep;
-        if changes.destroy {
-            if let Some(id) = current.take() {
+        let current = session.map(|(id, _)| id);
+        match current {
+            Some(id) if changes.destroy => {
                 self.timed(StoreOp::Destroy, self.store.destroy(&id))
                     .await?;
                 self.metrics.event(Event::Destroyed);
+                // "Log out and leave a flash message": a Set or Incr starts a new session.
+                self.create_if_written(&fields, CookieAction::Clear).await
             }
-            action = CookieAction::Clear;
-        }
-        // The old id and its fields, once a rotation has taken them.
-        let mut moved: Option<(SessionId, Session)> = None;
-        if changes.rotate {
-            if let Some(old) = current.take() {
-                match self.timed(StoreOp::Take, self.store.take(&old)).await {
-                    Ok(taken) => moved = taken.map(|taken| (old, taken)),
-                    // The take may have run and only its answer been lost.
-                    Err(e) => {
-                        self.put_back(Some(old)).await;
-                        return Err(e.into());
-                    }
-                }
+            None if changes.destroy => self.create_if_written(&fields, CookieAction::Clear).await,
+            Some(old) if changes.rotate => self.rotate(old, &fields).await,
+            Some(id) => {
+                self.change(&id, &fields).await?;
+                Ok(CookieAction::Keep)
             }
+            None => self.create_if_written(&fields, CookieAction::Keep).await,
         }
-        if let Some(id) = current {
-            if fields.is_empty() {
-                return Ok(action);
+    }
+
+    /// Moves the session to a new id with the changes applied: take the old one (it becomes a
+    /// tombstone), then write the new one. A failure puts the old session back.
+    async fn rotate(&self, old: SessionId, fields: &Changes) -> Result<CookieAction, ProxyError> {
+        let taken = match self.timed(StoreOp::Take, self.store.take(&old)).await {
+            Ok(taken) => taken,
+            // The take may have run and only its answer been lost.
+            Err(e) => {
+                self.put_back(&old).await;
+                return Err(e.into());
             }
-            match self
-                .timed(
-                    StoreOp::Apply,
-                    self.store.apply(&id, Target::Existing, &fields),
-                )
-                .await?
-            {
-                Applied::Stored { .. } => return Ok(action),
-                Applied::Rejected(r) => return Err(r.into()),
-                // Expired, destroyed or rotated by a concurrent request while the backend worked:
-                // never brought back, and no new session either, whose cookie would replace the
-                // one a concurrent login has just set.
-                Applied::Gone => {
-                    self.metrics.event(Event::Dropped);
-                    tracing::warn!(
-                        "session ended while the request was in flight; its changes were dropped"
-                    );
-                    return Ok(action);
-                }
-            }
-        }
-        if moved.is_none() && !fields.writes_fields() {
-            return Ok(action);
-        }
-        let id = SessionId::generate();
-        let target = Target::New {
-            base: moved.as_ref().map(|(_, s)| s),
         };
+        let Some(base) = taken else {
+            // Gone meanwhile: there is nothing to move, only the changes to write.
+            return self.create_if_written(fields, CookieAction::Keep).await;
+        };
+        let created = self.create(fields, Some(&base)).await;
+        if created.is_err() {
+            self.put_back(&old).await;
+        }
+        created
+    }
+
+    /// Applies field changes to the request's session. A session that expired, or was destroyed
+    /// or rotated by a concurrent request while the backend worked, is never brought back, and no
+    /// new session is started either, whose cookie would replace the one a concurrent login has
+    /// just set: the changes are dropped.
+    async fn change(&self, id: &SessionId, fields: &Changes) -> Result<(), ProxyError> {
+        if fields.is_empty() {
+            return Ok(());
+        }
         match self
-            .timed(StoreOp::Apply, self.store.apply(&id, target, &fields))
-            .await
+            .timed(
+                StoreOp::Apply,
+                self.store.apply(id, Target::Existing, fields),
+            )
+            .await?
         {
-            Ok(Applied::Stored { created_ms }) => {
-                self.metrics.event(if moved.is_some() {
+            Applied::Stored { .. } => Ok(()),
+            Applied::Rejected(r) => Err(r.into()),
+            Applied::Gone => {
+                self.metrics.event(Event::Dropped);
+                tracing::warn!(
+                    "session ended while the request was in flight; its changes were dropped"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// A Set or an Incr without a session starts one; anything else leaves `otherwise`.
+    async fn create_if_written(
+        &self,
+        fields: &Changes,
+        otherwise: CookieAction,
+    ) -> Result<CookieAction, ProxyError> {
+        if fields.writes_fields() {
+            self.create(fields, None).await
+        } else {
+            Ok(otherwise)
+        }
+    }
+
+    /// Writes a new session under a fresh id: `base` (a rotated session's fields) with `fields`
+    /// applied.
+    async fn create(
+        &self,
+        fields: &Changes,
+        base: Option<&Session>,
+    ) -> Result<CookieAction, ProxyError> {
+        let id = SessionId::generate();
+        let target = Target::New { base };
+        match self
+            .timed(StoreOp::Apply, self.store.apply(&id, target, fields))
+            .await?
+        {
+            Applied::Stored { created_ms } => {
+                self.metrics.event(if base.is_some() {
                     Event::Rotated
                 } else {
                     Event::Created
                 });
                 Ok(CookieAction::Set { id, created_ms })
             }
-            Ok(Applied::Gone) => Ok(action),
-            Ok(Applied::Rejected(r)) => {
-                self.put_back(moved.map(|(old, _)| old)).await;
-                Err(r.into())
-            }
-            Err(e) => {
-                self.put_back(moved.map(|(old, _)| old)).await;
-                Err(e.into())
-            }
+            // A rotated session past its absolute timeout: nothing to carry on.
+            Applied::Gone => Ok(CookieAction::Keep),
+            Applied::Rejected(r) => Err(r.into()),
         }
     }
 
     /// A rotation took the old session (or may have) but could not write the new one: the take's
     /// tombstone, which still holds the fields, becomes the session again, so that a failed login
     /// does not also log the user out.
-    async fn put_back(&self, old: Option<SessionId>) {
-        let Some(old) = old else { return };
-        match self.timed(StoreOp::Apply, self.store.restore(&old)).await {
+    async fn put_back(&self, old: &SessionId) {
+        match self.timed(StoreOp::Apply, self.store.restore(old)).await {
             Ok(Applied::Stored { .. }) => {
                 tracing::warn!("rotation failed; the session stays under its old id");
             }

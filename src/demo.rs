@@ -17,7 +17,7 @@ use crate::protocol::{decode_value, encode_value};
 const MAX_FORM_BYTES: usize = 4096;
 
 /// Serves the demo app on `listener` until `shutdown` completes.
-pub async fn run(listener: TcpListener, shutdown: impl Future<Output = ()>) {
+pub async fn serve_app(listener: TcpListener, shutdown: impl Future<Output = ()>) {
     crate::server::serve(listener, |req, _| handle(req), shutdown).await;
 }
 

@@ -129,7 +129,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let store = stickless::server::build_store(&config).await?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let backend_task = tokio::spawn(stickless::demo::run(backend, async {
+    let backend_task = tokio::spawn(stickless::demo::serve_app(backend, async {
         let _ = stop_rx.await;
     }));
     tracing::info!(listen = %addr, admin = %admin.local_addr()?, "stickless demo ready");

@@ -215,7 +215,7 @@ impl Proxy {
         // Answered early, an HTTP/1 connection whose request body may not have been read to its
         // end cannot carry another request safely.
         let in_doubt = req.version() <= Version::HTTP_11 && !req.body().is_end_stream();
-        let resp = match self.serve(req, peer).instrument(span.clone()).await {
+        let resp = match self.respond(req, peer).instrument(span.clone()).await {
             Ok(resp) => resp,
             Err(e) => {
                 span.in_scope(|| self.report(&e));
@@ -228,7 +228,7 @@ impl Proxy {
     }
 
     /// The request's path, phase by phase.
-    async fn serve(
+    async fn respond(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,

@@ -449,7 +449,7 @@ impl RedisStore {
     /// Runs a script whose `ARGV[1]` is a placeholder for the deadline, which is filled in here,
     /// as late as possible. A script that reports it started after its deadline changed nothing:
     /// that is [`StoreError::Late`].
-    async fn run(
+    async fn eval(
         &self,
         script: &Script,
         key: String,
@@ -576,7 +576,7 @@ impl SessionStore for RedisStore {
     async fn load(&self, id: &SessionId) -> Result<Loaded, StoreError> {
         let mut args = vec![Self::deadline_placeholder()];
         args.extend(self.ttl_args(now_ms()));
-        let reply = self.run(&self.load, self.key(id), args).await?;
+        let reply = self.eval(&self.load, self.key(id), args).await?;
         if reply.first().and_then(text).as_deref() == Some("rotated") {
             return Ok(Loaded::Rotated);
         }
@@ -629,7 +629,7 @@ impl SessionStore for RedisStore {
             args.push(k.as_str().into());
             args.push(Value::Integer(*by));
         }
-        let reply = self.run(&self.apply, self.key(id), args).await?;
+        let reply = self.eval(&self.apply, self.key(id), args).await?;
         let words: Vec<String> = reply.iter().filter_map(text).collect();
         let number = |i: usize| words.get(i).and_then(|s| s.parse::<u64>().ok());
         match words.first().map(String::as_str) {
@@ -659,14 +659,14 @@ impl SessionStore for RedisStore {
             Value::Integer(self.settings.ttl.rotation_grace.as_millis() as i64),
             Value::Integer(now_ms() as i64),
         ];
-        let reply = self.run(&self.take, self.key(id), args).await?;
+        let reply = self.eval(&self.take, self.key(id), args).await?;
         session_from_reply(reply, "taken")
     }
 
     async fn restore(&self, id: &SessionId) -> Result<Applied, StoreError> {
         let mut args = vec![Self::deadline_placeholder()];
         args.extend(self.ttl_args(now_ms()));
-        let reply = self.run(&self.restore, self.key(id), args).await?;
+        let reply = self.eval(&self.restore, self.key(id), args).await?;
         let words: Vec<String> = reply.iter().filter_map(text).collect();
         match words.first().map(String::as_str) {
             Some("ok") => Ok(Applied::Stored {
@@ -682,7 +682,7 @@ impl SessionStore for RedisStore {
 
     async fn destroy(&self, id: &SessionId) -> Result<(), StoreError> {
         let args = vec![Self::deadline_placeholder()];
-        self.run(&self.destroy, self.key(id), args)
+        self.eval(&self.destroy, self.key(id), args)
             .await
             .map(|_| ())
     }

@@ -63,6 +63,30 @@ fn max_fields(s: &str) -> Result<usize, String> {
         _ => Err(format!("`{s}` is not a whole number from 1 to 1000")),
     }
 }
+/// Bounded so that the semaphore behind it can always be built.
+fn max_connections(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=MAX_CONNECTIONS_LIMIT).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a whole number from 1 to {MAX_CONNECTIONS_LIMIT}"
+        )),
+    }
+}
+const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+
+/// The default `--max-connections`: 10 000, or fewer when the file-descriptor limit is lower.
+/// Each proxied connection can hold two descriptors (the client's and one to the backend), and
+/// some are set aside for the backend's idle pool, the admin listener, Redis and the process's
+/// own files, so that reaching the cap never starves those.
+pub fn default_max_connections(fd_limit: Option<u64>) -> usize {
+    /// Descriptors kept out of the budget: up to 256 idle backend connections, 64 admin
+    /// connections, Redis, the listeners, the runtime's own, with room to spare.
+    const RESERVED_FDS: u64 = 512;
+    const DEFAULT: u64 = 10_000;
+    let budget = fd_limit.map_or(DEFAULT, |n| n.saturating_sub(RESERVED_FDS) / 2);
+    budget.clamp(1, DEFAULT) as usize
+}
+
 fn key_prefix(s: &str) -> Result<String, String> {
     if s.len() <= 128 && !s.bytes().any(|b| b.is_ascii_control() || b == b' ') {
         Ok(s.to_owned())
@@ -155,6 +179,19 @@ pub struct ServeArgs {
     /// Largest session (field names plus values), in bytes.
     #[arg(long, env = "STICKLESS_MAX_SESSION_BYTES", default_value = "16384", value_parser = positive)]
     pub max_session_bytes: usize,
+    /// Time a new client connection gets, from accept, to send a complete first request head
+    /// (h2's connection preface included); past it the connection is closed.
+    #[arg(long, env = "STICKLESS_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub header_read_timeout: Duration,
+    /// Time an idle client connection stays open (between requests on HTTP/1.1, without an
+    /// open stream on h2, pings or not). Keep it above the idle timeout of a load balancer in
+    /// front (an ELB's is 60 s).
+    #[arg(long, env = "STICKLESS_KEEP_ALIVE_TIMEOUT", default_value = "75s", value_parser = duration)]
+    pub keep_alive_timeout: Duration,
+    /// Most client connections open at once; at the cap the proxy stops accepting until one
+    /// closes. Default: 10000, or fewer when the file-descriptor limit is lower.
+    #[arg(long, env = "STICKLESS_MAX_CONNECTIONS", value_name = "N", value_parser = max_connections)]
+    pub max_connections: Option<usize>,
 }
 
 impl std::fmt::Debug for ServeArgs {
@@ -201,8 +238,13 @@ pub struct ConfigError {
 
 impl ServeArgs {
     /// Turns the flags into a [`Config`]. `env_redis_url` is `REDIS_URL`, used when no
-    /// `--redis-url` / `STICKLESS_REDIS_URL` is given.
-    pub fn into_config(self, env_redis_url: Option<String>) -> Result<Config, ConfigError> {
+    /// `--redis-url` / `STICKLESS_REDIS_URL` is given; `fd_limit` is the process's
+    /// file-descriptor limit (`RLIMIT_NOFILE`), which bounds the default `--max-connections`.
+    pub fn into_config(
+        self,
+        env_redis_url: Option<String>,
+        fd_limit: Option<u64>,
+    ) -> Result<Config, ConfigError> {
         let redis_url = self
             .redis_url
             .or(env_redis_url)
@@ -263,6 +305,16 @@ impl ServeArgs {
                 message: "none requires a Secure cookie (browsers drop the cookie otherwise); use --cookie-secure auto or true".into(),
             });
         }
+        let safe_connections = default_max_connections(fd_limit);
+        let max_connections = self.max_connections.unwrap_or(safe_connections);
+        if max_connections > safe_connections {
+            tracing::warn!(
+                max_connections,
+                fd_limit,
+                "--max-connections is above what the file-descriptor limit leaves room for: \
+                 accepts may fail for want of descriptors before the cap is reached"
+            );
+        }
         if self.listen == self.admin_listen && self.listen.port() != 0 {
             return Err(ConfigError {
                 flag: "--admin-listen",
@@ -296,6 +348,9 @@ impl ServeArgs {
                 max_session_bytes: self.max_session_bytes,
             },
             upstream_timeout: self.upstream_timeout,
+            header_read_timeout: self.header_read_timeout,
+            keep_alive_timeout: self.keep_alive_timeout,
+            max_connections,
         })
     }
 }
@@ -319,7 +374,7 @@ mod tests {
         let cli = parse(&[]).unwrap();
         assert!(cli.command.is_none());
         assert_eq!(cli.serve.listen.to_string(), "0.0.0.0:8080");
-        let cfg = cli.serve.into_config(None).unwrap();
+        let cfg = cli.serve.into_config(None, None).unwrap();
         assert!(matches!(cfg.store, StoreConfig::Memory));
         assert_eq!(cfg.ttl.idle, Duration::from_secs(1800));
         assert!(matches!(
@@ -332,6 +387,30 @@ mod tests {
                 .command,
             Some(Command::Serve(_))
         ));
+    }
+
+    #[test]
+    fn connection_limits() {
+        let cfg = parse(&[]).unwrap().serve.into_config(None, None).unwrap();
+        assert_eq!(cfg.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.keep_alive_timeout, Duration::from_secs(75));
+        assert_eq!(cfg.max_connections, 10_000);
+        let cfg = parse(&[])
+            .unwrap()
+            .serve
+            .into_config(None, Some(1024))
+            .unwrap();
+        assert_eq!(cfg.max_connections, 256);
+        let cfg = parse(&["--max-connections", "20", "--keep-alive-timeout", "2s"])
+            .unwrap()
+            .serve
+            .into_config(None, Some(1024))
+            .unwrap();
+        assert_eq!(cfg.max_connections, 20);
+        assert_eq!(cfg.keep_alive_timeout, Duration::from_secs(2));
+        assert_eq!(default_max_connections(Some(1_048_576)), 10_000);
+        assert_eq!(default_max_connections(Some(20_000)), 9_744);
+        assert_eq!(default_max_connections(Some(100)), 1);
     }
 
     #[test]
@@ -353,17 +432,23 @@ mod tests {
     #[test]
     fn redis_requires_keys() {
         let cli = parse(&["--redis-url", "redis://127.0.0.1:6379"]).unwrap();
-        let err = cli.serve.into_config(None).unwrap_err();
+        let err = cli.serve.into_config(None, None).unwrap_err();
         assert_eq!(err.flag, "--secret-keys");
         assert!(err.message.contains("stickless gen-key"));
         let cli = parse(&[]).unwrap();
-        let err = cli.serve.into_config(Some("redis://h".into())).unwrap_err();
+        let err = cli
+            .serve
+            .into_config(Some("redis://h".into()), None)
+            .unwrap_err();
         assert_eq!(err.flag, "--secret-keys");
         let cli = parse(&["--redis-url", "http://h", "--secret-keys", &"k".repeat(32)]).unwrap();
-        assert_eq!(cli.serve.into_config(None).unwrap_err().flag, "--redis-url");
+        assert_eq!(
+            cli.serve.into_config(None, None).unwrap_err().flag,
+            "--redis-url"
+        );
         let cli = parse(&["--secret-keys", "short"]).unwrap();
         assert_eq!(
-            cli.serve.into_config(None).unwrap_err().flag,
+            cli.serve.into_config(None, None).unwrap_err().flag,
             "--secret-keys"
         );
     }
@@ -377,6 +462,13 @@ mod tests {
             ("--listen", "nowhere"),
             ("--max-fields", "0"),
             ("--max-fields", "1001"),
+            ("--header-read-timeout", "0"),
+            ("--header-read-timeout", "soon"),
+            ("--keep-alive-timeout", "0s"),
+            ("--keep-alive-timeout", "1.5s"),
+            ("--max-connections", "0"),
+            ("--max-connections", "many"),
+            ("--max-connections", "99999999999999999999"),
         ] {
             let err = parse(&[flag, value]).unwrap_err();
             assert_eq!(err.exit_code(), 2);

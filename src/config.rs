@@ -31,6 +31,14 @@ pub struct Config {
     pub protocol: ProtocolConfig,
     /// Time allowed for the backend to answer with response headers.
     pub upstream_timeout: Duration,
+    /// Time a new client connection gets, from accept, to send a complete first request head
+    /// (h2's preface included).
+    pub header_read_timeout: Duration,
+    /// Time an idle client connection stays open: between requests on HTTP/1.1, without an open
+    /// stream on h2.
+    pub keep_alive_timeout: Duration,
+    /// Most client connections open at once on the proxy's listener.
+    pub max_connections: usize,
 }
 
 /// The backend's base address: scheme `http`, a host and a port.

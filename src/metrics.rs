@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets from 100 µs to 10 s: the proxy's own work sits at the low end, a slow backend
@@ -58,6 +58,15 @@ pub enum Event {
     Dropped,
 }
 
+/// The listeners whose connections are counted, as the `listener` label.
+#[derive(Debug, Clone, Copy)]
+pub enum Listener {
+    /// The proxy's own port (`--listen`).
+    Proxy,
+    /// The admin port (`--admin-listen`).
+    Admin,
+}
+
 /// The proxy's metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -70,6 +79,7 @@ pub struct Metrics {
     /// Client headers removed because they looked like protocol headers.
     pub spoofed_headers: IntCounter,
     upstream_errors: IntCounterVec,
+    open_connections: [IntGauge; 2],
 }
 
 impl Metrics {
@@ -132,7 +142,19 @@ impl Metrics {
             "Requests the backend did not answer, by reason.",
             &["reason"],
         );
+        let open_connections = IntGaugeVec::new(
+            Opts::new(
+                "stickless_open_connections",
+                "Client connections open now, by listener (upgraded ones included).",
+            ),
+            &["listener"],
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(open_connections.clone()))
+            .expect("unique metric");
         Metrics {
+            open_connections: ["proxy", "admin"].map(|s| open_connections.with_label_values(&[s])),
             requests: ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|s| requests.with_label_values(&[s])),
             upstream: upstream.with_label_values(&[] as &[&str]),
             store: ["load", "apply", "take", "destroy", "ping"]
@@ -183,6 +205,11 @@ impl Metrics {
         self.events[event as usize].inc();
     }
 
+    /// The gauge of open connections on `listener`, for its accept loop to move.
+    pub fn open_connections(&self, listener: Listener) -> IntGauge {
+        self.open_connections[listener as usize].clone()
+    }
+
     /// Everything in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -211,6 +238,7 @@ mod tests {
         m.lookup(Lookup::Invalid);
         m.event(Event::ProtocolError);
         m.upstream_error("timeout");
+        m.open_connections(Listener::Proxy).inc();
         let text = m.render();
         for needle in [
             "stickless_request_duration_seconds_bucket{status=\"2xx\"",
@@ -220,6 +248,8 @@ mod tests {
             "stickless_session_events_total{event=\"protocol_error\"} 1",
             "stickless_upstream_errors_total{reason=\"timeout\"} 1",
             "stickless_spoofed_headers_total 0",
+            "stickless_open_connections{listener=\"proxy\"} 1",
+            "stickless_open_connections{listener=\"admin\"} 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -43,6 +43,11 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head accepted; larger ones are answered 431 by hyper.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// h2 flow control and buffering per connection (see where they are set).
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+const H2_MAX_SEND_BUF: usize = 64 * 1024;
+const H2_MAX_STREAMS: u32 = 128;
 /// Most connections open at once on the admin listener: enough for scrapers and health checks,
 /// few enough that it can never take the descriptors the proxy needs.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
@@ -213,7 +218,15 @@ pub async fn serve_with<F, Fut, B>(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        // What one h2 connection may make stickless hold: a client uploads at most a stream
+        // window per stream and a connection window in all before waiting for the backend to
+        // take it, and each stream's download is buffered up to the send buffer before hyper
+        // stops reading the backend (hyper's defaults: 1 MiB windows, ~400 KiB send buffers).
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_send_buf_size(H2_MAX_SEND_BUF)
+        .max_concurrent_streams(H2_MAX_STREAMS);
     let builder = Arc::new(builder);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     // Every connection task holds a sender; `recv` answers `None` once all of them have ended.

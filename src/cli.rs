@@ -144,6 +144,19 @@ pub struct ServeArgs {
     /// Largest session (field names plus values), in bytes.
     #[arg(long, env = "STICKLESS_MAX_SESSION_BYTES", default_value = "16384", value_parser = count)]
     pub max_session_bytes: usize,
+    /// Time a new client connection gets, from accept, to send a complete first request head
+    /// (h2's connection preface included); past it the connection is closed.
+    #[arg(long, env = "STICKLESS_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub header_read_timeout: Duration,
+    /// Time an idle client connection stays open (between requests on HTTP/1.1, without an
+    /// open stream on h2, pings or not). Keep it above the idle timeout of a load balancer in
+    /// front (an ELB's is 60 s).
+    #[arg(long, env = "STICKLESS_KEEP_ALIVE_TIMEOUT", default_value = "75s", value_parser = duration)]
+    pub keep_alive_timeout: Duration,
+    /// Most client connections open at once; at the cap the proxy stops accepting until one
+    /// closes. Default: 10000, or fewer when the file-descriptor limit is lower.
+    #[arg(long, env = "STICKLESS_MAX_CONNECTIONS", value_name = "N", value_parser = count)]
+    pub max_connections: Option<usize>,
 }
 
 impl std::fmt::Debug for ServeArgs {
@@ -190,8 +203,13 @@ pub struct ConfigError {
 
 impl ServeArgs {
     /// Turns the flags into a [`Config`]. `env_redis_url` is `REDIS_URL`, used when no
-    /// `--redis-url` / `STICKLESS_REDIS_URL` is given.
-    pub fn into_config(self, env_redis_url: Option<String>) -> Result<Config, ConfigError> {
+    /// `--redis-url` / `STICKLESS_REDIS_URL` is given; `fd_limit` is the process's open-file
+    /// limit, which the default `--max-connections` is derived from.
+    pub fn into_config(
+        self,
+        env_redis_url: Option<String>,
+        fd_limit: Option<u64>,
+    ) -> Result<Config, ConfigError> {
         let redis_url = self
             .redis_url
             .or(env_redis_url)
@@ -244,6 +262,10 @@ impl ServeArgs {
         };
         settings.upstream_timeout = self.upstream_timeout;
         settings.upstream_idle_timeout = self.upstream_idle_timeout;
+        settings.header_read_timeout = self.header_read_timeout;
+        settings.keep_alive_timeout = self.keep_alive_timeout;
+        settings.max_connections = self.max_connections;
+        settings.fd_limit = fd_limit;
         Config::new(settings).map_err(|e| {
             let hint = match e {
                 config::ConfigError::KeysRequired => {
@@ -279,7 +301,7 @@ mod tests {
         let cli = parse(&[]).unwrap();
         assert!(cli.command.is_none());
         assert_eq!(cli.serve.listen.to_string(), "0.0.0.0:8080");
-        let cfg = cli.serve.into_config(None).unwrap();
+        let cfg = cli.serve.into_config(None, None).unwrap();
         assert!(matches!(cfg.store, StoreConfig::Memory));
         assert_eq!(cfg.ttl.idle, Duration::from_secs(1800));
         assert_eq!(cfg.ttl.rotation_grace, config::DEFAULT_ROTATION_GRACE);
@@ -314,14 +336,20 @@ mod tests {
     #[test]
     fn redis_requires_keys() {
         let cli = parse(&["--redis-url", "redis://127.0.0.1:6379"]).unwrap();
-        let err = cli.serve.into_config(None).unwrap_err();
+        let err = cli.serve.into_config(None, None).unwrap_err();
         assert_eq!(err.flag, "--secret-keys");
         assert!(err.message.contains("stickless gen-key"));
         let cli = parse(&[]).unwrap();
-        let err = cli.serve.into_config(Some("redis://h".into())).unwrap_err();
+        let err = cli
+            .serve
+            .into_config(Some("redis://h".into()), None)
+            .unwrap_err();
         assert_eq!(err.flag, "--secret-keys");
         let cli = parse(&["--redis-url", "http://h", "--secret-keys", &"k".repeat(32)]).unwrap();
-        assert_eq!(cli.serve.into_config(None).unwrap_err().flag, "--redis-url");
+        assert_eq!(
+            cli.serve.into_config(None, None).unwrap_err().flag,
+            "--redis-url"
+        );
         let cli = parse(&[
             "--redis-url",
             "redis://h",
@@ -334,12 +362,12 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            cli.serve.into_config(None).unwrap_err().flag,
+            cli.serve.into_config(None, None).unwrap_err().flag,
             "--rotation-grace"
         );
         let cli = parse(&["--secret-keys", "short"]).unwrap();
         assert_eq!(
-            cli.serve.into_config(None).unwrap_err().flag,
+            cli.serve.into_config(None, None).unwrap_err().flag,
             "--secret-keys"
         );
     }
@@ -355,6 +383,9 @@ mod tests {
             ("--header-prefix", "x"),
             ("--listen", "nowhere"),
             ("--max-fields", "many"),
+            ("--keep-alive-timeout", "0"),
+            ("--header-read-timeout", "soon"),
+            ("--max-connections", "many"),
         ] {
             let err = parse(&[flag, value]).unwrap_err();
             assert_eq!(err.exit_code(), 2);
@@ -366,6 +397,8 @@ mod tests {
             (&["--max-fields", "1001"][..], "--max-fields"),
             (&["--max-value-bytes", "0"][..], "--max-value-bytes"),
             (&["--rotation-grace", "500ms"][..], "--rotation-grace"),
+            (&["--max-connections", "0"][..], "--max-connections"),
+            (&["--max-connections", "1000001"][..], "--max-connections"),
             (
                 &["--max-value-bytes", "10", "--max-session-bytes", "5"][..],
                 "--max-value-bytes",
@@ -384,8 +417,32 @@ mod tests {
                 "--admin-listen",
             ),
         ] {
-            let err = parse(args).unwrap().serve.into_config(None).unwrap_err();
+            let err = parse(args)
+                .unwrap()
+                .serve
+                .into_config(None, None)
+                .unwrap_err();
             assert_eq!(err.flag, flag, "{args:?}: {}", err.message);
         }
+    }
+
+    #[test]
+    fn connection_limits() {
+        let cfg = parse(&[]).unwrap().serve.into_config(None, None).unwrap();
+        assert_eq!(cfg.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.keep_alive_timeout, Duration::from_secs(75));
+        assert_eq!(cfg.connection_cap(), 10_000);
+        let cfg = parse(&[])
+            .unwrap()
+            .serve
+            .into_config(None, Some(1024))
+            .unwrap();
+        assert_eq!(cfg.connection_cap(), 256);
+        let cfg = parse(&["--max-connections", "50"])
+            .unwrap()
+            .serve
+            .into_config(None, Some(1024))
+            .unwrap();
+        assert_eq!(cfg.connection_cap(), 50);
     }
 }

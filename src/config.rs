@@ -67,6 +67,34 @@ pub struct Settings {
     /// How long an idle pooled connection to the backend is kept for reuse; below the backend's
     /// own keep-alive timeout, so that stickless never picks a connection the backend is closing.
     pub upstream_idle_timeout: Duration,
+    /// Time a new client connection gets, from accept, to send a complete first request head
+    /// (h2's preface included).
+    pub header_read_timeout: Duration,
+    /// Time an idle client connection stays open: between requests on HTTP/1.1, without an open
+    /// stream on h2.
+    pub keep_alive_timeout: Duration,
+    /// Most client connections open at once on the proxy's listener; `None` for the default that
+    /// [`default_max_connections`] derives from `fd_limit`.
+    pub max_connections: Option<usize>,
+    /// The process's open-file limit, when known (the binary raises it to the hard limit first).
+    pub fd_limit: Option<u64>,
+}
+
+/// Most client connections a setting may allow: bounded so that the semaphore behind it can
+/// always be built.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+
+/// The default cap on client connections: 10 000, or fewer when the file-descriptor limit is
+/// lower. Each proxied connection can hold two descriptors (the client's and one to the backend),
+/// and some are set aside for the backend's idle pool, the admin listener, Redis and the process's
+/// own files, so that reaching the cap never starves those.
+pub fn default_max_connections(fd_limit: Option<u64>) -> usize {
+    /// Descriptors kept out of the budget: up to 256 idle backend connections, 64 admin
+    /// connections, Redis, the listeners, the runtime's own, with room to spare.
+    const RESERVED_FDS: u64 = 512;
+    const DEFAULT: u64 = 10_000;
+    let budget = fd_limit.map_or(DEFAULT, |n| n.saturating_sub(RESERVED_FDS) / 2);
+    budget.clamp(1, DEFAULT) as usize
 }
 
 impl Settings {
@@ -83,6 +111,10 @@ impl Settings {
             protocol: ProtocolConfig::default(),
             upstream_timeout: Duration::from_secs(60),
             upstream_idle_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(30),
+            keep_alive_timeout: Duration::from_secs(75),
+            max_connections: None,
+            fd_limit: None,
         }
     }
 }
@@ -93,6 +125,7 @@ impl Settings {
 pub struct Config {
     settings: Settings,
     keys: SigningKeys,
+    connection_cap: usize,
 }
 
 impl Deref for Config {
@@ -221,6 +254,8 @@ impl Config {
             ("idle-timeout", settings.ttl.idle),
             ("upstream-timeout", settings.upstream_timeout),
             ("upstream-idle-timeout", settings.upstream_idle_timeout),
+            ("header-read-timeout", settings.header_read_timeout),
+            ("keep-alive-timeout", settings.keep_alive_timeout),
         ];
         if let StoreConfig::Redis { timeout, .. } = &settings.store {
             durations.push(("redis-timeout", *timeout));
@@ -264,17 +299,50 @@ impl Config {
                 return Err(ConfigError::KeyPrefix);
             }
         }
+        let safe_connections = default_max_connections(settings.fd_limit);
+        let connection_cap = match settings.max_connections {
+            None => safe_connections,
+            Some(n) if (1..=MAX_CONNECTIONS_LIMIT).contains(&n) => {
+                if n > safe_connections {
+                    tracing::warn!(
+                        max_connections = n,
+                        fd_limit = settings.fd_limit,
+                        "--max-connections is above what the file-descriptor limit leaves room for: \
+                         accepts may fail for want of descriptors before the cap is reached"
+                    );
+                }
+                n
+            }
+            Some(n) => {
+                return Err(ConfigError::OutOfRange {
+                    setting: "max-connections",
+                    value: n,
+                    min: 1,
+                    max: MAX_CONNECTIONS_LIMIT,
+                })
+            }
+        };
         let keys = match (&settings.keys, &settings.store) {
             (Some(keys), _) => keys.clone(),
             (None, StoreConfig::Memory) => SigningKeys::random(),
             (None, StoreConfig::Redis { .. }) => return Err(ConfigError::KeysRequired),
         };
-        Ok(Config { settings, keys })
+        Ok(Config {
+            settings,
+            keys,
+            connection_cap,
+        })
     }
 
     /// The keys that sign and verify session cookies.
     pub fn keys(&self) -> &SigningKeys {
         &self.keys
+    }
+
+    /// Most client connections open at once on the proxy's listener: `max_connections`, or the
+    /// default for the file-descriptor limit.
+    pub fn connection_cap(&self) -> usize {
+        self.connection_cap
     }
 }
 
@@ -562,6 +630,19 @@ mod tests {
     }
 
     #[test]
+    fn the_connection_cap_follows_the_file_descriptor_limit() {
+        assert_eq!(default_max_connections(None), 10_000);
+        assert_eq!(default_max_connections(Some(1024)), 256);
+        assert_eq!(default_max_connections(Some(100)), 1);
+        assert_eq!(default_max_connections(Some(1 << 20)), 10_000);
+        let mut s = settings();
+        s.fd_limit = Some(1024);
+        assert_eq!(Config::new(s.clone()).unwrap().connection_cap(), 256);
+        s.max_connections = Some(5000);
+        assert_eq!(Config::new(s).unwrap().connection_cap(), 5000);
+    }
+
+    #[test]
     fn defaults_make_a_config() {
         let c = Config::new(settings()).unwrap();
         assert!(matches!(c.store, StoreConfig::Memory));
@@ -626,6 +707,10 @@ mod tests {
             };
         });
         assert_eq!(e.setting(), "key-prefix");
+        let e = refused(&|s| s.max_connections = Some(0));
+        assert_eq!(e.setting(), "max-connections");
+        let e = refused(&|s| s.header_read_timeout = Duration::ZERO);
+        assert_eq!(e.setting(), "header-read-timeout");
         let mut ok = settings();
         ok.keys = Some(SigningKeys::random());
         ok.store = redis();

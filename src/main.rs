@@ -54,9 +54,27 @@ fn init_tracing() {
         .init();
 }
 
+/// Raises the soft limit on open files to the hard limit, and returns the limit in force.
+///
+/// Every client connection is a file descriptor (two while it is being proxied); distributions
+/// start services with a soft limit as low as 1024, far below what a proxy needs, while the hard
+/// limit is usually much higher. `None` when the limit cannot be read.
+fn raise_fd_limit() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            tracing::debug!(limit, "open-file limit");
+            Some(limit)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit; keeping the default connection cap");
+            None
+        }
+    }
+}
+
 /// Turns flags into a config, exiting with status 2 and the flag's name when they do not make one.
 fn config_or_exit(args: ServeArgs) -> Config {
-    match args.into_config(std::env::var("REDIS_URL").ok()) {
+    match args.into_config(std::env::var("REDIS_URL").ok(), raise_fd_limit()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: invalid value for '{}': {}", e.flag, e.message);
@@ -98,6 +116,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admin = %admin.local_addr()?,
         upstream = %config.upstream.authority,
         store = kind,
+        max_connections = config.connection_cap(),
         "stickless ready"
     );
     stickless::server::run(

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets from 100 µs to 10 s: the proxy's own work sits at the low end, a slow backend
@@ -116,6 +116,16 @@ labels! {
     }
 }
 
+labels! {
+    /// The listeners whose connections are counted, as the `listener` label.
+    Listener {
+        /// The proxy's own port (`--listen`).
+        Proxy => "proxy",
+        /// The admin port (`--admin-listen`).
+        Admin => "admin",
+    }
+}
+
 /// Status classes, as the `status` label.
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
@@ -130,6 +140,7 @@ pub struct Metrics {
     events: Vec<IntCounter>,
     upstream_errors: Vec<IntCounter>,
     client_errors: Vec<IntCounter>,
+    open_connections: Vec<IntGauge>,
     /// Client headers removed because they looked like protocol headers.
     pub spoofed_headers: IntCounter,
     /// Requests sent to the backend a second time, on a new connection.
@@ -162,6 +173,11 @@ impl Metrics {
             let c = IntCounter::new(name, help).expect("valid counter");
             register(Box::new(c.clone()));
             c
+        };
+        let gauges = |name: &str, help: &str, label: &str, values: &[&str]| -> Vec<IntGauge> {
+            let g = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid gauge");
+            register(Box::new(g.clone()));
+            values.iter().map(|v| g.with_label_values(&[v])).collect()
         };
         fn names<L: Copy>(all: &[L], f: fn(L) -> &'static str) -> Vec<&'static str> {
             all.iter().map(|l| f(*l)).collect()
@@ -213,6 +229,12 @@ impl Metrics {
                 "reason",
                 &names(ClientFault::ALL, ClientFault::as_str),
             ),
+            open_connections: gauges(
+                "stickless_open_connections",
+                "Client connections open now, by listener (upgraded ones included).",
+                "listener",
+                &names(Listener::ALL, Listener::as_str),
+            ),
             spoofed_headers: counter(
                 "stickless_spoofed_headers_total",
                 "Client request headers removed because they used the session header prefix.",
@@ -259,6 +281,11 @@ impl Metrics {
     /// Counts a session event.
     pub fn event(&self, event: Event) {
         self.events[event as usize].inc();
+    }
+
+    /// The gauge of open connections on `listener`, for its accept loop to move.
+    pub fn open_connections(&self, listener: Listener) -> IntGauge {
+        self.open_connections[listener as usize].clone()
     }
 
     /// Everything in the Prometheus text format.
@@ -328,6 +355,10 @@ mod tests {
                 assert_eq!(value(&text, &s), Some(0.0), "{s}");
             }
         }
+        for l in Listener::ALL {
+            let s = format!("stickless_open_connections{{listener=\"{}\"}}", l.as_str());
+            assert_eq!(value(&text, &s), Some(0.0), "{s}");
+        }
         for s in [
             "stickless_spoofed_headers_total",
             "stickless_upstream_retries_total",
@@ -356,6 +387,9 @@ mod tests {
         }
         for (i, r) in ClientFault::ALL.iter().enumerate() {
             (0..=i).for_each(|_| m.client_error(*r));
+        }
+        for (i, l) in Listener::ALL.iter().enumerate() {
+            m.open_connections(*l).add(i as i64 + 1);
         }
         for (i, status) in [101u16, 204, 302, 404, 503].iter().enumerate() {
             (0..=i).for_each(|_| m.request(*status, Duration::from_millis(1)));
@@ -393,6 +427,10 @@ mod tests {
         }
         for (i, class) in STATUS_CLASSES.iter().enumerate() {
             let s = format!("stickless_request_duration_seconds_count{{status=\"{class}\"}}");
+            assert_eq!(value(&text, &s), n(i), "{s}");
+        }
+        for (i, l) in Listener::ALL.iter().enumerate() {
+            let s = format!("stickless_open_connections{{listener=\"{}\"}}", l.as_str());
             assert_eq!(value(&text, &s), n(i), "{s}");
         }
     }

@@ -184,13 +184,22 @@ impl Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.upstream_timeout.min(Duration::from_secs(5))));
+        // The backend's response is read at the client's pace, one buffer at a time, and the
+        // buffer is capped (hyper's default is ~400 KiB) so that a slow client, or an idle
+        // pooled connection, pins little memory. The cap is also the largest response head the
+        // backend may send: room for a whole session's changes escaped (three bytes a byte at
+        // worst) plus its other headers, and never less than the 64 KiB clients get.
+        let response_head_limit =
+            (config.protocol.max_session_bytes.saturating_mul(3) + 16 * 1024).max(64 * 1024);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.upstream_idle_timeout)
             .pool_max_idle_per_host(256)
+            .http1_max_buf_size(response_head_limit)
             .build(connector.clone());
         // Never reuses a connection: a retry must not meet another one the backend has closed.
         let fresh = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
+            .http1_max_buf_size(response_head_limit)
             .build(connector);
         Proxy {
             store,

@@ -1,37 +1,111 @@
 //! Listeners and their accept loops: the proxy and the admin endpoint, served by hyper (HTTP/1.1
 //! and h2c from clients) until the shutdown future completes, then drained.
+//!
+//! Each listener holds its connections to [`ConnLimits`]: a cap on how many are open (at the cap
+//! the listener stops accepting, so the rest wait in the kernel's backlog instead of using a file
+//! descriptor each), a deadline from accept to the first complete request head, and an idle
+//! timeout once requests are done. The admin listener has its own small cap, so `/healthz` and
+//! `/metrics` keep answering while the proxy's listener is full.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::{Body, Incoming};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use pin_project_lite::pin_project;
+use prometheus::IntGauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::admin::Admin;
 use crate::config::{Config, StoreConfig};
-use crate::metrics::Metrics;
+use crate::log_limit::LogLimit;
+use crate::metrics::{Listener, Metrics};
 use crate::proxy::Proxy;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisSettings, RedisSetupError, RedisStore};
 use crate::store::SessionStore;
 
-/// Time a client gets to send a request's headers, counted from when the connection is ready for
-/// one, so it is also the keep-alive idle timeout. It bounds slow-loris connections, and it is
-/// longer than an ELB's default idle timeout (60 s): a proxy that closes idle connections before
-/// the load balancer does makes the load balancer answer 502 now and then.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(75);
 /// Time in-flight requests get to finish once shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time an idle connection gets to close by itself once asked to (h2's GOAWAY exchange).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head accepted; larger ones are answered 431 by hyper.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// h2 flow control and buffering per connection (see where they are set).
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+const H2_MAX_SEND_BUF: usize = 64 * 1024;
+const H2_MAX_STREAMS: u32 = 128;
+/// Most connections open at once on the admin listener: enough for scrapers and health checks,
+/// few enough that it can never take the descriptors the proxy needs.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// First and longest pause after a failed `accept` (out of file descriptors, for one): the pause
+/// doubles from the first to the longest while accepts keep failing, so the loop neither spins
+/// nor stays asleep long once descriptors are free again.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
+/// Shortest time between two "connection limit reached" warnings, so that a listener held at
+/// its cap logs once in a while instead of once per connection.
+const LIMIT_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Bounds on the client connections of one listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Most connections open at once; at the cap the listener stops accepting.
+    pub max_connections: usize,
+    /// Time from accept to a complete first request head (h2's preface included); past it the
+    /// connection is closed. hyper's own header timeout only starts once the first byte has
+    /// arrived, so a connection that never sends one would otherwise be held for ever.
+    pub header_read_timeout: Duration,
+    /// Time a connection stays open without a request in flight once it has served one:
+    /// HTTP/1.1 keep-alive, and h2 with no open stream (hyper keeps those open for as long as the
+    /// client answers pings).
+    pub keep_alive_timeout: Duration,
+}
+
+impl Default for ConnLimits {
+    /// The flags' defaults. The keep-alive timeout is longer than an ELB's default idle timeout
+    /// (60 s): a proxy that closes idle connections before the load balancer does makes the load
+    /// balancer answer 502 now and then.
+    fn default() -> Self {
+        ConnLimits {
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(30),
+            keep_alive_timeout: Duration::from_secs(75),
+        }
+    }
+}
+
+impl ConnLimits {
+    /// The proxy listener's limits from the configuration.
+    pub fn proxy(config: &Config) -> Self {
+        ConnLimits {
+            max_connections: config.connection_cap(),
+            header_read_timeout: config.header_read_timeout,
+            keep_alive_timeout: config.keep_alive_timeout,
+        }
+    }
+
+    /// The admin listener's limits: the same timeouts, its own small cap.
+    pub fn admin(config: &Config) -> Self {
+        ConnLimits {
+            max_connections: ADMIN_MAX_CONNECTIONS,
+            ..Self::proxy(config)
+        }
+    }
+}
 
 /// Builds the store the configuration asks for.
 ///
@@ -67,26 +141,34 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let metrics = Metrics::new();
+    let proxy_limits = ConnLimits::proxy(&config);
+    let admin_limits = ConnLimits::admin(&config);
+    let proxy_open = metrics.open_connections(Listener::Proxy);
+    let admin_open = metrics.open_connections(Listener::Admin);
     let proxy = Arc::new(Proxy::new(&config, store.clone(), metrics.clone()));
     let admin = Arc::new(Admin::new(store, metrics));
-    let (tx, rx) = tokio::sync::watch::channel(false);
+    let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = tx.send(true);
     });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let proxy_server = serve(
+    let proxy_server = serve_with(
         listener,
+        proxy_limits,
+        Some(proxy_open),
         move |req, peer| {
             let proxy = proxy.clone();
             async move { proxy.handle(req, peer).await }
         },
         stopped(rx.clone()),
     );
-    let admin_server = serve(
+    let admin_server = serve_with(
         admin_listener,
+        admin_limits,
+        Some(admin_open),
         move |req, _| {
             let admin = admin.clone();
             async move { admin.handle(req).await }
@@ -96,9 +178,29 @@ pub async fn run(
     tokio::join!(proxy_server, admin_server);
 }
 
-/// Accepts connections on `listener` and serves each with `handler` until `shutdown` completes.
+/// Accepts connections on `listener` and serves each with `handler` until `shutdown` completes,
+/// with the default [`ConnLimits`].
 pub async fn serve<F, Fut, B>(listener: TcpListener, handler: F, shutdown: impl Future<Output = ()>)
 where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve_with(listener, ConnLimits::default(), None, handler, shutdown).await;
+}
+
+/// Accepts connections on `listener` within `limits` and serves each with `handler` until
+/// `shutdown` completes, then gives open connections [`DRAIN_TIMEOUT`] to finish. `open`, when
+/// given, follows the number of open connections.
+pub async fn serve_with<F, Fut, B>(
+    listener: TcpListener,
+    limits: ConnLimits,
+    open: Option<IntGauge>,
+    handler: F,
+    shutdown: impl Future<Output = ()>,
+) where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: Body + Send + 'static,
@@ -109,47 +211,314 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Bounds the head of every later request on a kept-alive connection, and so also the
+        // time between requests; the first one is bounded by `limits.header_read_timeout` below.
+        .header_read_timeout(limits.keep_alive_timeout)
         .max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
-    let graceful = GracefulShutdown::new();
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        // What one h2 connection may make stickless hold: a client uploads at most a stream
+        // window per stream and a connection window in all before waiting for the backend to
+        // take it, and each stream's download is buffered up to the send buffer before hyper
+        // stops reading the backend (hyper's defaults: 1 MiB windows, ~400 KiB send buffers).
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_send_buf_size(H2_MAX_SEND_BUF)
+        .max_concurrent_streams(H2_MAX_STREAMS);
+    let builder = Arc::new(builder);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // Every connection task holds a sender; `recv` answers `None` once all of them have ended.
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut backoff = ACCEPT_BACKOFF.0;
+    // Reached over and over under a flood: warn at most every ten seconds.
+    let limit_warnings = LogLimit::new(LIMIT_WARNING_INTERVAL.as_millis() as u64);
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let handler = handler.clone();
-                let service = service_fn(move |req| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler(req, peer).await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
+        // A slot first, then the accept: at the cap, clients wait in the kernel's backlog.
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if let Some(held_back) = limit_warnings.allow() {
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        held_back,
+                        "connection limit reached: not accepting until a connection closes"
+                    );
+                }
+                tokio::select! {
+                    permit = slots.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break, // never closed; nothing left to accept with
+                    },
+                    () = &mut shutdown => break,
+                }
             }
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => {
+                    backoff = ACCEPT_BACKOFF.0;
+                    accepted
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: the pending connection stays queued,
+                    // so retrying at once would spin.
+                    tracing::warn!(error = %e, retry_in = ?backoff, "accept failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = &mut shutdown => break,
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
+                    continue;
+                }
+            },
             () = &mut shutdown => break,
-        }
+        };
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(Counted::new(stream, permit, open.clone()));
+        let conn = serve_connection(
+            builder.clone(),
+            io,
+            handler.clone(),
+            peer,
+            limits,
+            stop_rx.clone(),
+        );
+        let done = done_tx.clone();
+        tokio::spawn(
+            async move {
+                conn.await;
+                drop(done);
+            }
+            .instrument(tracing::debug_span!("conn", %peer)),
+        );
     }
     drop(listener);
+    let _ = stop_tx.send(true);
+    drop(done_tx);
     tokio::select! {
-        () = graceful.shutdown() => {}
+        _ = done_rx.recv() => {}
         () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("gave up waiting for in-flight requests"),
+    }
+}
+
+/// What a connection is doing, for its deadlines.
+#[derive(Debug, Clone, Copy)]
+struct Activity {
+    /// Whether a request head has arrived yet.
+    started: bool,
+    /// Requests whose response is not yet fully sent (open streams, on h2).
+    in_flight: usize,
+    /// When `in_flight` last fell to zero.
+    idle_since: Instant,
+}
+
+/// Counts one request as in flight until dropped: with the response body once there is one, or
+/// with the handler's future if the client goes away first.
+struct InFlight(Arc<watch::Sender<Activity>>);
+
+impl InFlight {
+    fn start(activity: &Arc<watch::Sender<Activity>>) -> Self {
+        activity.send_modify(|a| {
+            a.started = true;
+            a.in_flight += 1;
+        });
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|a| {
+            a.in_flight = a.in_flight.saturating_sub(1);
+            if a.in_flight == 0 {
+                a.idle_since = Instant::now();
+            }
+        });
+    }
+}
+
+pin_project! {
+    /// A response body that keeps its request counted as in flight until it is sent or dropped.
+    struct Tracked<B> {
+        #[pin]
+        inner: B,
+        in_flight: InFlight,
+    }
+}
+
+impl<B: Body> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Serves one connection until it ends, it misses a deadline of `limits`, or `stop` turns true
+/// (then it gets [`DRAIN_TIMEOUT`] to finish what is in flight).
+async fn serve_connection<F, Fut, B>(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    io: TokioIo<Counted>,
+    handler: F,
+    peer: SocketAddr,
+    limits: ConnLimits,
+    mut stop: watch::Receiver<bool>,
+) where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let accepted = Instant::now();
+    let (activity, mut changes) = watch::channel(Activity {
+        started: false,
+        in_flight: 0,
+        idle_since: accepted,
+    });
+    let activity = Arc::new(activity);
+    let tracker = activity.clone();
+    let service = service_fn(move |req| {
+        let in_flight = InFlight::start(&tracker);
+        let handler = handler.clone();
+        async move {
+            let resp = handler(req, peer).await;
+            Ok::<_, Infallible>(resp.map(|inner| Tracked { inner, in_flight }))
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let grace = loop {
+        let now = *changes.borrow_and_update();
+        let deadline = match now {
+            Activity { started: false, .. } => Some(accepted + limits.header_read_timeout),
+            Activity {
+                in_flight: 0,
+                idle_since,
+                ..
+            } => Some(idle_since + limits.keep_alive_timeout),
+            // A response still streaming (or a request body still arriving) has its own bounds
+            // in the request path.
+            _ => None,
+        };
+        let expired = async move {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            // The sender lives in `activity` for as long as this loop runs.
+            _ = changes.changed() => continue,
+            () = expired => {
+                if !now.started {
+                    // Nothing was asked: there is nothing to finish, and no need to wait for a
+                    // client that has been silent all along.
+                    tracing::debug!(timeout = ?limits.header_read_timeout, "no complete request head in time; closing");
+                    return;
+                }
+                tracing::debug!(timeout = ?limits.keep_alive_timeout, "idle; closing");
+                break CLOSE_TIMEOUT;
+            }
+            _ = stop.wait_for(|s| *s) => break DRAIN_TIMEOUT,
+        }
+    };
+    // HTTP/1.1 closes once its response is out, h2 sends GOAWAY and lets open streams finish.
+    conn.as_mut().graceful_shutdown();
+    if tokio::time::timeout(grace, conn).await.is_err() {
+        tracing::debug!("connection did not close in time; dropped");
+    }
+    drop(activity);
+}
+
+/// An accepted client connection, holding its slot under the listener's cap for as long as the
+/// socket is open, including after an upgrade hands it to a tunnel.
+struct Counted {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+    open: Option<IntGauge>,
+}
+
+impl Counted {
+    fn new(stream: TcpStream, permit: OwnedSemaphorePermit, open: Option<IntGauge>) -> Self {
+        if let Some(g) = &open {
+            g.inc();
+        }
+        Counted {
+            stream,
+            _permit: permit,
+            open,
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(g) = &self.open {
+            g.dec();
+        }
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }

@@ -125,7 +125,7 @@ fn main() {
         let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let backend_url = format!("http://{}", backend.local_addr().unwrap());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(stickless::server::serve(
+        tokio::spawn(stickless::server::serve_http(
             backend,
             move |_req: Request<hyper::body::Incoming>, _| {
                 let body = body.clone();

@@ -18,7 +18,7 @@ const MAX_FORM_BYTES: usize = 4096;
 
 /// Serves the demo app on `listener` until `shutdown` completes.
 pub async fn serve_app(listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    crate::server::serve(listener, |req, _| handle(req), shutdown).await;
+    crate::server::serve_http(listener, |req, _| handle(req), shutdown).await;
 }
 
 fn field(req: &Request<Incoming>, name: &str) -> Option<String> {

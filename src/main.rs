@@ -119,7 +119,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_connections = config.connection_cap(),
         "stickless ready"
     );
-    stickless::server::run(
+    stickless::server::serve_proxy(
         config,
         store,
         listener,
@@ -154,7 +154,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %addr, admin = %admin.local_addr()?, "stickless demo ready");
     println!("stickless demo: open http://{addr}/ in a browser (sessions on the embedded store; Ctrl-C stops)");
     println!("metrics: http://{}/metrics", admin.local_addr()?);
-    stickless::server::run(
+    stickless::server::serve_proxy(
         config,
         store,
         listener,

@@ -133,7 +133,7 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Redis
 
 /// Runs the proxy on `listener` and the admin endpoint on `admin_listener` until `shutdown`
 /// completes, then lets in-flight requests finish.
-pub async fn run(
+pub async fn serve_proxy(
     config: Config,
     store: Arc<dyn SessionStore>,
     listener: TcpListener,
@@ -155,7 +155,7 @@ pub async fn run(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let proxy_server = serve_with(
+    let proxy_server = serve_http_with(
         listener,
         proxy_limits,
         Some(proxy_open),
@@ -165,7 +165,7 @@ pub async fn run(
         },
         stopped(rx.clone()),
     );
-    let admin_server = serve_with(
+    let admin_server = serve_http_with(
         admin_listener,
         admin_limits,
         Some(admin_open),
@@ -180,21 +180,24 @@ pub async fn run(
 
 /// Accepts connections on `listener` and serves each with `handler` until `shutdown` completes,
 /// with the default [`ConnLimits`].
-pub async fn serve<F, Fut, B>(listener: TcpListener, handler: F, shutdown: impl Future<Output = ()>)
-where
+pub async fn serve_http<F, Fut, B>(
+    listener: TcpListener,
+    handler: F,
+    shutdown: impl Future<Output = ()>,
+) where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    serve_with(listener, ConnLimits::default(), None, handler, shutdown).await;
+    serve_http_with(listener, ConnLimits::default(), None, handler, shutdown).await;
 }
 
 /// Accepts connections on `listener` within `limits` and serves each with `handler` until
 /// `shutdown` completes, then gives open connections [`DRAIN_TIMEOUT`] to finish. `open`, when
 /// given, follows the number of open connections.
-pub async fn serve_with<F, Fut, B>(
+pub async fn serve_http_with<F, Fut, B>(
     listener: TcpListener,
     limits: ConnLimits,
     open: Option<IntGauge>,

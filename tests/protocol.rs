@@ -1705,7 +1705,7 @@ async fn session_headers_sent_as_trailers_are_removed() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(stickless::server::serve(
+    tokio::spawn(stickless::server::serve_http(
         listener,
         |req: Request<hyper::body::Incoming>, _| async move {
             let collected = req.into_body().collect().await.unwrap();

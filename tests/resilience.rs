@@ -111,7 +111,7 @@ fn assert_plain_error(r: &Reply, status: u16, text: &str) {
 async fn backend_on(port: ReservedPort) -> tokio::sync::oneshot::Sender<()> {
     let listener = port.listen();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(stickless::server::serve(
+    tokio::spawn(stickless::server::serve_http(
         listener,
         |_req: Request<hyper::body::Incoming>, _| async {
             let mut resp = Response::new(Full::new(Bytes::from_static(b"late backend")));

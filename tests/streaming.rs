@@ -30,7 +30,7 @@ async fn the_first_chunk_arrives_before_the_backend_sends_the_next() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(stickless::server::serve(
+    tokio::spawn(stickless::server::serve_http(
         listener,
         move |_req: Request<hyper::body::Incoming>, _| {
             let bodies_rx = bodies_rx.clone();

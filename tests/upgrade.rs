@@ -20,7 +20,7 @@ async fn echo_backend() -> (String, tokio::sync::oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(stickless::server::serve(
+    tokio::spawn(stickless::server::serve_http(
         listener,
         |mut req: Request<Incoming>, _| async move {
             let mut resp = Response::new(Full::new(Bytes::new()));

@@ -320,7 +320,7 @@ impl TestBackend {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let hits = Arc::new(Mutex::new(0));
         let h = hits.clone();
-        tokio::spawn(stickless::server::serve(
+        tokio::spawn(stickless::server::serve_http(
             listener,
             move |req, _| {
                 *h.lock().unwrap() += 1;

@@ -8,10 +8,10 @@
 //! (`VmRSS` in /proc/PID/status) is sampled before, during and after; the growth per client is
 //! what one slow reader costs. BENCHMARKS.md records the results.
 //!
-//! `STICKLESS_BENCH_CLIENTS` (default 200), `STICKLESS_BENCH_BODY_MIB` (default 4),
-//! `STICKLESS_BENCH_RATE_KIB` (read rate per client in the slow phase, default 50) and
-//! `STICKLESS_BENCH_SLOW_SECS` (length of the slow phase, default 10) change the load;
-//! `STICKLESS_BENCH_QUIET_SECS` (default 3) is how long after the downloads the last sample is
+//! `STICKLESS_TEST_BENCH_CLIENTS` (default 200), `STICKLESS_TEST_BENCH_BODY_MIB` (default 4),
+//! `STICKLESS_TEST_BENCH_RATE_KIB` (read rate per client in the slow phase, default 50) and
+//! `STICKLESS_TEST_BENCH_SLOW_SECS` (length of the slow phase, default 10) change the load;
+//! `STICKLESS_TEST_BENCH_QUIET_SECS` (default 3) is how long after the downloads the last sample is
 //! taken (past 60 s, the proxy's idle backend connections have been closed too).
 
 #[path = "../tests/support/mod.rs"]
@@ -111,11 +111,11 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let clients = env_or("STICKLESS_BENCH_CLIENTS", 200);
-    let body_mib = env_or("STICKLESS_BENCH_BODY_MIB", 4);
-    let rate = env_or("STICKLESS_BENCH_RATE_KIB", 50) * 1024;
-    let slow_secs = env_or("STICKLESS_BENCH_SLOW_SECS", 10);
-    let quiet_secs = env_or("STICKLESS_BENCH_QUIET_SECS", 3);
+    let clients = env_or("STICKLESS_TEST_BENCH_CLIENTS", 200);
+    let body_mib = env_or("STICKLESS_TEST_BENCH_BODY_MIB", 4);
+    let rate = env_or("STICKLESS_TEST_BENCH_RATE_KIB", 50) * 1024;
+    let slow_secs = env_or("STICKLESS_TEST_BENCH_SLOW_SECS", 10);
+    let quiet_secs = env_or("STICKLESS_TEST_BENCH_QUIET_SECS", 3);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

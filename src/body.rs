@@ -3,7 +3,9 @@
 //! connection for ever; [`StripTrailers`] removes protocol headers from trailers, which a client
 //! could otherwise use to smuggle session fields past the header stripping (and a backend to leak
 //! operations to the client); [`ClientBody`] remembers whether the client's upload failed, so that
-//! a malformed request body is answered as the client's fault.
+//! a malformed request body is answered as the client's fault; [`Detached`] copies each chunk of
+//! a backend's body out of the connection's read buffer, so that a chunk waiting for a slow client
+//! does not keep that whole buffer alive.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -179,6 +181,46 @@ impl<B: Body> Body for ClientBody<B> {
             this.failed.store(true, Ordering::Relaxed);
         }
         polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// Passes frames through, each data chunk copied into memory of its own size.
+    pub struct Detached<B> {
+        #[pin]
+        inner: B,
+    }
+}
+
+impl<B> Detached<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B) -> Self {
+        Detached { inner }
+    }
+}
+
+impl<B: Body<Data = bytes::Bytes>> Body for Detached<B> {
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        // A chunk is a slice of the buffer hyper read it into: held in a slow client's write
+        // queue, it would keep all of that buffer, and hyper would read on into a new one.
+        self.project()
+            .inner
+            .poll_frame(cx)
+            .map_ok(|frame| frame.map_data(|data| bytes::Bytes::copy_from_slice(&data)))
     }
 
     fn is_end_stream(&self) -> bool {

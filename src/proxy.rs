@@ -24,7 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tracing::Instrument;
 
-use crate::body::{ClientBody, IdleTimeout, StripTrailers};
+use crate::body::{ClientBody, Detached, IdleTimeout, StripTrailers};
 use crate::config::{Config, TtlPolicy, Upstream};
 use crate::cookie::{split_cookies, CookieWriter, SessionId, SigningKeys};
 use crate::hop;
@@ -33,10 +33,11 @@ use crate::metrics::{ClientFault, Event, Lookup, Metrics, StoreOp, UpstreamFailu
 use crate::protocol::{apply_to_fields, Changes, Protocol, ProtocolError, Rejection};
 use crate::store::{now_ms, Applied, Loaded, Session, SessionStore, StoreError, Target};
 use crate::tunnel;
+use crate::upstream::Connector;
 
 /// The body of every response stickless sends: the backend's, streamed (and cut off if the
 /// backend goes silent for the upstream timeout), or its own short text.
-pub type ProxyBody = Either<IdleTimeout<StripTrailers<Incoming>>, Full<Bytes>>;
+pub type ProxyBody = Either<IdleTimeout<StripTrailers<Detached<Incoming>>>, Full<Bytes>>;
 
 /// The body of a request on its way to the backend: the client's, or none for a retry.
 type UpstreamBody = Either<ClientBody<StripTrailers<Incoming>>, Empty<Bytes>>;
@@ -172,9 +173,9 @@ pub struct Proxy {
     upstream: Upstream,
     upstream_timeout: Duration,
     /// Pooled connections to the backend.
-    client: Client<HttpConnector, UpstreamBody>,
+    client: Client<Connector, UpstreamBody>,
     /// Fresh connections only, for a retry.
-    fresh: Client<HttpConnector, UpstreamBody>,
+    fresh: Client<Connector, UpstreamBody>,
     metrics: Metrics,
 }
 
@@ -184,6 +185,7 @@ impl Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.upstream_timeout.min(Duration::from_secs(5))));
+        let connector = Connector::new(connector);
         // The backend's response is read at the client's pace, one buffer at a time, and the
         // buffer is capped (hyper's default is ~400 KiB) so that a slow client, or an idle
         // pooled connection, pins little memory. The cap is also the largest response head the
@@ -468,7 +470,10 @@ impl Proxy {
             tokio::spawn(tunnel::splice(client, backend, self.upstream_timeout));
         }
         let (idle, protocol) = (self.upstream_timeout, self.protocol.clone());
-        resp.map(|body| Either::Left(IdleTimeout::new(StripTrailers::new(body, protocol), idle)))
+        resp.map(|body| {
+            let body = StripTrailers::new(Detached::new(body), protocol);
+            Either::Left(IdleTimeout::new(body, idle))
+        })
     }
 
     /// Applies the backend's changes in the documented order: Destroy, Rotate, Delete, Set, Incr.

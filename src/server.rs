@@ -12,8 +12,9 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -59,6 +60,11 @@ const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration
 /// Shortest time between two "connection limit reached" warnings, so that a listener held at
 /// its cap logs once in a while instead of once per connection.
 const LIMIT_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Most response body bytes an HTTP/1 connection hands to hyper ahead of what the client's socket
+/// has taken: a client that reads slowly holds at most this much (plus one chunk) in the proxy,
+/// however large hyper's own write queue may grow.
+const MAX_UNSENT_BYTES: u64 = 8 * 1024;
 
 /// Bounds on the client connections of one listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -345,12 +351,54 @@ impl Drop for InFlight {
     }
 }
 
+/// What an HTTP/1 connection's response bodies have handed to hyper and what its socket has taken,
+/// so that a body waits while the client lags by more than [`MAX_UNSENT_BYTES`]. (h2 streams
+/// are bounded by h2's own send buffers and windows, per stream: one slow stream must not hold
+/// back the others, so they are not paced here.)
+#[derive(Default)]
+struct Backlog {
+    handed: AtomicU64,
+    written: AtomicU64,
+    /// The body waiting for the socket to take more.
+    waiting: Mutex<Option<Waker>>,
+}
+
+impl Backlog {
+    fn unsent(&self) -> u64 {
+        self.handed
+            .load(Ordering::Acquire)
+            .saturating_sub(self.written.load(Ordering::Acquire))
+    }
+
+    fn wrote(&self, n: usize) {
+        self.written.fetch_add(n as u64, Ordering::AcqRel);
+        let waker = self.waiting.lock().map(|mut w| w.take()).unwrap_or(None);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Whether the body must wait; if so, it is woken once the socket takes more.
+    fn must_wait(&self, cx: &Context<'_>) -> bool {
+        if self.unsent() < MAX_UNSENT_BYTES {
+            return false;
+        }
+        if let Ok(mut w) = self.waiting.lock() {
+            *w = Some(cx.waker().clone());
+        }
+        // A write may have landed between the check and the registration.
+        self.unsent() >= MAX_UNSENT_BYTES
+    }
+}
+
 pin_project! {
-    /// A response body that keeps its request counted as in flight until it is sent or dropped.
+    /// A response body that keeps its request counted as in flight until it is sent or dropped,
+    /// and, on HTTP/1, waits while the client lags too far behind.
     struct Tracked<B> {
         #[pin]
         inner: B,
         in_flight: InFlight,
+        backlog: Option<Arc<Backlog>>,
     }
 }
 
@@ -362,7 +410,22 @@ impl<B: Body> Body for Tracked<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        self.project().inner.poll_frame(cx)
+        use bytes::Buf;
+        let this = self.project();
+        if let Some(backlog) = this.backlog.as_deref() {
+            if backlog.must_wait(cx) {
+                return Poll::Pending;
+            }
+        }
+        let polled = this.inner.poll_frame(cx);
+        if let (Some(backlog), Poll::Ready(Some(Ok(frame)))) = (this.backlog.as_deref(), &polled) {
+            if let Some(data) = frame.data_ref() {
+                backlog
+                    .handed
+                    .fetch_add(data.remaining() as u64, Ordering::AcqRel);
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -398,12 +461,18 @@ async fn serve_connection<F, Fut, B>(
     });
     let activity = Arc::new(activity);
     let tracker = activity.clone();
-    let service = service_fn(move |req| {
+    let backlog = io.inner().backlog.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
         let in_flight = InFlight::start(&tracker);
         let handler = handler.clone();
+        let backlog = (req.version() <= http::Version::HTTP_11).then(|| backlog.clone());
         async move {
             let resp = handler(req, peer).await;
-            Ok::<_, Infallible>(resp.map(|inner| Tracked { inner, in_flight }))
+            Ok::<_, Infallible>(resp.map(|inner| Tracked {
+                inner,
+                in_flight,
+                backlog,
+            }))
         }
     });
     let conn = builder.serve_connection_with_upgrades(io, service);
@@ -463,6 +532,7 @@ struct Counted {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
     open: Option<IntGauge>,
+    backlog: Arc<Backlog>,
 }
 
 impl Counted {
@@ -474,6 +544,7 @@ impl Counted {
             stream,
             _permit: permit,
             open,
+            backlog: Arc::default(),
         }
     }
 }
@@ -502,7 +573,11 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.backlog.wrote(n);
+        }
+        polled
     }
 
     fn poll_write_vectored(
@@ -510,7 +585,11 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.backlog.wrote(n);
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -6,40 +6,13 @@
 //! names the setting. The command line lives in the binary and only translates flags into
 //! [`Settings`], so a program that uses the library cannot build a configuration that fails later.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Deref;
 use std::time::Duration;
 
 use crate::cookie::{CookieConfig, SameSite, SecureMode, SigningKeys};
-
-/// A value that is not what a setting accepts. Its text names what is accepted; it shows the value
-/// only where the value cannot hold a secret.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}{expected}", value.as_ref().map(|v| format!("`{v}` is not ")).unwrap_or_else(|| "expected ".into()))]
-pub struct InvalidValue {
-    value: Option<String>,
-    expected: Cow<'static, str>,
-}
-
-impl InvalidValue {
-    /// `value` is not `expected` (for example "a duration like 30m").
-    pub fn new(value: &str, expected: impl Into<Cow<'static, str>>) -> Self {
-        InvalidValue {
-            value: Some(value.chars().take(200).collect()),
-            expected: expected.into(),
-        }
-    }
-
-    /// Like [`InvalidValue::new`], for a value that may hold a secret and is never shown.
-    pub fn redacted(expected: impl Into<Cow<'static, str>>) -> Self {
-        InvalidValue {
-            value: None,
-            expected: expected.into(),
-        }
-    }
-}
+pub use crate::value::InvalidValue;
 
 /// What stickless needs to serve, as given: [`Config::new`] checks it and fills in what is left
 /// to choose. Each part is valid by its type; `Config::new` checks how the parts fit together.

@@ -18,7 +18,7 @@ use http::HeaderValue;
 use rand::RngCore;
 use sha2::Sha256;
 
-use crate::config::InvalidValue;
+use crate::value::InvalidValue;
 
 type HmacSha256 = SimpleHmac<Sha256>;
 

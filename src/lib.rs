@@ -16,8 +16,15 @@
 //! 6. The cookie is set (new or rotated session) or cleared (destroyed), and the response streams
 //!    back. [`metrics`] records every step; [`admin`] serves them.
 //!
-//! [`config`] holds the typed configuration (the binary's flags are turned into it), and [`demo`]
-//! is the built-in demo backend.
+//! Around that path: [`server`] bounds client connections (a cap, a deadline to the first request,
+//! an idle timeout, a cap on unsent response bytes), [`upstream`] opens the backend's connections,
+//! [`hop`] handles hop-by-hop headers and upgrades (with [`tunnel`] carrying upgraded connections),
+//! [`body`] wraps the streamed bodies, and [`log_limit`] keeps client-triggered warnings from
+//! flooding the log.
+//!
+//! [`config`] holds the typed configuration: [`config::Settings`] checked into a
+//! [`config::Config`] (the binary's flags are turned into settings; [`value`] is the error of a bad
+//! value), and [`demo`] is the built-in demo backend.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -37,3 +44,4 @@ pub mod shutdown;
 pub mod store;
 pub mod tunnel;
 pub mod upstream;
+pub mod value;

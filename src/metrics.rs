@@ -2,7 +2,7 @@
 //! start-up, so the request path only increments and every series is exported from the start (at
 //! 0), which an alert on its rate needs. Labels never carry a session id, value or cookie.
 //!
-//! Every label is an enum declared with [`labels!`]: the enum, its list of values and their
+//! Every label is an enum declared with the `labels!` macro: the enum, its list of values and their
 //! spelling come from one list, so a series can never be filed under another's label.
 
 use std::time::Duration;

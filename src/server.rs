@@ -201,7 +201,7 @@ pub async fn serve_http<F, Fut, B>(
 }
 
 /// Accepts connections on `listener` within `limits` and serves each with `handler` until
-/// `shutdown` completes, then gives open connections [`DRAIN_TIMEOUT`] to finish. `open`, when
+/// `shutdown` completes, then gives open connections `DRAIN_TIMEOUT` (10 s) to finish. `open`, when
 /// given, follows the number of open connections.
 pub async fn serve_http_with<F, Fut, B>(
     listener: TcpListener,

@@ -16,7 +16,7 @@ use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use support::{Http, RedisServer, Stickless, TestBackend};
+use support::{proc_status_kib, Http, RedisServer, Stickless, TestBackend};
 
 type C = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
@@ -65,21 +65,6 @@ async fn scenario(client: &C, n: usize, url: &str, headers: &[(&str, &str)]) -> 
     stats(v)
 }
 
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
 fn main() {
     // `cargo test` and nextest run bench targets too (with `--list` or no `--bench`): the
     // measurement is only for `cargo bench`.
@@ -99,7 +84,7 @@ fn main() {
         let backend = TestBackend::start().await;
         let proxy = Stickless::on_redis(&backend.url(), &redis, &[]);
         let client: C = Client::builder(TokioExecutor::new()).build_http();
-        let rss_idle = rss_kib(proxy.pid(), "VmRSS:");
+        let rss_idle = proc_status_kib(proxy.pid(), "VmRSS:");
 
         // A session to read and increment.
         let mut http = Http::with_jar();
@@ -167,8 +152,8 @@ fn main() {
         println!(
             "memory of the stickless process: RSS {} KiB at start, {} KiB after the run, peak {} KiB",
             rss_idle,
-            rss_kib(proxy.pid(), "VmRSS:"),
-            rss_kib(proxy.pid(), "VmHWM:")
+            proc_status_kib(proxy.pid(), "VmRSS:"),
+            proc_status_kib(proxy.pid(), "VmHWM:")
         );
     });
 }

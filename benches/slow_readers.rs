@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
-use support::{RedisServer, Stickless};
+use support::{proc_status_kib, RedisServer, Stickless};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 
@@ -31,21 +31,6 @@ fn env_or(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 /// One client: asks for the body, reads `slow_bytes` of it at `rate` bytes/s, then the rest at
@@ -144,7 +129,7 @@ fn main() {
         let warm = slow_reader(proxy.addr, u64::MAX, 0, Instant::now() + Duration::from_secs(30)).await;
         assert_eq!(warm, body_mib * 1024 * 1024, "warm-up download");
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let rss_start = status_kib(pid, "VmRSS:");
+        let rss_start = proc_status_kib(pid, "VmRSS:");
 
         let slow_bytes = rate * slow_secs;
         println!(
@@ -168,7 +153,7 @@ fn main() {
             let sample_every = Duration::from_millis(500);
             while started.elapsed() + sample_every < Duration::from_secs(slow_secs) {
                 tokio::time::sleep(sample_every).await;
-                peak_during = peak_during.max(status_kib(pid, "VmRSS:"));
+                peak_during = peak_during.max(proc_status_kib(pid, "VmRSS:"));
             }
             let mut complete = 0;
             for t in tasks {
@@ -178,10 +163,10 @@ fn main() {
             }
             assert_eq!(complete, clients, "every download completes");
             let elapsed = started.elapsed();
-            let rss_done = status_kib(pid, "VmRSS:");
+            let rss_done = proc_status_kib(pid, "VmRSS:");
             // Give closed connections and the allocator a moment, as a quiet period would.
             tokio::time::sleep(Duration::from_secs(quiet_secs)).await;
-            let rss_after = status_kib(pid, "VmRSS:");
+            let rss_after = proc_status_kib(pid, "VmRSS:");
             println!(
                 "| round {round}: peak during the slow phase | {peak_during} | {:.0} |",
                 per(peak_during)
@@ -196,7 +181,7 @@ fn main() {
                 per(rss_after)
             );
         }
-        let hwm = status_kib(pid, "VmHWM:");
+        let hwm = proc_status_kib(pid, "VmHWM:");
         println!("| peak (VmHWM) | {hwm} | {:.0} |", per(hwm));
         let _ = stop_tx.send(());
     });

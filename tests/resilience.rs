@@ -12,22 +12,6 @@ use http::{Request, Response};
 use http_body_util::Full;
 use support::*;
 
-/// The async twin of `wait_for`: polls `f` until it returns `Some`, or panics after `deadline`.
-async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Runs `f` and checks that it took at most `limit`. Two cores shared by a whole parallel test
 /// run can stall any process for a moment, which would fail a wall-clock bound that the proxy
 /// itself kept: a miss is measured again, up to three times in all, before it counts. So `f` must

@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -15,22 +14,6 @@ use support::*;
 const TIMEOUT: &str = "300ms";
 /// Long enough for the test to see the request reach the backend and freeze Redis.
 const BACKEND_WAIT: &str = "/slow/700";
-
-/// The async twin of `wait_for`: polls `f` until it returns `Some`, or panics after `deadline`.
-async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 fn key_of(cookie: &str) -> String {
     format!("stickless:{}", id_of(cookie))

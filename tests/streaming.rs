@@ -12,16 +12,6 @@ use support::*;
 
 type Body = http_body_util::channel::Channel<Bytes, std::convert::Infallible>;
 
-/// The proxy's peak resident memory (VmHWM), in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("/proc/PID/status")
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_first_chunk_arrives_before_the_backend_sends_the_next() {
     // A backend whose body the test writes chunk by chunk.
@@ -84,7 +74,7 @@ async fn the_first_chunk_arrives_before_the_backend_sends_the_next() {
 async fn bodies_far_larger_than_the_proxys_memory_pass_both_ways() {
     let backend = TestBackend::start().await;
     let proxy = Stickless::start(&backend.url(), &[]);
-    let before = peak_rss_kib(proxy.pid());
+    let before = proc_status_kib(proxy.pid(), "VmHWM:");
     // 128 MiB up and the same back down through /echo-body, made and checked as it streams.
     const SIZE: usize = 128 * 1024 * 1024;
     const CHUNK: usize = 64 * 1024;
@@ -129,7 +119,7 @@ async fn bodies_far_larger_than_the_proxys_memory_pass_both_ways() {
     }
     sender.await.unwrap();
     assert_eq!(received, SIZE);
-    let peak = peak_rss_kib(proxy.pid());
+    let peak = proc_status_kib(proxy.pid(), "VmHWM:");
     // Buffering either body whole would need 128 MiB; streaming needs a few buffers.
     assert!(
         peak < before + 32 * 1024,

@@ -370,3 +370,40 @@ async fn demo_starts_and_serves_login_visits_logout() {
     assert!(r.text().contains("Not logged in"), "{}", r.text());
     drop(demo);
 }
+
+#[test]
+fn every_flag_is_documented_in_the_readme_and_the_env_example() {
+    let help = run(&["serve", "--help"], &[]);
+    assert_eq!(help.code, Some(0), "{}", help.stderr);
+    let flags: std::collections::BTreeSet<&str> = help
+        .stdout
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']')
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.split('=').next().unwrap_or(w))
+        .filter(|w| !matches!(*w, "--help" | "--version"))
+        .collect();
+    assert!(
+        flags.len() >= 20,
+        "too few flags found in --help: {flags:?}"
+    );
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let env_example =
+        std::fs::read_to_string(format!("{root}/deploy/stickless.env.example")).unwrap();
+    for flag in flags {
+        assert!(
+            readme.contains(&format!("| `{flag}` |")),
+            "{flag} has no row in the README's flag table"
+        );
+        let var = format!(
+            "STICKLESS_{}",
+            flag.trim_start_matches('-')
+                .replace('-', "_")
+                .to_uppercase()
+        );
+        assert!(
+            env_example.contains(&var),
+            "{var} is missing from deploy/stickless.env.example"
+        );
+    }
+}

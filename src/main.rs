@@ -3,6 +3,9 @@
 
 mod cli;
 
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
@@ -14,6 +17,9 @@ use cli::{Cli, Command, DemoArgs, ServeArgs};
 use stickless::config::{Config, StoreConfig, Upstream};
 
 fn main() -> ExitCode {
+    // Purge freed memory back to the system in the background (after jemalloc's dirty decay),
+    // also while the process is idle.
+    let _ = tikv_jemalloc_ctl::background_thread::write(true);
     let cli = Cli::parse();
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

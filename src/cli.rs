@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use stickless::config::{
-    self, Config, HeaderPrefix, InvalidValue, ProtocolConfig, Settings, StoreConfig, TtlPolicy,
-    Upstream,
+    self, Config, Durability, HeaderPrefix, InvalidValue, ProtocolConfig, Settings, StoreConfig,
+    TtlPolicy, Upstream,
 };
 use stickless::cookie::{
     CookieAttribute, CookieConfig, CookieName, KeyError, SameSite, SecureMode, SigningKeys,
@@ -125,6 +125,10 @@ pub struct ServeArgs {
     /// Prefix of the Redis keys (sessions are <prefix><id>).
     #[arg(long, env = "STICKLESS_KEY_PREFIX", default_value = "stickless:")]
     pub key_prefix: String,
+    /// When a change counts as stored: acknowledged (by the primary) or replicated (also on a
+    /// replica, WAIT 1, so that a failover cannot erase it; 503 when no replica confirms in time).
+    #[arg(long, env = "STICKLESS_DURABILITY", default_value = "acknowledged", value_parser = Durability::parse)]
+    pub durability: Durability,
     /// Bound on every Redis call; past it the request is answered 503.
     #[arg(long, env = "STICKLESS_REDIS_TIMEOUT", default_value = "1s", value_parser = duration)]
     pub redis_timeout: Duration,
@@ -220,6 +224,7 @@ impl ServeArgs {
                 url,
                 key_prefix: self.key_prefix,
                 timeout: self.redis_timeout,
+                durability: self.durability,
             },
         };
         let keys = match &self.secret_keys {

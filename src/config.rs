@@ -378,6 +378,8 @@ pub enum StoreConfig {
         key_prefix: String,
         /// Bound on every store call.
         timeout: Duration,
+        /// When a change counts as stored.
+        durability: Durability,
     },
 }
 
@@ -389,13 +391,40 @@ impl fmt::Debug for StoreConfig {
             StoreConfig::Redis {
                 key_prefix,
                 timeout,
+                durability,
                 ..
             } => f
                 .debug_struct("Redis")
                 .field("url", &"<redacted>")
                 .field("key_prefix", key_prefix)
                 .field("timeout", timeout)
+                .field("durability", durability)
                 .finish(),
+        }
+    }
+}
+
+/// When a change counts as stored (`--durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// When the primary has applied it: Redis's own acknowledgement. A failover right after can
+    /// lose it, since replication is asynchronous.
+    #[default]
+    Acknowledged,
+    /// When at least one replica has it too (`WAIT 1`), so that a failover cannot erase it.
+    Replicated,
+}
+
+impl Durability {
+    /// Parses `acknowledged` or `replicated`.
+    ///
+    /// # Errors
+    /// [`InvalidValue`] naming what is accepted.
+    pub fn parse(s: &str) -> Result<Self, InvalidValue> {
+        match s.to_ascii_lowercase().as_str() {
+            "acknowledged" => Ok(Durability::Acknowledged),
+            "replicated" => Ok(Durability::Replicated),
+            _ => Err(InvalidValue::new(s, "one of acknowledged, replicated")),
         }
     }
 }
@@ -599,6 +628,7 @@ mod tests {
             url: "redis://127.0.0.1:6379".into(),
             key_prefix: "stickless:".into(),
             timeout: Duration::from_secs(1),
+            durability: Durability::Acknowledged,
         }
     }
 
@@ -656,6 +686,7 @@ mod tests {
                 url: "redis://h".into(),
                 key_prefix: "k:".into(),
                 timeout: Duration::from_secs(2),
+                durability: Durability::Acknowledged,
             };
             s.ttl.rotation_grace = Duration::from_secs(3);
         });
@@ -668,6 +699,7 @@ mod tests {
                 url: "http://127.0.0.1".into(),
                 key_prefix: "k:".into(),
                 timeout: Duration::from_secs(1),
+                durability: Durability::Acknowledged,
             };
         });
         assert_eq!(e.setting(), "redis-url");
@@ -677,6 +709,7 @@ mod tests {
                 url: "redis://h".into(),
                 key_prefix: "a b".into(),
                 timeout: Duration::from_secs(1),
+                durability: Durability::Acknowledged,
             };
         });
         assert_eq!(e.setting(), "key-prefix");

@@ -103,7 +103,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let store = match stickless::server::build_store(&config).await {
         Ok(store) => store,
         Err(e) => {
-            eprintln!("error: invalid value for '--redis-url': {e}");
+            eprintln!("error: invalid value for '--{}': {e}", e.setting());
             std::process::exit(2);
         }
     };

@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use crate::store::StoreHealth;
+
 use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -145,6 +147,10 @@ pub struct Metrics {
     pub spoofed_headers: IntCounter,
     /// Requests sent to the backend a second time, on a new connection.
     pub upstream_retries: IntCounter,
+    store_reconnections: IntCounter,
+    store_topology_errors: IntCounter,
+    store_retries: IntCounter,
+    store_failovers: IntCounter,
 }
 
 impl Metrics {
@@ -243,6 +249,22 @@ impl Metrics {
                 "stickless_upstream_retries_total",
                 "Idempotent requests sent again on a new connection after the first one failed before a response.",
             ),
+            store_reconnections: counter(
+                "stickless_store_reconnections_total",
+                "Connections to the session store made again after the first (a failover, a lost or unresponsive connection).",
+            ),
+            store_topology_errors: counter(
+                "stickless_store_topology_errors_total",
+                "Store answers showing the node is no longer the primary (READONLY, MASTERDOWN): each makes the client reconnect.",
+            ),
+            store_retries: counter(
+                "stickless_store_retries_total",
+                "Store calls sent once more because their first try provably did not run (refused by a demoted or loading node).",
+            ),
+            store_failovers: counter(
+                "stickless_store_failovers_total",
+                "Failovers seen: a new primary (a new replication id) after a reconnection.",
+            ),
             registry,
         }
     }
@@ -286,6 +308,22 @@ impl Metrics {
     /// The gauge of open connections on `listener`, for its accept loop to move.
     pub fn open_connections(&self, listener: Listener) -> IntGauge {
         self.open_connections[listener as usize].clone()
+    }
+
+    /// Brings the store's counters up to what the store has seen (they are kept by the store,
+    /// which knows nothing of metrics, and read here when metrics are rendered).
+    pub fn sync_store(&self, health: &StoreHealth) {
+        let catch_up = |counter: &IntCounter, seen: u64| {
+            counter.inc_by(seen.saturating_sub(counter.get()));
+        };
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        catch_up(
+            &self.store_reconnections,
+            get(&health.connections).saturating_sub(1),
+        );
+        catch_up(&self.store_topology_errors, get(&health.topology_errors));
+        catch_up(&self.store_retries, get(&health.retries));
+        catch_up(&self.store_failovers, get(&health.failovers));
     }
 
     /// Everything in the Prometheus text format.
@@ -362,10 +400,38 @@ mod tests {
         for s in [
             "stickless_spoofed_headers_total",
             "stickless_upstream_retries_total",
+            "stickless_store_reconnections_total",
+            "stickless_store_topology_errors_total",
+            "stickless_store_retries_total",
+            "stickless_store_failovers_total",
             "stickless_upstream_duration_seconds_count",
         ] {
             assert_eq!(value(&text, s), Some(0.0), "{s}");
         }
+    }
+
+    #[test]
+    fn store_counters_follow_the_store() {
+        use std::sync::atomic::Ordering;
+        let m = Metrics::new();
+        let h = StoreHealth::default();
+        h.connections.store(3, Ordering::Relaxed);
+        h.topology_errors.store(4, Ordering::Relaxed);
+        h.retries.store(5, Ordering::Relaxed);
+        h.failovers.store(1, Ordering::Relaxed);
+        m.sync_store(&h);
+        m.sync_store(&h);
+        let text = m.render();
+        assert_eq!(
+            value(&text, "stickless_store_reconnections_total"),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&text, "stickless_store_topology_errors_total"),
+            Some(4.0)
+        );
+        assert_eq!(value(&text, "stickless_store_retries_total"), Some(5.0));
+        assert_eq!(value(&text, "stickless_store_failovers_total"), Some(1.0));
     }
 
     #[test]

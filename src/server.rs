@@ -124,6 +124,7 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Redis
             url,
             key_prefix,
             timeout,
+            durability,
         } => Arc::new(
             RedisStore::connect(RedisSettings {
                 url: url.clone(),
@@ -131,6 +132,7 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Redis
                 timeout: *timeout,
                 ttl: config.ttl,
                 limits: config.protocol.clone(),
+                durability: *durability,
             })
             .await?,
         ),

@@ -117,6 +117,23 @@ pub enum StoreError {
     /// Redis answered something the store cannot read.
     #[error("unexpected reply from the session store: {0}")]
     Unexpected(&'static str),
+    /// The change was stored on the primary but no replica confirmed it in time, so a failover
+    /// could still erase it (`--durability replicated`).
+    #[error("no replica confirmed the change in time")]
+    NotReplicated,
+}
+
+/// What a store has seen of its connections, for metrics: counters that only grow.
+#[derive(Debug, Default)]
+pub struct StoreHealth {
+    /// Connections made, the first included.
+    pub connections: std::sync::atomic::AtomicU64,
+    /// Errors that showed the node answering is no longer the primary (`READONLY`, `MASTERDOWN`).
+    pub topology_errors: std::sync::atomic::AtomicU64,
+    /// Calls sent once more because their first try provably did not run.
+    pub retries: std::sync::atomic::AtomicU64,
+    /// Failovers seen: a new primary after a reconnection.
+    pub failovers: std::sync::atomic::AtomicU64,
 }
 
 /// Where sessions live. Implementations bound every call by their own timeout.
@@ -152,6 +169,11 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// What the store has seen of its connections, when it has connections to watch.
+    fn health(&self) -> Option<&StoreHealth> {
+        None
+    }
 }
 
 /// Milliseconds since the Unix epoch.

@@ -66,6 +66,7 @@ async fn redis_store(
         timeout,
         ttl,
         limits,
+        durability: Default::default(),
     })
     .await
     .expect("a valid Redis URL")

@@ -12,6 +12,15 @@
 //! the ambiguous window shrinks to the network delay of the reply. The offset between this
 //! machine's clock and Redis's is measured with `TIME` when a connection is made and on every
 //! [`SessionStore::ping`], never in the request path.
+//!
+//! Failovers: when ElastiCache (or Sentinel, or a cluster) promotes a replica, connections that
+//! are already open stay on the demoted node, which answers every write with `READONLY`. Such an
+//! answer, and `LOADING`, `MASTERDOWN` and `CLUSTERDOWN`, make the client drop its connection and
+//! connect again, resolving the endpoint's name anew; so do a connection reset and a connection
+//! that stops answering (TCP keepalive and an unresponsive-connection check).
+//! A call that got one of these errors provably did not run, so it is sent once more on the new
+//! connection within its deadline; a call whose connection broke in flight may have run, so it is
+//! never sent again (an increment must not count twice): the request gets 503.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -19,14 +28,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use fred::prelude::*;
+use fred::types::config::{ReconnectError, UnresponsiveConfig};
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand, Value};
 
 use super::{
-    now_ms, Applied, Loaded, Session, SessionStore, StoreError, Target, CREATED_FIELD,
+    now_ms, Applied, Loaded, Session, SessionStore, StoreError, StoreHealth, Target, CREATED_FIELD,
     ROTATED_FIELD,
 };
-use crate::config::{ProtocolConfig, TtlPolicy};
+use crate::config::{Durability, ProtocolConfig, TtlPolicy};
 use crate::cookie::SessionId;
 use crate::protocol::{Changes, Fields, Rejection};
 
@@ -241,6 +251,99 @@ pub struct RedisSettings {
     pub ttl: TtlPolicy,
     /// Field and size limits.
     pub limits: ProtocolConfig,
+    /// Whether a change must reach a replica before it counts as stored.
+    pub durability: Durability,
+}
+
+/// Errors whose call provably did not run: the server refused it (a demoted primary, a server
+/// still loading its data, a cluster in the middle of a change) or the client never sent it.
+/// Such a call can be sent again without applying anything twice.
+fn did_not_run(e: &fred::error::Error) -> bool {
+    const REFUSALS: [&str; 5] = [
+        "READONLY",
+        "LOADING",
+        "MASTERDOWN",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+    ];
+    const UNSENT: [&str; 3] = [
+        "Failed to route command.",
+        "Too many failed write attempts.",
+        "Max attempts reached.",
+    ];
+    let details = e.details();
+    REFUSALS.iter().any(|p| details.starts_with(p)) || UNSENT.contains(&details)
+}
+
+/// Errors that mean the node answering is no longer the primary.
+fn topology_changed(e: &fred::error::Error) -> bool {
+    ["READONLY", "MASTERDOWN"]
+        .iter()
+        .any(|p| e.details().starts_with(p))
+}
+
+/// Whether a script writes (and so, with [`Durability::Replicated`], waits for a replica).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writes {
+    Yes,
+    No,
+}
+
+/// What `INFO replication` says of the node answering.
+struct ReplicationState {
+    /// `master` or `slave`.
+    role: String,
+    /// The replication id: it changes when a replica is promoted.
+    replid: String,
+    /// Replicas connected to it.
+    replicas: u64,
+}
+
+/// Reads `INFO replication` (allowed on ElastiCache, unlike `CONFIG`).
+async fn replication_state(
+    client: &Client,
+) -> Result<Option<ReplicationState>, fred::error::Error> {
+    let info: String = client
+        .info(Some(fred::types::InfoKind::Replication))
+        .await?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+            .map(str::to_owned)
+    };
+    Ok(Some(ReplicationState {
+        role: field("role").unwrap_or_default(),
+        replid: field("master_replid").unwrap_or_default(),
+        replicas: field("connected_slaves")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
+    }))
+}
+
+/// After a reconnection: the replication id of the primary now answering. A new one means a
+/// failover happened (counted in [`StoreHealth::failovers`]).
+async fn notice_failover(
+    client: &Client,
+    timeout: Duration,
+    seen: &std::sync::Mutex<Option<String>>,
+    health: &StoreHealth,
+) {
+    let Ok(Ok(Some(state))) = tokio::time::timeout(timeout, replication_state(client)).await else {
+        return;
+    };
+    if state.role != "master" {
+        // A demoted node still answering on an old connection: the next reconnection finds
+        // the primary.
+        return;
+    }
+    let Ok(mut seen) = seen.lock() else {
+        return;
+    };
+    if seen.as_ref().is_some_and(|old| *old != state.replid) {
+        health.failovers.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("the redis primary changed (failover)");
+    }
+    *seen = Some(state.replid);
 }
 
 /// Sessions in Redis.
@@ -248,6 +351,9 @@ pub struct RedisStore {
     client: Client,
     settings: RedisSettings,
     clock: Arc<RedisClock>,
+    health: Arc<StoreHealth>,
+    /// The replication id of the primary last seen; a new one after a reconnection is a failover.
+    replication_id: Arc<std::sync::Mutex<Option<String>>>,
     load: Script,
     take: Script,
     restore: Script,
@@ -341,6 +447,19 @@ pub enum RedisSetupError {
     /// The client could not be built.
     #[error("could not create the Redis client")]
     Client(#[source] fred::error::Error),
+    /// `--durability replicated` on a primary with no replica: no write could ever be stored.
+    #[error("replicated needs a replica, and the Redis primary has none connected; use acknowledged, or add a replica")]
+    NoReplica,
+}
+
+impl RedisSetupError {
+    /// The setting to change, spelled as its flag without the leading dashes.
+    pub fn setting(&self) -> &'static str {
+        match self {
+            RedisSetupError::Url(_) | RedisSetupError::Client(_) => "redis-url",
+            RedisSetupError::NoReplica => "durability",
+        }
+    }
 }
 
 impl RedisStore {
@@ -362,29 +481,61 @@ impl RedisStore {
                 c.connection_timeout = timeout.max(Duration::from_secs(2));
                 c.internal_command_timeout = timeout.max(Duration::from_secs(2));
                 // A script whose connection dropped in flight may have run already: sending it
-                // again could apply an increment twice. One attempt; the caller answers 503.
+                // again could apply an increment twice. One attempt; the caller answers 503, or
+                // sends it again itself when the error proves it did not run (`did_not_run`).
                 c.max_command_attempts = 1;
+                // A demoted primary keeps its connections and refuses every write: reconnect,
+                // which resolves the endpoint's name again and so finds the new primary.
+                c.reconnect_errors = vec![
+                    ReconnectError::ReadOnly,
+                    ReconnectError::Loading,
+                    ReconnectError::MasterDown,
+                    ReconnectError::ClusterDown,
+                ];
+                // ElastiCache may refuse credentials around a failover or a password rotation.
+                c.reconnect_on_auth_error = true;
+                // A node that vanished without closing the connection (a failed host, a network
+                // partition) is found by TCP itself, not after the kernel's 15 minutes.
                 c.tcp = TcpConfig {
                     nodelay: Some(true),
+                    keepalive: Some(
+                        fred::socket2::TcpKeepalive::new()
+                            .with_time(Duration::from_secs(5))
+                            .with_interval(Duration::from_secs(2)),
+                    ),
                     ..Default::default()
+                };
+                // A connection with a write unanswered for this long is closed and remade.
+                c.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(timeout.max(Duration::from_secs(1)) * 3),
+                    interval: Duration::from_millis(500),
                 };
             })
             // Keep trying for ever: a sidecar outlives any failover of its store.
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
             .build()
             .map_err(RedisSetupError::Client)?;
-        client.on_error(|(error, server)| async move {
-            tracing::warn!(server = ?server.map(|s| s.to_string()), error = %error, "redis connection error");
-            Ok(())
+        let health = Arc::new(StoreHealth::default());
+        let on_error = health.clone();
+        client.on_error(move |(error, server)| {
+            if topology_changed(&error) {
+                on_error.topology_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            async move {
+                tracing::warn!(server = ?server.map(|s| s.to_string()), error = %error, "redis connection error");
+                Ok(())
+            }
         });
         let clock = Arc::new(RedisClock {
             offset_ms: AtomicI64::new(RedisClock::UNKNOWN),
             stale: AtomicBool::new(true),
         });
         let on_connect = clock.clone();
+        let connections = health.clone();
         client.on_reconnect(move |server| {
             // Only a flag: measuring here would need the client inside its own callback.
             on_connect.stale.store(true, Ordering::Relaxed);
+            connections.connections.fetch_add(1, Ordering::Relaxed);
             async move {
                 tracing::info!(server = %server, "redis connected");
                 Ok(())
@@ -410,9 +561,24 @@ impl RedisStore {
             }
             Err(_) => tracing::warn!("redis did not answer in time; retrying in the background"),
         }
+        let replication_id = Arc::new(std::sync::Mutex::new(None));
+        if client.is_connected() {
+            if let Ok(Ok(Some(state))) =
+                tokio::time::timeout(timeout, replication_state(&client)).await
+            {
+                if settings.durability == Durability::Replicated && state.replicas == 0 {
+                    return Err(RedisSetupError::NoReplica);
+                }
+                if let Ok(mut r) = replication_id.lock() {
+                    *r = Some(state.replid);
+                }
+            }
+        }
         Ok(RedisStore {
             client,
             clock,
+            health,
+            replication_id,
             load: Script::from_lua(LOAD),
             take: Script::from_lua(TAKE),
             restore: Script::from_lua(RESTORE),
@@ -435,14 +601,30 @@ impl RedisStore {
         &self,
         call: impl std::future::Future<Output = Result<T, fred::error::Error>>,
     ) -> Result<T, StoreError> {
-        let timeout = self.settings.timeout;
-        match tokio::time::timeout(timeout, call).await {
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        self.bounded_until(deadline, call)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// Runs a call until `deadline`; fred's error as it is, or `None` for a timeout.
+    async fn bounded_until<T>(
+        &self,
+        deadline: tokio::time::Instant,
+        call: impl std::future::Future<Output = Result<T, fred::error::Error>>,
+    ) -> Result<T, Option<fred::error::Error>> {
+        match tokio::time::timeout_at(deadline, call).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) if *e.kind() == fred::error::ErrorKind::Timeout => {
-                Err(StoreError::Timeout(timeout))
-            }
-            Ok(Err(e)) => Err(StoreError::Backend(Box::new(e))),
-            Err(_) => Err(StoreError::Timeout(timeout)),
+            Ok(Err(e)) if *e.kind() == fred::error::ErrorKind::Timeout => Err(None),
+            Ok(Err(e)) => Err(Some(e)),
+            Err(_) => Err(None),
+        }
+    }
+
+    fn error(&self, e: Option<fred::error::Error>) -> StoreError {
+        match e {
+            None => StoreError::Timeout(self.settings.timeout),
+            Some(e) => StoreError::Backend(Box::new(e)),
         }
     }
 
@@ -454,6 +636,7 @@ impl RedisStore {
         script: &Script,
         key: String,
         mut args: Vec<Value>,
+        writes: Writes,
     ) -> Result<Vec<Value>, StoreError> {
         if self.clock.stale.swap(false, Ordering::Relaxed) {
             self.remeasure_in_background();
@@ -468,9 +651,24 @@ impl RedisStore {
                 sent_us.div_euclid(1000) + offset + budget.as_millis() as i64
             }));
         }
-        let reply = self
-            .bounded(script.evalsha_with_reload::<Vec<Value>, _, _>(&self.client, key, args))
-            .await?;
+        let deadline = tokio::time::Instant::from_std(started) + timeout;
+        let call = || {
+            script.evalsha_with_reload::<Vec<Value>, _, _>(&self.client, key.clone(), args.clone())
+        };
+        let reply = match self.bounded_until(deadline, call()).await {
+            Ok(reply) => reply,
+            // Refused (a demoted primary, a loading replica) or never sent: it did not run, and
+            // the client is reconnecting. Once more on the new connection, within the deadline.
+            Err(Some(e)) if did_not_run(&e) => {
+                self.health.retries.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "redis refused a script that did not run; sending it once more");
+                self.bounded_until(deadline, call())
+                    .await
+                    .map_err(|e| self.error(e))?
+            }
+            Err(e) => return Err(self.error(e)),
+        };
+
         if reply.first().and_then(text).as_deref() == Some("late") {
             if started.elapsed() < budget {
                 // Late by Redis's clock but not by ours: the offset is wrong (a failover to a
@@ -487,16 +685,49 @@ impl RedisStore {
             }
             return Err(StoreError::Late(timeout));
         }
+        if writes == Writes::Yes {
+            self.replicate(&key, deadline).await?;
+        }
         Ok(reply)
     }
 
+    /// With [`Durability::Replicated`], waits (`WAIT 1`) until a replica has every write this
+    /// connection sent, the one just made included, at most until `deadline`.
+    async fn replicate(&self, key: &str, deadline: tokio::time::Instant) -> Result<(), StoreError> {
+        if self.settings.durability == Durability::Acknowledged {
+            return Ok(());
+        }
+        let left_ms = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .as_millis()
+            .max(1) as i64;
+        // WAIT has no key: it goes to the node that holds this one, whose connection made the write.
+        let slot = fred::util::redis_keyslot(key.as_bytes());
+        let wait = CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), true);
+        let acked: i64 = self
+            .bounded_until(
+                deadline,
+                self.client
+                    .custom(wait, vec![Value::Integer(1), Value::Integer(left_ms)]),
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        if acked < 1 {
+            return Err(StoreError::NotReplicated);
+        }
+        Ok(())
+    }
+
+    /// After a (re)connection: the clock offset again, and whether the primary changed.
     fn remeasure_in_background(&self) {
         let (client, clock, timeout) = (
             self.client.clone(),
             self.clock.clone(),
             self.settings.timeout,
         );
+        let (seen, health) = (self.replication_id.clone(), self.health.clone());
         tokio::spawn(async move {
+            notice_failover(&client, timeout, &seen, &health).await;
             match tokio::time::timeout(timeout, clock.measure(&client)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -508,7 +739,7 @@ impl RedisStore {
         });
     }
 
-    /// The deadline's place in a script's arguments, filled in by [`RedisStore::run`].
+    /// The deadline's place in a script's arguments, filled in by [`RedisStore::eval`].
     fn deadline_placeholder() -> Value {
         Value::Integer(0)
     }
@@ -576,7 +807,9 @@ impl SessionStore for RedisStore {
     async fn load(&self, id: &SessionId) -> Result<Loaded, StoreError> {
         let mut args = vec![Self::deadline_placeholder()];
         args.extend(self.ttl_args(now_ms()));
-        let reply = self.eval(&self.load, self.key(id), args).await?;
+        let reply = self
+            .eval(&self.load, self.key(id), args, Writes::No)
+            .await?;
         if reply.first().and_then(text).as_deref() == Some("rotated") {
             return Ok(Loaded::Rotated);
         }
@@ -629,7 +862,9 @@ impl SessionStore for RedisStore {
             args.push(k.as_str().into());
             args.push(Value::Integer(*by));
         }
-        let reply = self.eval(&self.apply, self.key(id), args).await?;
+        let reply = self
+            .eval(&self.apply, self.key(id), args, Writes::Yes)
+            .await?;
         let words: Vec<String> = reply.iter().filter_map(text).collect();
         let number = |i: usize| words.get(i).and_then(|s| s.parse::<u64>().ok());
         match words.first().map(String::as_str) {
@@ -659,14 +894,18 @@ impl SessionStore for RedisStore {
             Value::Integer(self.settings.ttl.rotation_grace.as_millis() as i64),
             Value::Integer(now_ms() as i64),
         ];
-        let reply = self.eval(&self.take, self.key(id), args).await?;
+        let reply = self
+            .eval(&self.take, self.key(id), args, Writes::Yes)
+            .await?;
         session_from_reply(reply, "taken")
     }
 
     async fn restore(&self, id: &SessionId) -> Result<Applied, StoreError> {
         let mut args = vec![Self::deadline_placeholder()];
         args.extend(self.ttl_args(now_ms()));
-        let reply = self.eval(&self.restore, self.key(id), args).await?;
+        let reply = self
+            .eval(&self.restore, self.key(id), args, Writes::Yes)
+            .await?;
         let words: Vec<String> = reply.iter().filter_map(text).collect();
         match words.first().map(String::as_str) {
             Some("ok") => Ok(Applied::Stored {
@@ -682,7 +921,7 @@ impl SessionStore for RedisStore {
 
     async fn destroy(&self, id: &SessionId) -> Result<(), StoreError> {
         let args = vec![Self::deadline_placeholder()];
-        self.eval(&self.destroy, self.key(id), args)
+        self.eval(&self.destroy, self.key(id), args, Writes::Yes)
             .await
             .map(|_| ())
     }
@@ -691,5 +930,9 @@ impl SessionStore for RedisStore {
     /// that deadlines are computed with.
     async fn ping(&self) -> Result<(), StoreError> {
         self.bounded(self.clock.measure(&self.client)).await
+    }
+
+    fn health(&self) -> Option<&StoreHealth> {
+        Some(&self.health)
     }
 }

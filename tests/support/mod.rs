@@ -134,7 +134,12 @@ fn redis_server_binary() -> PathBuf {
 pub struct RedisServer {
     child: Child,
     pub port: u16,
+    /// The server's working directory, removed with it.
+    dir: PathBuf,
 }
+
+/// Numbers the servers one test process starts, for their directories' names.
+static SERVERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl RedisServer {
     /// Starts a server with no persistence.
@@ -169,7 +174,17 @@ impl RedisServer {
 
     fn try_start(port: u16, extra: &[&str]) -> Option<Self> {
         blocking(|| {
+            // A directory of its own: a replica's full resync writes `dump.rdb` there, and a
+            // server started where one lies would load another test's sessions.
+            let dir = std::env::temp_dir().join(format!(
+                "stickless-redis-{}-{port}-{}",
+                std::process::id(),
+                SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).expect("a directory for redis-server");
             let mut child = Command::new(redis_server_binary())
+                .current_dir(&dir)
+                .args(["--dir", &dir.to_string_lossy()])
                 .args([
                     "--port",
                     &port.to_string(),
@@ -198,13 +213,24 @@ impl RedisServer {
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // the port was taken meanwhile: try another
                 }
-                if ping(port) {
-                    return Some(RedisServer { child, port });
+                // The server answering must be this child: two tests can be handed the same free
+                // port, and then the one that lost the race would talk to the other's server.
+                let password = extra
+                    .iter()
+                    .position(|a| *a == "--requirepass")
+                    .and_then(|i| extra.get(i + 1).copied());
+                match server_pid(port, password) {
+                    Some(pid) if pid == child.id() => {
+                        return Some(RedisServer { child, port, dir })
+                    }
+                    Some(_) => break, // another test's server holds the port: try another
+                    None => {}
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
             let _ = child.kill();
             let _ = child.wait();
+            let _ = std::fs::remove_dir_all(&dir);
             None
         })
     }
@@ -251,6 +277,7 @@ impl Drop for RedisServer {
             signal(self.child.id(), "CONT");
             self.kill();
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -258,6 +285,44 @@ fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill")
         .args([&format!("-{sig}"), &pid.to_string()])
         .status();
+}
+
+/// The process id of the server on `port` (`INFO server`), once it answers.
+fn server_pid(port: u16, password: Option<&str>) -> Option<u32> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    if let Some(pw) = password {
+        s.write_all(format!("AUTH {pw}\r\n").as_bytes()).ok()?;
+        let mut ok = [0u8; 5];
+        s.read_exact(&mut ok).ok()?;
+        if &ok != b"+OK\r\n" {
+            return None;
+        }
+    }
+    s.write_all(b"INFO server\r\n").ok()?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let n = s.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&reply);
+        if let Some(pid) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|v| v.trim().parse().ok())
+        {
+            return Some(pid);
+        }
+        if text.starts_with('-') {
+            return None;
+        }
+    }
+    None
 }
 
 fn ping(port: u16) -> bool {

@@ -276,3 +276,33 @@ async fn endpoint_failover_with_replicated_writes_loses_no_acknowledged_incremen
     assert_only_503s(&report);
     assert_eq!(report.increments_lost, 0, "acknowledged increments lost");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicated_durability_without_a_replica_is_refused_at_startup() {
+    let redis = RedisServer::start();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_stickless"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--redis-url",
+                &redis.url(),
+                "--secret-keys",
+                TEST_KEY,
+                "--durability",
+                "replicated",
+            ])
+            .env_remove("REDIS_URL")
+            .output()
+            .expect("stickless runs")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("'--durability'"), "{stderr}");
+    assert!(stderr.contains("replica"), "{stderr}");
+}

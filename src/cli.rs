@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use stickless::config::{
-    self, Config, HeaderPrefix, InvalidValue, ProtocolConfig, Settings, StoreConfig, TtlPolicy,
-    Upstream,
+    self, BreakerConfig, Config, HeaderPrefix, InvalidValue, ProtocolConfig, Settings, StoreConfig,
+    TtlPolicy, Upstream,
 };
 use stickless::cookie::{
     CookieAttribute, CookieConfig, CookieName, KeyError, SameSite, SecureMode, SigningKeys,
@@ -157,6 +157,14 @@ pub struct ServeArgs {
     /// closes. Default: 10000, or fewer when the file-descriptor limit is lower.
     #[arg(long, env = "STICKLESS_MAX_CONNECTIONS", value_name = "N", value_parser = count)]
     pub max_connections: Option<usize>,
+    /// Consecutive Redis timeouts or connection failures after which the circuit breaker opens:
+    /// calls then fail at once (503) instead of each waiting --redis-timeout.
+    #[arg(long, env = "STICKLESS_BREAKER_FAILURES", default_value = "3", value_name = "N", value_parser = count)]
+    pub breaker_failures: usize,
+    /// While the circuit breaker is open, the pause between two pings of Redis; the first that
+    /// succeeds closes it.
+    #[arg(long, env = "STICKLESS_BREAKER_PROBE_INTERVAL", default_value = "500ms", value_parser = duration)]
+    pub breaker_probe_interval: Duration,
 }
 
 impl std::fmt::Debug for ServeArgs {
@@ -266,6 +274,10 @@ impl ServeArgs {
         settings.keep_alive_timeout = self.keep_alive_timeout;
         settings.max_connections = self.max_connections;
         settings.fd_limit = fd_limit;
+        settings.breaker = BreakerConfig {
+            failures: self.breaker_failures,
+            probe_interval: self.breaker_probe_interval,
+        };
         Config::new(settings).map_err(|e| {
             let hint = match e {
                 config::ConfigError::KeysRequired => {
@@ -386,6 +398,8 @@ mod tests {
             ("--keep-alive-timeout", "0"),
             ("--header-read-timeout", "soon"),
             ("--max-connections", "many"),
+            ("--breaker-failures", "some"),
+            ("--breaker-probe-interval", "0"),
         ] {
             let err = parse(&[flag, value]).unwrap_err();
             assert_eq!(err.exit_code(), 2);
@@ -399,6 +413,8 @@ mod tests {
             (&["--rotation-grace", "500ms"][..], "--rotation-grace"),
             (&["--max-connections", "0"][..], "--max-connections"),
             (&["--max-connections", "1000001"][..], "--max-connections"),
+            (&["--breaker-failures", "0"][..], "--breaker-failures"),
+            (&["--breaker-failures", "1001"][..], "--breaker-failures"),
             (
                 &["--max-value-bytes", "10", "--max-session-bytes", "5"][..],
                 "--max-value-bytes",
@@ -424,6 +440,21 @@ mod tests {
                 .unwrap_err();
             assert_eq!(err.flag, flag, "{args:?}: {}", err.message);
         }
+    }
+
+    #[test]
+    fn store_failure_handling() {
+        let cfg = parse(&[]).unwrap().serve.into_config(None, None).unwrap();
+        assert_eq!(cfg.breaker, BreakerConfig::default());
+        assert_eq!(cfg.breaker.failures, 3);
+        assert_eq!(cfg.breaker.probe_interval, Duration::from_millis(500));
+        let cfg = parse(&["--breaker-failures", "5", "--breaker-probe-interval", "1s"])
+            .unwrap()
+            .serve
+            .into_config(None, None)
+            .unwrap();
+        assert_eq!(cfg.breaker.failures, 5);
+        assert_eq!(cfg.breaker.probe_interval, Duration::from_secs(1));
     }
 
     #[test]

@@ -57,6 +57,9 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static FORGED_WARNINGS: LogLimit = LogLimit::new(1000);
 static SPOOF_WARNINGS: LogLimit = LogLimit::new(1000);
 static CLIENT_ERROR_WARNINGS: LogLimit = LogLimit::new(1000);
+/// While the store's circuit breaker is open, a 503 costs nothing and clients retry as fast as
+/// they like: one line a second of each is enough (the breaker logs when it opens and closes).
+static STORE_DOWN_WARNINGS: LogLimit = LogLimit::new(1000);
 
 /// Why a request could not be served normally.
 #[derive(Debug, thiserror::Error)]
@@ -293,6 +296,14 @@ impl Proxy {
                 });
                 if let Some(held_back) = CLIENT_ERROR_WARNINGS.allow() {
                     tracing::warn!(error = %e, held_back, "bad request");
+                }
+            }
+            ProxyError::Store(StoreError::CircuitOpen) => {
+                if let Some(held_back) = STORE_DOWN_WARNINGS.allow() {
+                    tracing::warn!(
+                        held_back,
+                        "session store down (circuit breaker open); answered 503"
+                    );
                 }
             }
             other => {
@@ -792,6 +803,9 @@ mod tests {
         assert_eq!(store.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(store.headers()[header::RETRY_AFTER], "1");
         assert_eq!(store.headers()[header::CONNECTION], "close");
+        let open = ProxyError::Store(StoreError::CircuitOpen).into_response(false);
+        assert_eq!(open.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(open.headers()[header::RETRY_AFTER], "1");
         let protocol = ProxyError::Protocol(ProtocolError::BadFlag { header: "x".into() })
             .into_response(false);
         assert_eq!(protocol.status(), StatusCode::BAD_GATEWAY);

@@ -35,6 +35,7 @@ use crate::config::{Config, StoreConfig};
 use crate::log_limit::LogLimit;
 use crate::metrics::{Listener, Metrics};
 use crate::proxy::Proxy;
+use crate::store::breaker::Breaker;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisSettings, RedisSetupError, RedisStore};
 use crate::store::SessionStore;
@@ -113,7 +114,8 @@ impl ConnLimits {
     }
 }
 
-/// Builds the store the configuration asks for.
+/// Builds the store the configuration asks for: Redis behind a circuit breaker, or the embedded
+/// store (which cannot be down, so it needs none).
 ///
 /// # Errors
 /// [`RedisSetupError`] for an unusable Redis URL.
@@ -124,16 +126,17 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Redis
             url,
             key_prefix,
             timeout,
-        } => Arc::new(
-            RedisStore::connect(RedisSettings {
+        } => {
+            let redis = RedisStore::connect(RedisSettings {
                 url: url.clone(),
                 key_prefix: key_prefix.clone(),
                 timeout: *timeout,
                 ttl: config.ttl,
                 limits: config.protocol.clone(),
             })
-            .await?,
-        ),
+            .await?;
+            Arc::new(Breaker::new(Arc::new(redis), config.breaker))
+        }
     })
 }
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use stickless::config::{
-    self, BreakerConfig, Config, HeaderPrefix, InvalidValue, ProtocolConfig, Settings, StoreConfig,
-    TtlPolicy, Upstream,
+    self, BreakerConfig, Config, HeaderPrefix, InvalidValue, OnStoreError, ProtocolConfig,
+    Settings, StoreConfig, TtlPolicy, Upstream,
 };
 use stickless::cookie::{
     CookieAttribute, CookieConfig, CookieName, KeyError, SameSite, SecureMode, SigningKeys,
@@ -165,6 +165,11 @@ pub struct ServeArgs {
     /// succeeds closes it.
     #[arg(long, env = "STICKLESS_BREAKER_PROBE_INTERVAL", default_value = "500ms", value_parser = duration)]
     pub breaker_probe_interval: Duration,
+    /// When a request's session cannot be loaded: fail-closed answers 503; fail-open forwards it
+    /// with `X-Session: unavailable` and no fields, and answers 503 only if the response changes
+    /// the session.
+    #[arg(long, env = "STICKLESS_ON_STORE_ERROR", default_value = "fail-closed", value_name = "MODE", value_parser = OnStoreError::parse)]
+    pub on_store_error: OnStoreError,
 }
 
 impl std::fmt::Debug for ServeArgs {
@@ -278,6 +283,7 @@ impl ServeArgs {
             failures: self.breaker_failures,
             probe_interval: self.breaker_probe_interval,
         };
+        settings.on_store_error = self.on_store_error;
         Config::new(settings).map_err(|e| {
             let hint = match e {
                 config::ConfigError::KeysRequired => {
@@ -400,6 +406,7 @@ mod tests {
             ("--max-connections", "many"),
             ("--breaker-failures", "some"),
             ("--breaker-probe-interval", "0"),
+            ("--on-store-error", "ignore"),
         ] {
             let err = parse(&[flag, value]).unwrap_err();
             assert_eq!(err.exit_code(), 2);
@@ -448,13 +455,22 @@ mod tests {
         assert_eq!(cfg.breaker, BreakerConfig::default());
         assert_eq!(cfg.breaker.failures, 3);
         assert_eq!(cfg.breaker.probe_interval, Duration::from_millis(500));
-        let cfg = parse(&["--breaker-failures", "5", "--breaker-probe-interval", "1s"])
-            .unwrap()
-            .serve
-            .into_config(None, None)
-            .unwrap();
+        assert_eq!(cfg.on_store_error, OnStoreError::FailClosed);
+        let cfg = parse(&[
+            "--breaker-failures",
+            "5",
+            "--breaker-probe-interval",
+            "1s",
+            "--on-store-error",
+            "fail-open",
+        ])
+        .unwrap()
+        .serve
+        .into_config(None, None)
+        .unwrap();
         assert_eq!(cfg.breaker.failures, 5);
         assert_eq!(cfg.breaker.probe_interval, Duration::from_secs(1));
+        assert_eq!(cfg.on_store_error, OnStoreError::FailOpen);
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct Settings {
     /// When the circuit breaker in front of Redis opens and how it probes (unused on the embedded
     /// store, which cannot be down).
     pub breaker: BreakerConfig,
+    /// What a request gets when its session cannot be loaded.
+    pub on_store_error: OnStoreError,
 }
 
 /// Most client connections a setting may allow: bounded so that the semaphore behind it can
@@ -92,6 +94,7 @@ impl Settings {
             max_connections: None,
             fd_limit: None,
             breaker: BreakerConfig::default(),
+            on_store_error: OnStoreError::default(),
         }
     }
 }
@@ -467,6 +470,32 @@ impl Default for BreakerConfig {
     }
 }
 
+/// What a request gets when its session cannot be loaded: the store failed, or its breaker is
+/// open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// 503 with `Retry-After`: the backend never sees a request without its session.
+    #[default]
+    FailClosed,
+    /// Forwarded with the status header `unavailable` and no fields, so that pages that need no
+    /// session keep working; a response that would change the session is answered 503 instead.
+    FailOpen,
+}
+
+impl OnStoreError {
+    /// Parses `fail-closed` or `fail-open` (any case, `_` for `-`).
+    ///
+    /// # Errors
+    /// [`InvalidValue`] saying what is accepted.
+    pub fn parse(s: &str) -> Result<Self, InvalidValue> {
+        match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "fail-closed" => Ok(OnStoreError::FailClosed),
+            "fail-open" => Ok(OnStoreError::FailOpen),
+            _ => Err(InvalidValue::new(s, "fail-closed or fail-open")),
+        }
+    }
+}
+
 /// The prefix of every protocol header: lower case, letters, digits and `-`, ending in `-`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderPrefix(String);
@@ -597,6 +626,17 @@ mod tests {
             parse_optional_duration("12h"),
             Ok(Some(Duration::from_secs(43200)))
         );
+    }
+
+    #[test]
+    fn store_error_modes() {
+        assert_eq!(
+            OnStoreError::parse("fail-closed"),
+            Ok(OnStoreError::FailClosed)
+        );
+        assert_eq!(OnStoreError::parse("Fail_Open"), Ok(OnStoreError::FailOpen));
+        assert!(OnStoreError::parse("open").is_err());
+        assert_eq!(OnStoreError::default(), OnStoreError::FailClosed);
     }
 
     #[test]

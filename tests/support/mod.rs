@@ -746,3 +746,27 @@ impl Http {
 pub fn id_of(cookie: &str) -> &str {
     cookie.split('.').next().unwrap()
 }
+
+impl Http {
+    /// GET `url` with the jar's cookie, the whole exchange (body included) bounded by `limit`:
+    /// `None` when it took longer or the connection failed, so that a load test can count hung
+    /// requests instead of stopping at the first.
+    pub async fn get_within(&mut self, url: &str, limit: Duration) -> Option<Reply> {
+        let mut req = Request::builder().method(Method::GET).uri(url);
+        if let Some(sid) = self.sid.as_ref().filter(|_| self.keep_cookies) {
+            req = req.header("cookie", format!("sid={sid}"));
+        }
+        let req = req.body(Full::new(Bytes::new())).expect("valid request");
+        let exchange = async {
+            let resp = self.client.request(req).await.ok()?;
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.ok()?.to_bytes();
+            Some(Reply {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(limit, exchange).await.ok().flatten()
+    }
+}

@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics` (Prometheus text format), `/healthz` (the process is up) and
-//! `/readyz` (the session store answers a PING). Kept off the proxy's port so that neither the
+//! `/readyz` (the session store answers a PING; while the store's circuit breaker is open, not
+//! ready at once, without waiting on a timeout). Kept off the proxy's port so that neither the
 //! backend's routes nor the public can reach it by default.
 
 use std::sync::Arc;
@@ -19,8 +20,10 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// An admin endpoint over this store and these metrics.
+    /// An admin endpoint over this store and these metrics. The store records its own state
+    /// (its circuit breaker's) into `metrics` from now on, so that `/metrics` shows it.
     pub fn new(store: Arc<dyn SessionStore>, metrics: Metrics) -> Self {
+        store.record_into(&metrics);
         Admin { store, metrics }
     }
 

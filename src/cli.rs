@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use stickless::config::{
-    self, Config, Durability, HeaderPrefix, InvalidValue, ProtocolConfig, Settings, StoreConfig,
-    TtlPolicy, Upstream,
+    self, BreakerConfig, Config, Durability, HeaderPrefix, InvalidValue, OnStoreError,
+    ProtocolConfig, Settings, StoreConfig, TtlPolicy, Upstream,
 };
 use stickless::cookie::{
     CookieAttribute, CookieConfig, CookieName, KeyError, SameSite, SecureMode, SigningKeys,
@@ -161,6 +161,19 @@ pub struct ServeArgs {
     /// closes. Default: 10000, or fewer when the file-descriptor limit is lower.
     #[arg(long, env = "STICKLESS_MAX_CONNECTIONS", value_name = "N", value_parser = count)]
     pub max_connections: Option<usize>,
+    /// Consecutive Redis timeouts or connection failures after which the circuit breaker opens:
+    /// calls then fail at once (503) instead of each waiting --redis-timeout.
+    #[arg(long, env = "STICKLESS_BREAKER_FAILURES", default_value = "3", value_name = "N", value_parser = count)]
+    pub breaker_failures: usize,
+    /// While the circuit breaker is open, the pause between two pings of Redis; the first that
+    /// succeeds closes it.
+    #[arg(long, env = "STICKLESS_BREAKER_PROBE_INTERVAL", default_value = "500ms", value_parser = duration)]
+    pub breaker_probe_interval: Duration,
+    /// When a request's session cannot be loaded: fail-closed answers 503; fail-open forwards it
+    /// with `X-Session: unavailable` and no fields, and answers 503 only if the response changes
+    /// the session.
+    #[arg(long, env = "STICKLESS_ON_STORE_ERROR", default_value = "fail-closed", value_name = "MODE", value_parser = OnStoreError::parse)]
+    pub on_store_error: OnStoreError,
 }
 
 impl std::fmt::Debug for ServeArgs {
@@ -271,6 +284,11 @@ impl ServeArgs {
         settings.keep_alive_timeout = self.keep_alive_timeout;
         settings.max_connections = self.max_connections;
         settings.fd_limit = fd_limit;
+        settings.breaker = BreakerConfig {
+            failures: self.breaker_failures,
+            probe_interval: self.breaker_probe_interval,
+        };
+        settings.on_store_error = self.on_store_error;
         Config::new(settings).map_err(|e| {
             let hint = match e {
                 config::ConfigError::KeysRequired => {
@@ -391,6 +409,9 @@ mod tests {
             ("--keep-alive-timeout", "0"),
             ("--header-read-timeout", "soon"),
             ("--max-connections", "many"),
+            ("--breaker-failures", "some"),
+            ("--breaker-probe-interval", "0"),
+            ("--on-store-error", "ignore"),
         ] {
             let err = parse(&[flag, value]).unwrap_err();
             assert_eq!(err.exit_code(), 2);
@@ -404,6 +425,8 @@ mod tests {
             (&["--rotation-grace", "500ms"][..], "--rotation-grace"),
             (&["--max-connections", "0"][..], "--max-connections"),
             (&["--max-connections", "1000001"][..], "--max-connections"),
+            (&["--breaker-failures", "0"][..], "--breaker-failures"),
+            (&["--breaker-failures", "1001"][..], "--breaker-failures"),
             (
                 &["--max-value-bytes", "10", "--max-session-bytes", "5"][..],
                 "--max-value-bytes",
@@ -429,6 +452,30 @@ mod tests {
                 .unwrap_err();
             assert_eq!(err.flag, flag, "{args:?}: {}", err.message);
         }
+    }
+
+    #[test]
+    fn store_failure_handling() {
+        let cfg = parse(&[]).unwrap().serve.into_config(None, None).unwrap();
+        assert_eq!(cfg.breaker, BreakerConfig::default());
+        assert_eq!(cfg.breaker.failures, 3);
+        assert_eq!(cfg.breaker.probe_interval, Duration::from_millis(500));
+        assert_eq!(cfg.on_store_error, OnStoreError::FailClosed);
+        let cfg = parse(&[
+            "--breaker-failures",
+            "5",
+            "--breaker-probe-interval",
+            "1s",
+            "--on-store-error",
+            "fail-open",
+        ])
+        .unwrap()
+        .serve
+        .into_config(None, None)
+        .unwrap();
+        assert_eq!(cfg.breaker.failures, 5);
+        assert_eq!(cfg.breaker.probe_interval, Duration::from_secs(1));
+        assert_eq!(cfg.on_store_error, OnStoreError::FailOpen);
     }
 
     #[test]

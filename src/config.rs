@@ -51,6 +51,11 @@ pub struct Settings {
     pub max_connections: Option<usize>,
     /// The process's open-file limit, when known (the binary raises it to the hard limit first).
     pub fd_limit: Option<u64>,
+    /// When the circuit breaker in front of Redis opens and how it probes (unused on the embedded
+    /// store, which cannot be down).
+    pub breaker: BreakerConfig,
+    /// What a request gets when its session cannot be loaded.
+    pub on_store_error: OnStoreError,
 }
 
 /// Most client connections a setting may allow: bounded so that the semaphore behind it can
@@ -88,6 +93,8 @@ impl Settings {
             keep_alive_timeout: Duration::from_secs(75),
             max_connections: None,
             fd_limit: None,
+            breaker: BreakerConfig::default(),
+            on_store_error: OnStoreError::default(),
         }
     }
 }
@@ -188,6 +195,10 @@ impl ConfigError {
 /// script call.
 pub const MAX_FIELDS_LIMIT: usize = 1000;
 
+/// Most consecutive failures a setting may ask the breaker to wait for: past a few dozen, every
+/// one of them is a client waiting out the store timeout for nothing.
+pub const MAX_BREAKER_FAILURES: usize = 1000;
+
 impl Config {
     /// Checks `settings` and completes them (a random key for the embedded store when none is
     /// given).
@@ -223,12 +234,21 @@ impl Config {
                 session: p.max_session_bytes,
             });
         }
+        if !(1..=MAX_BREAKER_FAILURES).contains(&settings.breaker.failures) {
+            return Err(ConfigError::OutOfRange {
+                setting: "breaker-failures",
+                value: settings.breaker.failures,
+                min: 1,
+                max: MAX_BREAKER_FAILURES,
+            });
+        }
         let mut durations = vec![
             ("idle-timeout", settings.ttl.idle),
             ("upstream-timeout", settings.upstream_timeout),
             ("upstream-idle-timeout", settings.upstream_idle_timeout),
             ("header-read-timeout", settings.header_read_timeout),
             ("keep-alive-timeout", settings.keep_alive_timeout),
+            ("breaker-probe-interval", settings.breaker.probe_interval),
         ];
         if let StoreConfig::Redis { timeout, .. } = &settings.store {
             durations.push(("redis-timeout", *timeout));
@@ -456,6 +476,55 @@ impl Default for TtlPolicy {
     }
 }
 
+/// When the circuit breaker in front of the store opens, and how often it probes while open (see
+/// [`crate::store::breaker`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive failures of the store itself (timeouts, lost connections) that open the
+    /// breaker. Any answer from the store resets the count.
+    pub failures: usize,
+    /// Time between the end of one probe and the start of the next while the breaker is open.
+    pub probe_interval: Duration,
+}
+
+impl Default for BreakerConfig {
+    /// 3 failures: one slow call is not an outage, three in a row are (with 20 clients at once, the
+    /// first wave of timeouts). 500 ms between probes: a store that is back serves again within
+    /// about half a second, and a store that is down gets two pings a second at most.
+    fn default() -> Self {
+        BreakerConfig {
+            failures: 3,
+            probe_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What a request gets when its session cannot be loaded: the store failed, or its breaker is
+/// open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// 503 with `Retry-After`: the backend never sees a request without its session.
+    #[default]
+    FailClosed,
+    /// Forwarded with the status header `unavailable` and no fields, so that pages that need no
+    /// session keep working; a response that would change the session is answered 503 instead.
+    FailOpen,
+}
+
+impl OnStoreError {
+    /// Parses `fail-closed` or `fail-open` (any case, `_` for `-`).
+    ///
+    /// # Errors
+    /// [`InvalidValue`] saying what is accepted.
+    pub fn parse(s: &str) -> Result<Self, InvalidValue> {
+        match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "fail-closed" => Ok(OnStoreError::FailClosed),
+            "fail-open" => Ok(OnStoreError::FailOpen),
+            _ => Err(InvalidValue::new(s, "fail-closed or fail-open")),
+        }
+    }
+}
+
 /// The prefix of every protocol header: lower case, letters, digits and `-`, ending in `-`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderPrefix(String);
@@ -589,6 +658,17 @@ mod tests {
     }
 
     #[test]
+    fn store_error_modes() {
+        assert_eq!(
+            OnStoreError::parse("fail-closed"),
+            Ok(OnStoreError::FailClosed)
+        );
+        assert_eq!(OnStoreError::parse("Fail_Open"), Ok(OnStoreError::FailOpen));
+        assert!(OnStoreError::parse("open").is_err());
+        assert_eq!(OnStoreError::default(), OnStoreError::FailClosed);
+    }
+
+    #[test]
     fn upstreams() {
         let u = Upstream::parse("http://127.0.0.1:5000").unwrap();
         assert_eq!(u.authority.as_str(), "127.0.0.1:5000");
@@ -717,6 +797,12 @@ mod tests {
         assert_eq!(e.setting(), "max-connections");
         let e = refused(&|s| s.header_read_timeout = Duration::ZERO);
         assert_eq!(e.setting(), "header-read-timeout");
+        let e = refused(&|s| s.breaker.failures = 0);
+        assert_eq!(e.setting(), "breaker-failures");
+        let e = refused(&|s| s.breaker.failures = MAX_BREAKER_FAILURES + 1);
+        assert_eq!(e.setting(), "breaker-failures");
+        let e = refused(&|s| s.breaker.probe_interval = Duration::ZERO);
+        assert_eq!(e.setting(), "breaker-probe-interval");
         let mut ok = settings();
         ok.keys = Some(SigningKeys::random());
         ok.store = redis();

@@ -128,6 +128,45 @@ labels! {
     }
 }
 
+labels! {
+    /// Failed session store calls, as the `kind` label.
+    StoreFailure {
+        /// No answer within `--redis-timeout`.
+        Timeout => "timeout",
+        /// The Redis client failed: a lost or refused connection, an error reply.
+        Connection => "connection",
+        /// Not tried: the circuit breaker is open.
+        CircuitOpen => "circuit_open",
+        /// Stored on the primary, but no replica confirmed it in time (`--durability replicated`).
+        NotReplicated => "not_replicated",
+        /// Anything else: a script refused as late, a reply that could not be read.
+        Other => "other",
+    }
+}
+
+labels! {
+    /// The circuit breaker's states. `stickless_breaker_state` holds the position of the state in
+    /// this list: 0 closed, 1 open, 2 half-open.
+    BreakerState {
+        /// Calls go to the store.
+        Closed => "closed",
+        /// The store is known to be down: calls fail at once.
+        Open => "open",
+        /// A probe is in flight; calls still fail at once.
+        HalfOpen => "half_open",
+    }
+}
+
+labels! {
+    /// The circuit breaker's transitions that are counted, as the `to` label.
+    BreakerTransition {
+        /// Closed to open: the store was found down.
+        Open => "open",
+        /// Open to closed: a probe found the store answering again.
+        Closed => "closed",
+    }
+}
+
 /// Status classes, as the `status` label.
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
@@ -143,6 +182,9 @@ pub struct Metrics {
     upstream_errors: Vec<IntCounter>,
     client_errors: Vec<IntCounter>,
     open_connections: Vec<IntGauge>,
+    store_errors: Vec<IntCounter>,
+    breaker_state: IntGauge,
+    breaker_transitions: Vec<IntCounter>,
     /// Client headers removed because they looked like protocol headers.
     pub spoofed_headers: IntCounter,
     /// Requests sent to the backend a second time, on a new connection.
@@ -188,6 +230,12 @@ impl Metrics {
         fn names<L: Copy>(all: &[L], f: fn(L) -> &'static str) -> Vec<&'static str> {
             all.iter().map(|l| f(*l)).collect()
         }
+        let breaker_state = IntGauge::new(
+            "stickless_breaker_state",
+            "State of the circuit breaker in front of the session store: 0 closed, 1 open, 2 half-open.",
+        )
+        .expect("valid gauge");
+        register(Box::new(breaker_state.clone()));
         let upstream = Histogram::with_opts(
             HistogramOpts::new(
                 "stickless_upstream_duration_seconds",
@@ -240,6 +288,19 @@ impl Metrics {
                 "Client connections open now, by listener (upgraded ones included).",
                 "listener",
                 &names(Listener::ALL, Listener::as_str),
+            ),
+            store_errors: counters(
+                "stickless_store_errors_total",
+                "Failed session store calls, by kind (circuit_open: not tried, the breaker is open).",
+                "kind",
+                &names(StoreFailure::ALL, StoreFailure::as_str),
+            ),
+            breaker_state,
+            breaker_transitions: counters(
+                "stickless_breaker_transitions_total",
+                "Circuit breaker transitions: to open when the store is found down, to closed when it answers again.",
+                "to",
+                &names(BreakerTransition::ALL, BreakerTransition::as_str),
             ),
             spoofed_headers: counter(
                 "stickless_spoofed_headers_total",
@@ -305,6 +366,21 @@ impl Metrics {
         self.events[event as usize].inc();
     }
 
+    /// Counts a failed store call.
+    pub fn store_error(&self, kind: StoreFailure) {
+        self.store_errors[kind as usize].inc();
+    }
+
+    /// Records the circuit breaker's state.
+    pub fn breaker_state(&self, state: BreakerState) {
+        self.breaker_state.set(state as i64);
+    }
+
+    /// Counts a transition of the circuit breaker.
+    pub fn breaker_transition(&self, to: BreakerTransition) {
+        self.breaker_transitions[to as usize].inc();
+    }
+
     /// The gauge of open connections on `listener`, for its accept loop to move.
     pub fn open_connections(&self, listener: Listener) -> IntGauge {
         self.open_connections[listener as usize].clone()
@@ -365,7 +441,7 @@ mod tests {
             let s = format!("stickless_request_duration_seconds_count{{status=\"{class}\"}}");
             assert_eq!(value(&text, &s), Some(0.0), "{s}");
         }
-        let counters: [(&str, &str, Vec<&str>); 4] = [
+        let counters: [(&str, &str, Vec<&str>); 6] = [
             (
                 "stickless_session_lookups_total",
                 "result",
@@ -386,6 +462,16 @@ mod tests {
                 "reason",
                 ClientFault::ALL.iter().map(|l| l.as_str()).collect(),
             ),
+            (
+                "stickless_store_errors_total",
+                "kind",
+                StoreFailure::ALL.iter().map(|l| l.as_str()).collect(),
+            ),
+            (
+                "stickless_breaker_transitions_total",
+                "to",
+                BreakerTransition::ALL.iter().map(|l| l.as_str()).collect(),
+            ),
         ];
         for (name, label, values) in counters {
             for v in values {
@@ -405,6 +491,7 @@ mod tests {
             "stickless_store_retries_total",
             "stickless_store_failovers_total",
             "stickless_upstream_duration_seconds_count",
+            "stickless_breaker_state",
         ] {
             assert_eq!(value(&text, s), Some(0.0), "{s}");
         }
@@ -457,6 +544,12 @@ mod tests {
         for (i, l) in Listener::ALL.iter().enumerate() {
             m.open_connections(*l).add(i as i64 + 1);
         }
+        for (i, k) in StoreFailure::ALL.iter().enumerate() {
+            (0..=i).for_each(|_| m.store_error(*k));
+        }
+        for (i, t) in BreakerTransition::ALL.iter().enumerate() {
+            (0..=i).for_each(|_| m.breaker_transition(*t));
+        }
         for (i, status) in [101u16, 204, 302, 404, 503].iter().enumerate() {
             (0..=i).for_each(|_| m.request(*status, Duration::from_millis(1)));
         }
@@ -499,5 +592,39 @@ mod tests {
             let s = format!("stickless_open_connections{{listener=\"{}\"}}", l.as_str());
             assert_eq!(value(&text, &s), n(i), "{s}");
         }
+        for (i, k) in StoreFailure::ALL.iter().enumerate() {
+            let s = format!("stickless_store_errors_total{{kind=\"{}\"}}", k.as_str());
+            assert_eq!(value(&text, &s), n(i), "{s}");
+        }
+        for (i, t) in BreakerTransition::ALL.iter().enumerate() {
+            let s = format!(
+                "stickless_breaker_transitions_total{{to=\"{}\"}}",
+                t.as_str()
+            );
+            assert_eq!(value(&text, &s), n(i), "{s}");
+        }
+    }
+
+    #[test]
+    fn the_breaker_state_is_its_position_in_the_list() {
+        let m = Metrics::new();
+        for (i, state) in BreakerState::ALL.iter().enumerate() {
+            m.breaker_state(*state);
+            let text = m.render();
+            assert_eq!(
+                value(&text, "stickless_breaker_state"),
+                Some(i as f64),
+                "{}",
+                state.as_str()
+            );
+        }
+        assert_eq!(
+            BreakerState::ALL,
+            &[
+                BreakerState::Closed,
+                BreakerState::Open,
+                BreakerState::HalfOpen
+            ]
+        );
     }
 }

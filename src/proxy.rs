@@ -6,6 +6,10 @@
 //! Bodies stream through in both directions; only headers are touched. Every failure becomes a
 //! [`ProxyError`], and [`ProxyError::into_response`] is the one place that turns failures into
 //! status codes.
+//!
+//! A session that cannot be loaded (the store failed, or its circuit breaker is open) is a 503,
+//! unless `--on-store-error fail-open`: then the request goes on without a session, marked
+//! `unavailable`, and only a response that would change the session is answered 503.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +29,7 @@ use hyper_util::rt::TokioExecutor;
 use tracing::Instrument;
 
 use crate::body::{ClientBody, Detached, IdleTimeout, StripTrailers};
-use crate::config::{Config, TtlPolicy, Upstream};
+use crate::config::{Config, OnStoreError, TtlPolicy, Upstream};
 use crate::cookie::{split_cookies, CookieWriter, SessionId, SigningKeys};
 use crate::hop;
 use crate::log_limit::LogLimit;
@@ -53,10 +57,18 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// The status header's value for a request whose session could not be loaded (fail-open).
+const UNAVAILABLE: HeaderValue = HeaderValue::from_static("unavailable");
+
 /// Warnings a client can cause at will: at most one line a second of each.
 static FORGED_WARNINGS: LogLimit = LogLimit::new(1000);
 static SPOOF_WARNINGS: LogLimit = LogLimit::new(1000);
 static CLIENT_ERROR_WARNINGS: LogLimit = LogLimit::new(1000);
+/// While the store's circuit breaker is open, a 503 costs nothing and clients retry as fast as
+/// they like: one line a second of each is enough (the breaker logs when it opens and closes).
+static STORE_DOWN_WARNINGS: LogLimit = LogLimit::new(1000);
+/// With fail-open, every request during an outage would log one.
+static FAIL_OPEN_WARNINGS: LogLimit = LogLimit::new(1000);
 
 /// Why a request could not be served normally.
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +167,20 @@ impl ProxyError {
     }
 }
 
+/// The session a request goes to the backend with.
+enum Resolved {
+    /// A live session.
+    Live(SessionId, Session),
+    /// No session: no cookie, or an unknown, expired or forged one.
+    NoSession,
+    /// A cookie whose session was rotated away within the grace: no session, and no cookie may
+    /// be set.
+    Rotated,
+    /// The session could not be loaded and the request goes on without it (fail-open): no
+    /// session, and no change can be stored.
+    Unavailable(StoreError),
+}
+
 /// What to do with the session cookie in the response.
 #[derive(Debug)]
 enum CookieAction {
@@ -172,6 +198,10 @@ pub struct Proxy {
     ttl: TtlPolicy,
     upstream: Upstream,
     upstream_timeout: Duration,
+    on_store_error: OnStoreError,
+    /// The status header (`x-session`), for the value `unavailable` that the protocol module does
+    /// not write.
+    status_header: HeaderName,
     /// Pooled connections to the backend.
     client: Client<Connector, UpstreamBody>,
     /// Fresh connections only, for a retry.
@@ -203,6 +233,16 @@ impl Proxy {
             .pool_max_idle_per_host(0)
             .http1_max_buf_size(response_head_limit)
             .build(connector);
+        // The status header is the prefix without its last `-`; a `HeaderPrefix` is a header name.
+        let status_header = HeaderName::from_bytes(
+            config
+                .protocol
+                .header_prefix
+                .as_str()
+                .trim_end_matches('-')
+                .as_bytes(),
+        )
+        .expect("a HeaderPrefix is a header name");
         Proxy {
             store,
             keys: config.keys().clone(),
@@ -211,6 +251,8 @@ impl Proxy {
             ttl: config.ttl,
             upstream: config.upstream.clone(),
             upstream_timeout: config.upstream_timeout,
+            on_store_error: config.on_store_error,
+            status_header,
             client,
             fresh,
             metrics,
@@ -254,20 +296,22 @@ impl Proxy {
         // otherwise remove one that stickless injects below.
         hop::remove_hop_by_hop(req.headers_mut());
 
-        let (session, rotated) = self.resolve(req.headers_mut()).await?;
-        let prepared = self.prepare(req, peer, session.as_ref(), upgrade.as_ref())?;
+        let resolved = self.resolve(req.headers_mut()).await?;
+        let prepared = self.prepare(req, peer, &resolved, upgrade.as_ref())?;
         let mut resp = self.forward(prepared).await?;
 
         let changes = self.protocol.take_changes(resp.headers_mut())?;
         let backend_upgrade = resp.headers().get(header::UPGRADE).cloned();
         hop::remove_hop_by_hop(resp.headers_mut());
         let tunnel = Upgrade::accept(upgrade, backend_upgrade, &mut resp)?;
-        let action = if changes.is_empty() {
-            CookieAction::Keep
-        } else if rotated {
-            self.drop_after_rotation(&changes)
-        } else {
-            self.commit(session, &changes).await?
+        let action = match resolved {
+            _ if changes.is_empty() => CookieAction::Keep,
+            Resolved::Rotated => self.drop_after_rotation(&changes),
+            // Changes to a session that could not be read can be neither checked nor stored:
+            // the client is told to retry rather than have them dropped silently.
+            Resolved::Unavailable(e) => return Err(e.into()),
+            Resolved::Live(id, session) => self.commit(Some((id, session)), &changes).await?,
+            Resolved::NoSession => self.commit(None, &changes).await?,
         };
         Ok(self.answer(resp, action, https, tunnel))
     }
@@ -295,6 +339,14 @@ impl Proxy {
                     tracing::warn!(error = %e, held_back, "bad request");
                 }
             }
+            ProxyError::Store(StoreError::CircuitOpen) => {
+                if let Some(held_back) = STORE_DOWN_WARNINGS.allow() {
+                    tracing::warn!(
+                        held_back,
+                        "session store down (circuit breaker open); answered 503"
+                    );
+                }
+            }
             other => {
                 tracing::warn!(error = %other, source = ?std::error::Error::source(other), "request failed")
             }
@@ -302,15 +354,12 @@ impl Proxy {
     }
 
     /// Takes the session cookie out of the request and loads its session. A missing, malformed or
-    /// forged cookie means no session; only a store failure is an error. The flag is set for a
-    /// cookie whose session was rotated away within the grace period (no session either).
-    async fn resolve(
-        &self,
-        headers: &mut HeaderMap,
-    ) -> Result<(Option<(SessionId, Session)>, bool), ProxyError> {
+    /// forged cookie means no session; a store failure is an error, or with fail-open a request
+    /// that goes on without its session.
+    async fn resolve(&self, headers: &mut HeaderMap) -> Result<Resolved, ProxyError> {
         if !headers.contains_key(header::COOKIE) {
             self.metrics.lookup(Lookup::Miss);
-            return Ok((None, false));
+            return Ok(Resolved::NoSession);
         }
         let cookies = split_cookies(headers.get_all(header::COOKIE).iter(), self.cookies.name());
         headers.remove(header::COOKIE);
@@ -319,7 +368,7 @@ impl Proxy {
         }
         if cookies.session_values.is_empty() {
             self.metrics.lookup(Lookup::Miss);
-            return Ok((None, false));
+            return Ok(Resolved::NoSession);
         }
         // Several cookies of one name can arrive (different paths or domains): the first that
         // verifies wins. Only the first few are checked, so that a flood of forged values costs
@@ -337,24 +386,32 @@ impl Proxy {
                     "session cookie failed verification; treated as no session"
                 );
             }
-            return Ok((None, false));
+            return Ok(Resolved::NoSession);
         };
         match self.timed(StoreOp::Load, self.store.load(&id)).await {
             Ok(Loaded::Live(session)) => {
                 self.metrics.lookup(Lookup::Hit);
-                Ok((Some((id, session)), false))
+                Ok(Resolved::Live(id, session))
             }
             Ok(Loaded::Rotated) => {
                 self.metrics.lookup(Lookup::Miss);
-                Ok((None, true))
+                Ok(Resolved::Rotated)
             }
             Ok(Loaded::Absent) => {
                 self.metrics.lookup(Lookup::Miss);
-                Ok((None, false))
+                Ok(Resolved::NoSession)
             }
             Err(e) => {
                 self.metrics.lookup(Lookup::Error);
-                Err(e.into())
+                match self.on_store_error {
+                    OnStoreError::FailClosed => Err(e.into()),
+                    OnStoreError::FailOpen => {
+                        if let Some(held_back) = FAIL_OPEN_WARNINGS.allow() {
+                            tracing::warn!(error = %e, held_back, "session not loaded; forwarded as unavailable (fail-open)");
+                        }
+                        Ok(Resolved::Unavailable(e))
+                    }
+                }
             }
         }
     }
@@ -365,7 +422,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
-        session: Option<&(SessionId, Session)>,
+        resolved: &Resolved,
         upgrade: Option<&Upgrade>,
     ) -> Result<Prepared, ProxyError> {
         let stripped = self.protocol.strip(req.headers_mut());
@@ -379,8 +436,15 @@ impl Proxy {
                 );
             }
         }
-        self.protocol
-            .inject(req.headers_mut(), session.map(|(_, s)| &s.fields));
+        let fields = match resolved {
+            Resolved::Live(_, session) => Some(&session.fields),
+            Resolved::NoSession | Resolved::Rotated | Resolved::Unavailable(_) => None,
+        };
+        self.protocol.inject(req.headers_mut(), fields);
+        if let Resolved::Unavailable(_) = resolved {
+            req.headers_mut()
+                .insert(self.status_header.clone(), UNAVAILABLE);
+        }
         self.set_target(&mut req, peer)?;
         if let Some(upgrade) = upgrade {
             hop::mark_upgrade(req.headers_mut(), upgrade.protocol.clone());
@@ -792,6 +856,9 @@ mod tests {
         assert_eq!(store.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(store.headers()[header::RETRY_AFTER], "1");
         assert_eq!(store.headers()[header::CONNECTION], "close");
+        let open = ProxyError::Store(StoreError::CircuitOpen).into_response(false);
+        assert_eq!(open.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(open.headers()[header::RETRY_AFTER], "1");
         let protocol = ProxyError::Protocol(ProtocolError::BadFlag { header: "x".into() })
             .into_response(false);
         assert_eq!(protocol.status(), StatusCode::BAD_GATEWAY);

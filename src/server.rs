@@ -35,6 +35,7 @@ use crate::config::{Config, StoreConfig};
 use crate::log_limit::LogLimit;
 use crate::metrics::{Listener, Metrics};
 use crate::proxy::Proxy;
+use crate::store::breaker::Breaker;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisSettings, RedisSetupError, RedisStore};
 use crate::store::SessionStore;
@@ -113,7 +114,8 @@ impl ConnLimits {
     }
 }
 
-/// Builds the store the configuration asks for.
+/// Builds the store the configuration asks for: Redis behind a circuit breaker, or the embedded
+/// store (which cannot be down, so it needs none).
 ///
 /// # Errors
 /// [`RedisSetupError`] for an unusable Redis URL.
@@ -125,8 +127,8 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Redis
             key_prefix,
             timeout,
             durability,
-        } => Arc::new(
-            RedisStore::connect(RedisSettings {
+        } => {
+            let redis = RedisStore::connect(RedisSettings {
                 url: url.clone(),
                 key_prefix: key_prefix.clone(),
                 timeout: *timeout,
@@ -134,8 +136,9 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Redis
                 limits: config.protocol.clone(),
                 durability: *durability,
             })
-            .await?,
-        ),
+            .await?;
+            Arc::new(Breaker::new(Arc::new(redis), config.breaker))
+        }
     })
 }
 

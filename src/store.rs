@@ -1,6 +1,7 @@
 //! The session store: the [`SessionStore`] trait the proxy talks to, its error type, and the two
 //! implementations, Redis (ElastiCache, Valkey) in [`redis`] and the embedded in-memory default in
-//! [`memory`].
+//! [`memory`]. Redis sits behind the circuit breaker of [`breaker`], which fails calls at once
+//! while the store is known to be down.
 //!
 //! A session is a set of fields plus its creation time. Every operation is atomic in the store:
 //! a load renews the sliding TTL in the same step, and a change applies field by field, all or
@@ -13,6 +14,7 @@
 //! would replace the new one; and a rotation whose second step fails is undone from it with
 //! [`SessionStore::restore`].
 
+pub mod breaker;
 pub mod memory;
 pub mod redis;
 
@@ -23,6 +25,7 @@ use async_trait::async_trait;
 
 use crate::config::TtlPolicy;
 use crate::cookie::SessionId;
+use crate::metrics::Metrics;
 use crate::protocol::{Changes, Fields, Rejection};
 
 /// The hash field that holds a session's creation time in milliseconds since the Unix epoch.
@@ -121,6 +124,10 @@ pub enum StoreError {
     /// could still erase it (`--durability replicated`).
     #[error("no replica confirmed the change in time")]
     NotReplicated,
+    /// Not tried: the store is known to be down (its circuit breaker is open) until a probe finds
+    /// it answering again.
+    #[error("the session store is down; the call was not tried")]
+    CircuitOpen,
 }
 
 /// What a store has seen of its connections, for metrics: counters that only grow.
@@ -174,6 +181,10 @@ pub trait SessionStore: Send + Sync + 'static {
     fn health(&self) -> Option<&StoreHealth> {
         None
     }
+
+    /// Has the store record its own state into `metrics` from now on: a circuit breaker's state,
+    /// transitions and failed calls. A store without such state has nothing to record.
+    fn record_into(&self, _metrics: &Metrics) {}
 }
 
 /// Milliseconds since the Unix epoch.

@@ -220,11 +220,18 @@ impl RedisServer {
                     .position(|a| *a == "--requirepass")
                     .and_then(|i| extra.get(i + 1).copied());
                 match server_pid(port, password) {
-                    Some(pid) if pid == child.id() => {
-                        return Some(RedisServer { child, port, dir })
+                    Ok(pid) if pid == child.id() => return Some(RedisServer { child, port, dir }),
+                    Ok(_) => break, // another test's server holds the port: try another
+                    // A server that refuses to say (ACL users without the default one): up, and
+                    // ours if our child is still running once it answers.
+                    Err(Refused) if ping(port) => {
+                        std::thread::sleep(Duration::from_millis(50));
+                        if let Ok(None) = child.try_wait() {
+                            return Some(RedisServer { child, port, dir });
+                        }
+                        break;
                     }
-                    Some(_) => break, // another test's server holds the port: try another
-                    None => {}
+                    Err(_) => {}
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -287,25 +294,36 @@ fn signal(pid: u32, sig: &str) {
         .status();
 }
 
+/// Why the process id of a server could not be read.
+enum NoPid {
+    /// Nothing answers yet.
+    NotYet,
+    /// The server answered with an error (it wants a user it was not given).
+    Refused,
+}
+use NoPid::{NotYet, Refused};
+
 /// The process id of the server on `port` (`INFO server`), once it answers.
-fn server_pid(port: u16, password: Option<&str>) -> Option<u32> {
+fn server_pid(port: u16, password: Option<&str>) -> Result<u32, NoPid> {
     use std::io::{Read, Write};
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|_| NotYet)?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|_| NotYet)?;
     if let Some(pw) = password {
-        s.write_all(format!("AUTH {pw}\r\n").as_bytes()).ok()?;
+        s.write_all(format!("AUTH {pw}\r\n").as_bytes())
+            .map_err(|_| NotYet)?;
         let mut ok = [0u8; 5];
-        s.read_exact(&mut ok).ok()?;
+        s.read_exact(&mut ok).map_err(|_| NotYet)?;
         if &ok != b"+OK\r\n" {
-            return None;
+            return Err(Refused);
         }
     }
-    s.write_all(b"INFO server\r\n").ok()?;
+    s.write_all(b"INFO server\r\n").map_err(|_| NotYet)?;
     let mut reply = Vec::new();
     let mut buf = [0u8; 4096];
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
-        let n = s.read(&mut buf).ok()?;
+        let n = s.read(&mut buf).map_err(|_| NotYet)?;
         if n == 0 {
             break;
         }
@@ -316,13 +334,13 @@ fn server_pid(port: u16, password: Option<&str>) -> Option<u32> {
             .find_map(|l| l.strip_prefix("process_id:"))
             .and_then(|v| v.trim().parse().ok())
         {
-            return Some(pid);
+            return Ok(pid);
         }
         if text.starts_with('-') {
-            return None;
+            return Err(Refused);
         }
     }
-    None
+    Err(NotYet)
 }
 
 fn ping(port: u16) -> bool {
@@ -810,4 +828,28 @@ impl Http {
 /// The session id in a cookie value (`<id>.<tag>`), and so the Redis key suffix.
 pub fn id_of(cookie: &str) -> &str {
     cookie.split('.').next().unwrap()
+}
+
+impl Http {
+    /// GET `url` with the jar's cookie, the whole exchange (body included) bounded by `limit`:
+    /// `None` when it took longer or the connection failed, so that a load test can count hung
+    /// requests instead of stopping at the first.
+    pub async fn get_within(&mut self, url: &str, limit: Duration) -> Option<Reply> {
+        let mut req = Request::builder().method(Method::GET).uri(url);
+        if let Some(sid) = self.sid.as_ref().filter(|_| self.keep_cookies) {
+            req = req.header("cookie", format!("sid={sid}"));
+        }
+        let req = req.body(Full::new(Bytes::new())).expect("valid request");
+        let exchange = async {
+            let resp = self.client.request(req).await.ok()?;
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.ok()?.to_bytes();
+            Some(Reply {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(limit, exchange).await.ok().flatten()
+    }
 }

@@ -34,9 +34,6 @@ impl Admin {
         }
         match req.uri().path() {
             "/metrics" => {
-                if let Some(health) = self.store.health() {
-                    self.metrics.sync_store(health);
-                }
                 let mut resp = Response::new(Full::new(Bytes::from(self.metrics.render())));
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,

@@ -7,8 +7,6 @@
 
 use std::time::Duration;
 
-use crate::store::StoreHealth;
-
 use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -386,20 +384,24 @@ impl Metrics {
         self.open_connections[listener as usize].clone()
     }
 
-    /// Brings the store's counters up to what the store has seen (they are kept by the store,
-    /// which knows nothing of metrics, and read here when metrics are rendered).
-    pub fn sync_store(&self, health: &StoreHealth) {
-        let catch_up = |counter: &IntCounter, seen: u64| {
-            counter.inc_by(seen.saturating_sub(counter.get()));
-        };
-        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        catch_up(
-            &self.store_reconnections,
-            get(&health.connections).saturating_sub(1),
-        );
-        catch_up(&self.store_topology_errors, get(&health.topology_errors));
-        catch_up(&self.store_retries, get(&health.retries));
-        catch_up(&self.store_failovers, get(&health.failovers));
+    /// Counts a connection to the store made again (not the first).
+    pub fn store_reconnected(&self) {
+        self.store_reconnections.inc();
+    }
+
+    /// Counts an answer showing the store's node is no longer the primary.
+    pub fn store_topology_error(&self) {
+        self.store_topology_errors.inc();
+    }
+
+    /// Counts a store call sent once more because its first try provably did not run.
+    pub fn store_retried(&self) {
+        self.store_retries.inc();
+    }
+
+    /// Counts a failover seen: a new primary after a reconnection.
+    pub fn store_failover(&self) {
+        self.store_failovers.inc();
     }
 
     /// Everything in the Prometheus text format.
@@ -498,16 +500,13 @@ mod tests {
     }
 
     #[test]
-    fn store_counters_follow_the_store() {
-        use std::sync::atomic::Ordering;
+    fn store_counters_count() {
         let m = Metrics::new();
-        let h = StoreHealth::default();
-        h.connections.store(3, Ordering::Relaxed);
-        h.topology_errors.store(4, Ordering::Relaxed);
-        h.retries.store(5, Ordering::Relaxed);
-        h.failovers.store(1, Ordering::Relaxed);
-        m.sync_store(&h);
-        m.sync_store(&h);
+        m.store_reconnected();
+        m.store_reconnected();
+        (0..4).for_each(|_| m.store_topology_error());
+        (0..5).for_each(|_| m.store_retried());
+        m.store_failover();
         let text = m.render();
         assert_eq!(
             value(&text, "stickless_store_reconnections_total"),

@@ -130,19 +130,6 @@ pub enum StoreError {
     CircuitOpen,
 }
 
-/// What a store has seen of its connections, for metrics: counters that only grow.
-#[derive(Debug, Default)]
-pub struct StoreHealth {
-    /// Connections made, the first included.
-    pub connections: std::sync::atomic::AtomicU64,
-    /// Errors that showed the node answering is no longer the primary (`READONLY`, `MASTERDOWN`).
-    pub topology_errors: std::sync::atomic::AtomicU64,
-    /// Calls sent once more because their first try provably did not run.
-    pub retries: std::sync::atomic::AtomicU64,
-    /// Failovers seen: a new primary after a reconnection.
-    pub failovers: std::sync::atomic::AtomicU64,
-}
-
 /// Where sessions live. Implementations bound every call by their own timeout.
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
@@ -176,11 +163,6 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
-
-    /// What the store has seen of its connections, when it has connections to watch.
-    fn health(&self) -> Option<&StoreHealth> {
-        None
-    }
 
     /// Has the store record its own state into `metrics` from now on: a circuit breaker's state,
     /// transitions and failed calls. A store without such state has nothing to record.

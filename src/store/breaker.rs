@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{Applied, Loaded, Session, SessionStore, StoreError, StoreHealth, Target};
+use super::{Applied, Loaded, Session, SessionStore, StoreError, Target};
 use crate::config::BreakerConfig;
 use crate::cookie::SessionId;
 use crate::metrics::{BreakerState, BreakerTransition, Metrics, StoreFailure};
@@ -238,10 +238,6 @@ impl SessionStore for Breaker {
             metrics.breaker_state(self.state());
         }
         self.shared.inner.record_into(metrics);
-    }
-
-    fn health(&self) -> Option<&StoreHealth> {
-        self.shared.inner.health()
     }
 }
 

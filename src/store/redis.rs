@@ -33,11 +33,12 @@ use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand, Value};
 
 use super::{
-    now_ms, Applied, Loaded, Session, SessionStore, StoreError, StoreHealth, Target, CREATED_FIELD,
+    now_ms, Applied, Loaded, Session, SessionStore, StoreError, Target, CREATED_FIELD,
     ROTATED_FIELD,
 };
 use crate::config::{Durability, ProtocolConfig, TtlPolicy};
 use crate::cookie::SessionId;
+use crate::metrics::Metrics;
 use crate::protocol::{Changes, Fields, Rejection};
 
 /// The start of every script: `ARGV[1]` is a deadline in milliseconds of Redis's clock (0 for
@@ -321,12 +322,12 @@ async fn replication_state(
 }
 
 /// After a reconnection: the replication id of the primary now answering. A new one means a
-/// failover happened (counted in [`StoreHealth::failovers`]).
+/// failover happened (counted in `stickless_store_failovers_total`).
 async fn notice_failover(
     client: &Client,
     timeout: Duration,
     seen: &std::sync::Mutex<Option<String>>,
-    health: &StoreHealth,
+    events: &Events,
 ) {
     let Ok(Ok(Some(state))) = tokio::time::timeout(timeout, replication_state(client)).await else {
         return;
@@ -340,10 +341,25 @@ async fn notice_failover(
         return;
     };
     if seen.as_ref().is_some_and(|old| *old != state.replid) {
-        health.failovers.fetch_add(1, Ordering::Relaxed);
+        events.record(Metrics::store_failover);
         tracing::warn!("the redis primary changed (failover)");
     }
     *seen = Some(state.replid);
+}
+
+/// Where the client's connection events go: the metrics, once the server hands them over.
+#[derive(Default)]
+struct Events {
+    metrics: std::sync::OnceLock<Metrics>,
+    connected_before: AtomicBool,
+}
+
+impl Events {
+    fn record(&self, count: fn(&Metrics)) {
+        if let Some(m) = self.metrics.get() {
+            count(m);
+        }
+    }
 }
 
 /// Sessions in Redis.
@@ -351,7 +367,7 @@ pub struct RedisStore {
     client: Client,
     settings: RedisSettings,
     clock: Arc<RedisClock>,
-    health: Arc<StoreHealth>,
+    events: Arc<Events>,
     /// The replication id of the primary last seen; a new one after a reconnection is a failover.
     replication_id: Arc<std::sync::Mutex<Option<String>>>,
     load: Script,
@@ -515,11 +531,11 @@ impl RedisStore {
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
             .build()
             .map_err(RedisSetupError::Client)?;
-        let health = Arc::new(StoreHealth::default());
-        let on_error = health.clone();
+        let events = Arc::new(Events::default());
+        let on_error = events.clone();
         client.on_error(move |(error, server)| {
             if topology_changed(&error) {
-                on_error.topology_errors.fetch_add(1, Ordering::Relaxed);
+                on_error.record(Metrics::store_topology_error);
             }
             async move {
                 tracing::warn!(server = ?server.map(|s| s.to_string()), error = %error, "redis connection error");
@@ -531,11 +547,14 @@ impl RedisStore {
             stale: AtomicBool::new(true),
         });
         let on_connect = clock.clone();
-        let connections = health.clone();
+        let connections = events.clone();
         client.on_reconnect(move |server| {
             // Only a flag: measuring here would need the client inside its own callback.
             on_connect.stale.store(true, Ordering::Relaxed);
-            connections.connections.fetch_add(1, Ordering::Relaxed);
+            // The first connection is not a reconnection.
+            if connections.connected_before.swap(true, Ordering::Relaxed) {
+                connections.record(Metrics::store_reconnected);
+            }
             async move {
                 tracing::info!(server = %server, "redis connected");
                 Ok(())
@@ -577,7 +596,7 @@ impl RedisStore {
         Ok(RedisStore {
             client,
             clock,
-            health,
+            events,
             replication_id,
             load: Script::from_lua(LOAD),
             take: Script::from_lua(TAKE),
@@ -660,7 +679,7 @@ impl RedisStore {
             // Refused (a demoted primary, a loading replica) or never sent: it did not run, and
             // the client is reconnecting. Once more on the new connection, within the deadline.
             Err(Some(e)) if did_not_run(&e) => {
-                self.health.retries.fetch_add(1, Ordering::Relaxed);
+                self.events.record(Metrics::store_retried);
                 tracing::debug!(error = %e, "redis refused a script that did not run; sending it once more");
                 self.bounded_until(deadline, call())
                     .await
@@ -725,9 +744,9 @@ impl RedisStore {
             self.clock.clone(),
             self.settings.timeout,
         );
-        let (seen, health) = (self.replication_id.clone(), self.health.clone());
+        let (seen, events) = (self.replication_id.clone(), self.events.clone());
         tokio::spawn(async move {
-            notice_failover(&client, timeout, &seen, &health).await;
+            notice_failover(&client, timeout, &seen, &events).await;
             match tokio::time::timeout(timeout, clock.measure(&client)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -932,7 +951,7 @@ impl SessionStore for RedisStore {
         self.bounded(self.clock.measure(&self.client)).await
     }
 
-    fn health(&self) -> Option<&StoreHealth> {
-        Some(&self.health)
+    fn record_into(&self, metrics: &Metrics) {
+        let _ = self.events.metrics.set(metrics.clone());
     }
 }

@@ -231,7 +231,8 @@ return {'ok', string.format('%d', created)}
 /// Settings of the Redis store.
 #[derive(Clone)]
 pub struct RedisSettings {
-    /// `redis://` or `rediss://` URL.
+    /// `redis://`, `redis-cluster://` or `redis-sentinel://` URL (`rediss` for TLS); fred reads
+    /// the topology from the scheme.
     pub url: String,
     /// Prefix of every key.
     pub key_prefix: String,
@@ -334,9 +335,7 @@ fn deadline_margin(timeout: Duration) -> Duration {
 #[derive(Debug, thiserror::Error)]
 pub enum RedisSetupError {
     /// The URL is not one fred accepts.
-    #[error(
-        "invalid Redis URL (expected redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] or rediss://...)"
-    )]
+    #[error("invalid Redis URL (expected redis://HOST[:PORT][/DB], redis-cluster://HOST[:PORT][?node=HOST:PORT...] or redis-sentinel://HOST[:PORT]?sentinelServiceName=NAME[&node=HOST:PORT...], each with optional USER:PASSWORD@, rediss for TLS)")]
     Url(#[source] fred::error::Error),
     /// The client could not be built.
     #[error("could not create the Redis client")]

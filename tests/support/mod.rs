@@ -130,10 +130,85 @@ fn redis_server_binary() -> PathBuf {
     panic!("redis-server not found: run `bash scripts/test.sh`, which installs it, or set STICKLESS_TEST_REDIS_SERVER");
 }
 
-/// A `redis-server` process of our own on a free loopback port, killed on drop.
+/// Commands that ElastiCache refuses (and KEYS, FLUSHALL, MONITOR, which no session store has any
+/// business sending). Every test server runs with them renamed to private names that only the
+/// harness knows ([`private_name`]), so a use of any of them by stickless fails a test.
+pub const RESTRICTED_COMMANDS: [&str; 12] = [
+    "CONFIG",
+    "DEBUG",
+    "SAVE",
+    "BGSAVE",
+    "REPLICAOF",
+    "SLAVEOF",
+    "SYNC",
+    "MIGRATE",
+    "SHUTDOWN",
+    "KEYS",
+    "FLUSHALL",
+    "MONITOR",
+];
+
+/// The name a restricted command has on the test servers: random per test process, so that
+/// nothing outside the harness can guess it.
+pub fn private_name(command: &str) -> String {
+    static SUFFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let suffix = SUFFIX.get_or_init(|| format!("{:016x}", rand::random::<u64>()));
+    format!("harness-{}-{suffix}", command.to_ascii_lowercase())
+}
+
+/// A restricted command under its private name, for the harness's own inspection.
+pub fn private_cmd(command: &str) -> redis::Cmd {
+    redis::cmd(&private_name(command))
+}
+
+/// `--rename-command NAME private-name` for every restricted command.
+fn rename_args() -> Vec<String> {
+    RESTRICTED_COMMANDS
+        .iter()
+        .flat_map(|c| {
+            [
+                "--rename-command".to_owned(),
+                c.to_string(),
+                private_name(c),
+            ]
+        })
+        .collect()
+}
+
+/// A directory of our own under the system's temp dir, removed with everything in it on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates a fresh, empty directory; `what` only helps to tell them apart.
+    pub fn new(what: &str) -> Self {
+        static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "stickless-{what}-{}-{n}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&path).expect("a temp dir");
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A `redis-server` process of our own on a free loopback port, killed on drop. Its working
+/// directory (replication's temporary files, a cluster's node table) is a temp dir removed on
+/// drop, and the [`RESTRICTED_COMMANDS`] are renamed away.
 pub struct RedisServer {
     child: Child,
     pub port: u16,
+    // Declared after `child`: dropped, and so removed, only once the process is killed.
+    dir: TempDir,
 }
 
 impl RedisServer {
@@ -169,6 +244,7 @@ impl RedisServer {
 
     fn try_start(port: u16, extra: &[&str]) -> Option<Self> {
         blocking(|| {
+            let dir = TempDir::new("redis");
             let mut child = Command::new(redis_server_binary())
                 .args([
                     "--port",
@@ -188,6 +264,9 @@ impl RedisServer {
                     "--loglevel",
                     "warning",
                 ])
+                .args(rename_args())
+                .arg("--dir")
+                .arg(&dir.path)
                 .args(extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -199,7 +278,7 @@ impl RedisServer {
                     break; // the port was taken meanwhile: try another
                 }
                 if ping(port) {
-                    return Some(RedisServer { child, port });
+                    return Some(RedisServer { child, port, dir });
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -231,6 +310,11 @@ impl RedisServer {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Pauses the server (SIGSTOP): connections stay open but nothing is answered.
@@ -297,7 +381,7 @@ pub async fn pttl(redis: &RedisServer, key: &str) -> i64 {
 /// All keys with the prefix.
 pub async fn keys(redis: &RedisServer, pattern: &str) -> Vec<String> {
     let mut c = redis.conn().await;
-    redis::cmd("KEYS")
+    private_cmd("KEYS")
         .arg(pattern)
         .query_async(&mut c)
         .await

@@ -1,7 +1,7 @@
-//! Failover drill on a cluster: users, whose sessions are spread over the three shards, increment
-//! their counters through stickless (given the cluster as a `redis-cluster://` URL) while one
-//! primary is killed and the cluster promotes its replica. Run with `--no-capture` to see the
-//! figures.
+//! Failover drills on a cluster: users, whose sessions are spread over the three shards,
+//! increment their counters through stickless (given the cluster as a `redis-cluster://` URL)
+//! while one primary is killed, or hands over to its replica, and the cluster promotes the
+//! replica. Run with `--no-capture` to see the figures.
 
 mod support;
 
@@ -13,11 +13,12 @@ use support::*;
 const USERS: usize = 24;
 /// Each request's bound on the client side: past it the request counts as hung.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The bound on recovery that the drill asserts; the goal is under 5 s.
+/// The bound on recovery that the drills assert; the goal is under 5 s.
 const RECOVERY_LIMIT: Duration = Duration::from_secs(15);
 
-#[tokio::test(flavor = "multi_thread")]
-async fn cluster_failover_costs_only_bounded_503s_and_no_replicated_session() {
+/// Runs the users against a fresh cluster, applies `fault` to the primary holding the most
+/// sessions, and checks what they saw.
+async fn drill(name: &str, fault: impl FnOnce(&mut RedisCluster, u16)) {
     let mut cluster = blocking(RedisCluster::start);
     let backend = TestBackend::start().await;
     let url = cluster.url();
@@ -46,10 +47,9 @@ async fn cluster_failover_costs_only_bounded_503s_and_no_replicated_session() {
         spread.iter().filter(|&&n| n > 0).count() >= 2,
         "sessions spread over at least two shards: {spread:?}"
     );
-    // The shard with the most sessions is the one to lose.
     let (&victim, victim_keys) = shards.iter().max_by_key(|(_, k)| k.len()).unwrap();
     let on_victim = victim_keys.len();
-    // The logins are on the replicas before the kill: a session lost after it is not the
+    // The logins are on the replicas before the fault: a session lost after it is not the
     // cluster's asynchronous replication.
     wait_for(
         "the logins on the replicas",
@@ -59,22 +59,22 @@ async fn cluster_failover_costs_only_bounded_503s_and_no_replicated_session() {
 
     let load = Load::start(proxy.url("/"), cookies.clone(), CLIENT_TIMEOUT);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let kill = Instant::now();
-    cluster.node(victim).kill();
-    load.settle(kill, Duration::from_secs(3), Duration::from_secs(30))
+    let start = Instant::now();
+    blocking(|| fault(&mut cluster, victim));
+    load.settle(start, Duration::from_secs(3), Duration::from_secs(30))
         .await;
     let runs = load.stop().await;
 
     blocking(|| cluster.wait_ok(Duration::from_secs(10)));
     let counters = final_counters(&proxy, &cookies).await;
-    let report = DrillReport::new(kill, &runs, &counters);
-    report.print("cluster failover (one primary SIGKILLed)");
+    let report = DrillReport::new(start, &runs, &counters);
+    report.print(name);
     println!(
-        "killed primary :{victim} with {on_victim} of {USERS} sessions; primaries now {:?}",
+        "primary :{victim} held {on_victim} of {USERS} sessions; primaries now {:?}",
         cluster.primaries()
     );
-
     print_warnings(&proxy);
+
     assert!(!cluster.primaries().contains(&victim));
     assert!(
         report.acked > 0 && runs.iter().all(|r| r.acked > 0),
@@ -93,6 +93,36 @@ async fn cluster_failover_costs_only_bounded_503s_and_no_replicated_session() {
         proxy.logs()
     );
     assert_eq!(report.sessionless, 0, "a request found no session");
-    // Every session was on its replica before the kill.
+    // Every session was on its replica before the fault.
     assert_eq!(report.sessions_lost, 0, "sessions lost");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_failover_costs_only_bounded_503s_and_no_replicated_session() {
+    drill(
+        "cluster failover (one primary SIGKILLed)",
+        |cluster, victim| cluster.node(victim).kill(),
+    )
+    .await;
+}
+
+/// A manual failover leaves the old primary running as a replica that answers `MOVED` for its
+/// former slots: the routing stickless had becomes wrong without any connection dropping. With
+/// one attempt per command fred does not follow the redirect (it answers "Too many failed write
+/// attempts." after refreshing its routing), so each user of that shard gets one 503.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_switchover_costs_only_bounded_503s() {
+    drill(
+        "cluster switchover (CLUSTER FAILOVER on a replica)",
+        |cluster, victim| {
+            let replica = cluster.replica_of(victim).expect("the primary's replica");
+            let ok: String =
+                query(replica, redis::cmd("CLUSTER").arg("FAILOVER")).expect("CLUSTER FAILOVER");
+            assert_eq!(ok, "OK");
+            wait_for("the switchover", Duration::from_secs(10), || {
+                (!cluster.primaries().contains(&victim)).then_some(())
+            });
+        },
+    )
+    .await;
 }

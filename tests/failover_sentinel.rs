@@ -1,6 +1,6 @@
-//! Failover drill on a Sentinel group: users increment their counters through stickless (given
-//! the group as a `redis-sentinel://` URL) while the primary is killed and the sentinels promote
-//! the replica. Run with `--no-capture` to see the figures.
+//! Failover drills on a Sentinel group: users increment their counters through stickless (given
+//! the group as a `redis-sentinel://` URL) while the primary is killed, or handed over, and the
+//! sentinels promote the replica. Run with `--no-capture` to see the figures.
 
 mod support;
 
@@ -12,11 +12,12 @@ use support::*;
 const USERS: usize = 24;
 /// Each request's bound on the client side: past it the request counts as hung.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The bound on recovery that the drill asserts; the goal is under 5 s.
+/// The bound on recovery that the drills assert; the goal is under 5 s.
 const RECOVERY_LIMIT: Duration = Duration::from_secs(15);
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sentinel_failover_costs_only_bounded_503s_and_no_session() {
+/// Runs the users against a fresh group, applies `fault`, checks what they saw and returns the
+/// figures.
+async fn drill(name: &str, fault: impl FnOnce(&mut SentinelGroup)) -> DrillReport {
     let mut group = blocking(SentinelGroup::start);
     let backend = TestBackend::start().await;
     let url = group.url();
@@ -32,7 +33,8 @@ async fn sentinel_failover_costs_only_bounded_503s_and_no_session() {
         ],
     );
     let cookies = log_in_users(&proxy, USERS).await;
-    // The logins are on the replica before the kill: a session lost after it is stickless's doing.
+    // The logins are on the replica before the fault: a session lost after it is stickless's
+    // doing, not asynchronous replication's.
     wait_for("the logins on the replica", Duration::from_secs(10), || {
         replicated(group.primary.port, 1).then_some(())
     });
@@ -40,20 +42,26 @@ async fn sentinel_failover_costs_only_bounded_503s_and_no_session() {
     let load = Load::start(proxy.url("/"), cookies.clone(), CLIENT_TIMEOUT);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let old_primary = group.primary.port;
-    let kill = Instant::now();
-    group.primary.kill();
-    load.settle(kill, Duration::from_secs(3), Duration::from_secs(30))
+    let start = Instant::now();
+    blocking(|| fault(&mut group));
+    load.settle(start, Duration::from_secs(3), Duration::from_secs(30))
         .await;
     let runs = load.stop().await;
 
-    let new_primary = group.primary_port();
-    let counters = final_counters(&proxy, &cookies).await;
-    let report = DrillReport::new(kill, &runs, &counters);
-    report.print("sentinel failover (primary SIGKILLed)");
+    let new_primary = blocking(|| group.primary_port());
+    // Read from the new primary itself: a stickless still writing to the old one would read its
+    // own writes back through it.
+    let through_stickless = final_counters(&proxy, &cookies).await;
+    let counters = blocking(|| counters_on(new_primary.expect("a primary"), &cookies));
+    let report = DrillReport::new(start, &runs, &counters);
+    report.print(name);
     println!(
         "primary before: {old_primary}, after: {new_primary:?} (replica {})",
         group.replica.port
     );
+    print_warnings(&proxy);
+    let connected = proxy.logs().matches("redis connected").count();
+    println!("stickless connected {connected} times (the first included)");
 
     assert_eq!(
         new_primary,
@@ -78,4 +86,55 @@ async fn sentinel_failover_costs_only_bounded_503s_and_no_session() {
     );
     assert_eq!(report.sessionless, 0, "a request found no session");
     assert_eq!(report.sessions_lost, 0, "sessions lost");
+    assert_eq!(
+        through_stickless, counters,
+        "stickless reads what the new primary holds"
+    );
+    report
+}
+
+/// Replication is asynchronous: the increments acknowledged in the last moments before the kill
+/// may not have reached the replica. The drill reports how many; it does not bound them.
+#[tokio::test(flavor = "multi_thread")]
+async fn sentinel_failover_costs_only_bounded_503s_and_no_session() {
+    drill("sentinel failover (primary SIGKILLed)", |group| {
+        group.primary.kill()
+    })
+    .await;
+}
+
+/// A switchover demotes a primary that keeps running: stickless must leave it for the new one as
+/// soon as the sentinels announce it. Every write it acknowledges on the old primary after that
+/// is lost when the old primary is demoted and resynchronised from the new one, which is why the
+/// goal here is no acknowledged increment lost at all.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fred follows a Sentinel switchover only when the sentinels demote the old primary \
+            and close its connections, seconds after announcing the new one; the increments \
+            stickless acknowledges on the old primary meanwhile are lost"]
+async fn sentinel_switchover_loses_no_acknowledged_increment() {
+    let report = drill("sentinel switchover (SENTINEL FAILOVER)", |group| {
+        let ok: String = query(
+            group.sentinels[0].port,
+            redis::cmd("SENTINEL")
+                .arg("FAILOVER")
+                .arg(SentinelGroup::SERVICE),
+        )
+        .expect("SENTINEL FAILOVER");
+        assert_eq!(ok, "OK");
+        let (replica, old) = (group.replica.port, group.primary.port);
+        wait_for("the switchover", Duration::from_secs(15), || {
+            (group.primary_port() == Some(replica)).then_some(())
+        });
+        // The sentinels demote the old primary only after announcing the new one.
+        wait_for(
+            "the old primary's demotion",
+            Duration::from_secs(15),
+            || {
+                (info(old, "replication").get("role").map(String::as_str) == Some("slave"))
+                    .then_some(())
+            },
+        );
+    })
+    .await;
+    assert_eq!(report.acked_lost, 0, "acknowledged increments lost");
 }

@@ -1098,14 +1098,14 @@ impl DrillReport {
             "users: {}, requests: {}, acknowledged increments: {}",
             self.users, self.requests, self.acked
         );
-        println!(
-            "time from kill to the last failed request: {}",
-            self.recovery
-                .map_or("no failed request".to_owned(), |d| format!(
-                    "{:.2} s",
-                    d.as_secs_f64()
-                ))
-        );
+        match (self.last_failed_sent, self.recovery) {
+            (Some(sent), Some(ended)) => println!(
+                "time from kill to the last failed request: {:.2} s (it was sent at {:.2} s)",
+                ended.as_secs_f64(),
+                sent.as_secs_f64()
+            ),
+            _ => println!("time from kill to the last failed request: no failed request"),
+        }
         println!(
             "failed requests by status: {:?} (total {})",
             self.failed,
@@ -1187,6 +1187,20 @@ pub async fn final_counters(proxy: &Stickless, cookies: &[String]) -> Vec<Option
         out.push(value);
     }
     out
+}
+
+/// Each user's counter `n` as stored on the server on `port` (`None` when the session is not
+/// there): what survived, whichever server stickless talks to.
+pub fn counters_on(port: u16, cookies: &[String]) -> Vec<Option<u64>> {
+    cookies
+        .iter()
+        .map(|c| {
+            let key = format!("stickless:{}", id_of(c));
+            let hash: BTreeMap<String, String> =
+                query(port, redis::cmd("HGETALL").arg(&key)).expect("HGETALL");
+            (!hash.is_empty()).then(|| hash.get("n").map_or(0, |n| n.parse().expect("a counter")))
+        })
+        .collect()
 }
 
 /// Logs `count` users in through `proxy` and returns their session cookies.
@@ -1568,6 +1582,15 @@ impl RedisCluster {
             .map(|n| n.port)
             .filter(|&p| info(p, "replication").get("role").map(String::as_str) == Some("master"))
             .collect()
+    }
+
+    /// The port of a live replica of the primary on `primary`.
+    pub fn replica_of(&self, primary: u16) -> Option<u16> {
+        self.nodes.iter().map(|n| n.port).find(|&p| {
+            let info = info(p, "replication");
+            info.get("role").map(String::as_str) == Some("slave")
+                && info.get("master_port").map(String::as_str) == Some(&primary.to_string())
+        })
     }
 
     /// The node on `port`.

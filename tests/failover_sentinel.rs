@@ -138,3 +138,34 @@ async fn sentinel_switchover_loses_no_acknowledged_increment() {
     .await;
     assert_eq!(report.acked_lost, 0, "acknowledged increments lost");
 }
+
+/// The sentinels and the data nodes may require different passwords, or only the data nodes one:
+/// the URL's `USER:PASS@` goes to the data nodes, `sentinelPassword` to the sentinels.
+#[tokio::test(flavor = "multi_thread")]
+async fn sentinels_and_data_nodes_each_get_their_own_credentials() {
+    let backend = TestBackend::start().await;
+    for auth in [
+        GroupPasswords {
+            data: Some("data-secret"),
+            sentinels: None,
+        },
+        GroupPasswords {
+            data: Some("data-secret"),
+            sentinels: Some("sentinel-secret"),
+        },
+    ] {
+        let group = blocking(|| SentinelGroup::start_with_passwords(auth));
+        let url = group.url();
+        let proxy = Stickless::start(
+            &backend.url(),
+            &["--redis-url", &url, "--secret-keys", TEST_KEY],
+        );
+        let cookie = log_in_users(&proxy, 1).await.remove(0);
+        let mut http = Http::with_jar();
+        http.sid = Some(cookie);
+        let seen = http.get(&proxy.url("/")).await.seen();
+        assert_eq!(seen.header("x-session"), Some("active"), "{auth:?}");
+        assert_eq!(seen.fields().get("user").map(String::as_str), Some("user0"));
+        assert!(!proxy.logs().contains("secret"), "the URL is never logged");
+    }
+}

@@ -1231,7 +1231,17 @@ pub fn id_of(cookie: &str) -> &str {
 /// One command on a loopback server through a short-lived blocking connection, for fixture work
 /// that polls; `None` on any error (not up yet, not ready yet).
 pub fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Option<T> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    query_as(port, None, cmd)
+}
+
+/// [`query`] on a server that requires `password`.
+pub fn query_as<T: redis::FromRedisValue>(
+    port: u16,
+    password: Option<&str>,
+    cmd: &redis::Cmd,
+) -> Option<T> {
+    let auth = password.map_or(String::new(), |p| format!(":{p}@"));
+    let client = redis::Client::open(format!("redis://{auth}127.0.0.1:{port}")).ok()?;
     let mut conn = client
         .get_connection_with_timeout(Duration::from_secs(1))
         .ok()?;
@@ -1241,7 +1251,12 @@ pub fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Option<T>
 
 /// The `field:value` lines of `INFO <section>`.
 pub fn info(port: u16, section: &str) -> BTreeMap<String, String> {
-    query::<String>(port, redis::cmd("INFO").arg(section))
+    info_as(port, None, section)
+}
+
+/// [`info`] on a server that requires `password`.
+pub fn info_as(port: u16, password: Option<&str>, section: &str) -> BTreeMap<String, String> {
+    query_as::<String>(port, password, redis::cmd("INFO").arg(section))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.trim().split_once(':'))
@@ -1275,11 +1290,22 @@ pub struct ReplicatedPair {
 impl ReplicatedPair {
     /// Starts both and waits until the replica is in sync.
     pub fn start() -> Self {
-        let primary = RedisServer::start();
-        let replica =
-            RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+        Self::start_with_password(None)
+    }
+
+    /// Like [`ReplicatedPair::start`], both servers requiring `password` (and using it to
+    /// replicate from each other, whichever is the primary).
+    pub fn start_with_password(password: Option<&str>) -> Self {
+        let auth: Vec<&str> = password
+            .map(|p| vec!["--requirepass", p, "--masterauth", p])
+            .unwrap_or_default();
+        let primary = RedisServer::start_with(&auth);
+        let primary_port = primary.port.to_string();
+        let mut args = vec!["--replicaof", "127.0.0.1", &primary_port];
+        args.extend(&auth);
+        let replica = RedisServer::start_with(&args);
         wait_for("the replica's first sync", Duration::from_secs(20), || {
-            (info(replica.port, "replication")
+            (info_as(replica.port, password, "replication")
                 .get("master_link_status")
                 .map(String::as_str)
                 == Some("up"))
@@ -1293,21 +1319,35 @@ impl ReplicatedPair {
 pub struct SentinelServer {
     child: Child,
     pub port: u16,
+    /// What the sentinel requires of its clients (and of the other sentinels).
+    password: Option<String>,
     dir: TempDir,
+}
+
+/// The passwords of a Sentinel group: the data nodes', and the sentinels' own.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GroupPasswords<'a> {
+    pub data: Option<&'a str>,
+    pub sentinels: Option<&'a str>,
 }
 
 impl SentinelServer {
     /// Starts a sentinel watching `primary_port` as `service`.
-    fn start(service: &str, primary_port: u16, quorum: usize) -> Self {
+    fn start(service: &str, primary_port: u16, quorum: usize, auth: GroupPasswords) -> Self {
         for _ in 0..5 {
-            if let Some(s) = Self::try_start(service, primary_port, quorum) {
+            if let Some(s) = Self::try_start(service, primary_port, quorum, auth) {
                 return s;
             }
         }
         panic!("could not start a sentinel");
     }
 
-    fn try_start(service: &str, primary_port: u16, quorum: usize) -> Option<Self> {
+    fn try_start(
+        service: &str,
+        primary_port: u16,
+        quorum: usize,
+        auth: GroupPasswords,
+    ) -> Option<Self> {
         blocking(|| {
             let dir = TempDir::new("sentinel");
             let port = free_port();
@@ -1329,6 +1369,12 @@ impl SentinelServer {
                     private_name(c)
                 ));
             }
+            if let Some(p) = auth.data {
+                conf.push_str(&format!("sentinel auth-pass {service} {p}\n"));
+            }
+            if let Some(p) = auth.sentinels {
+                conf.push_str(&format!("requirepass {p}\nsentinel sentinel-pass {p}\n"));
+            }
             let path = dir.path.join("sentinel.conf");
             std::fs::write(&path, conf).expect("the sentinel's config");
             let mut child = Command::new(redis_server_binary())
@@ -1344,7 +1390,13 @@ impl SentinelServer {
                     break;
                 }
                 if ping(port) {
-                    return Some(SentinelServer { child, port, dir });
+                    let password = auth.sentinels.map(str::to_owned);
+                    return Some(SentinelServer {
+                        child,
+                        port,
+                        password,
+                        dir,
+                    });
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -1356,8 +1408,12 @@ impl SentinelServer {
 
     /// `SENTINEL MASTER <service>` as a map.
     pub fn primary_state(&self, service: &str) -> BTreeMap<String, String> {
-        let flat: Vec<String> =
-            query(self.port, redis::cmd("SENTINEL").arg("MASTER").arg(service)).unwrap_or_default();
+        let flat: Vec<String> = query_as(
+            self.port,
+            self.password.as_deref(),
+            redis::cmd("SENTINEL").arg("MASTER").arg(service),
+        )
+        .unwrap_or_default();
         flat.chunks(2)
             .filter_map(|kv| Some((kv.first()?.clone(), kv.get(1)?.clone())))
             .collect()
@@ -1365,8 +1421,9 @@ impl SentinelServer {
 
     /// The port of the primary this sentinel currently names.
     pub fn primary_port(&self, service: &str) -> Option<u16> {
-        let addr: Vec<String> = query(
+        let addr: Vec<String> = query_as(
             self.port,
+            self.password.as_deref(),
             redis::cmd("SENTINEL")
                 .arg("GET-MASTER-ADDR-BY-NAME")
                 .arg(service),
@@ -1390,6 +1447,7 @@ pub struct SentinelGroup {
     pub primary: RedisServer,
     pub replica: RedisServer,
     pub sentinels: Vec<SentinelServer>,
+    data_password: Option<String>,
 }
 
 impl SentinelGroup {
@@ -1399,9 +1457,14 @@ impl SentinelGroup {
     /// Starts the group and waits until every sentinel knows the replica and the other two
     /// sentinels, so that a failover can happen.
     pub fn start() -> Self {
-        let ReplicatedPair { primary, replica } = ReplicatedPair::start();
+        Self::start_with_passwords(GroupPasswords::default())
+    }
+
+    /// Like [`SentinelGroup::start`], with passwords on the data nodes, the sentinels or both.
+    pub fn start_with_passwords(auth: GroupPasswords) -> Self {
+        let ReplicatedPair { primary, replica } = ReplicatedPair::start_with_password(auth.data);
         let sentinels: Vec<_> = (0..3)
-            .map(|_| SentinelServer::start(Self::SERVICE, primary.port, 2))
+            .map(|_| SentinelServer::start(Self::SERVICE, primary.port, 2, auth))
             .collect();
         wait_for(
             "sentinels that can fail over",
@@ -1422,18 +1485,26 @@ impl SentinelGroup {
             primary,
             replica,
             sentinels,
+            data_password: auth.data.map(str::to_owned),
         }
     }
 
-    /// `redis-sentinel://` URL naming every sentinel.
+    /// `redis-sentinel://` URL naming every sentinel, with the passwords.
     pub fn url(&self) -> String {
+        let auth = self
+            .data_password
+            .as_ref()
+            .map_or(String::new(), |p| format!(":{p}@"));
         let mut url = format!(
-            "redis-sentinel://127.0.0.1:{}?sentinelServiceName={}",
+            "redis-sentinel://{auth}127.0.0.1:{}?sentinelServiceName={}",
             self.sentinels[0].port,
             Self::SERVICE
         );
         for s in &self.sentinels[1..] {
             url.push_str(&format!("&node=127.0.0.1:{}", s.port));
+        }
+        if let Some(p) = &self.sentinels[0].password {
+            url.push_str(&format!("&sentinelPassword={p}"));
         }
         url
     }

@@ -158,7 +158,10 @@ pub enum ConfigError {
     #[error("{0} is also the proxy's address; give the admin listener its own port")]
     AdminOnProxyAddress(SocketAddr),
     /// A Redis URL of a form stickless does not speak.
-    #[error("expected redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] or rediss://... (TLS)")]
+    #[error("expected redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] (one endpoint), \
+             redis-cluster://[[USER]:PASSWORD@]HOST[:PORT][?node=HOST:PORT...] (a cluster) or \
+             redis-sentinel://[[USER]:PASSWORD@]HOST[:PORT][/DB]?sentinelServiceName=NAME[&node=HOST:PORT...] \
+             (Sentinel); rediss, rediss-cluster and rediss-sentinel for TLS")]
     RedisUrl,
     /// A rotation grace too short for the tombstone to outlive a rotation's second step.
     #[error("{given:?} is shorter than {least:?}: the old session, kept marked as rotated, must outlive a rotation's second step and its undo (at least 1s, and twice --redis-timeout with Redis)")]
@@ -190,6 +193,19 @@ impl ConfigError {
         }
     }
 }
+
+/// The URL forms of `--redis-url`: one endpoint (ElastiCache's primary endpoint), a cluster (its
+/// configuration endpoint, nodes discovered with `CLUSTER SLOTS`) and a Sentinel group, each
+/// plain or over TLS. fred reads the topology from the scheme's suffix and would take any
+/// `*-cluster` or `*-sentinel` scheme, so the check is on the whole scheme.
+const REDIS_SCHEMES: [&str; 6] = [
+    "redis://",
+    "rediss://",
+    "redis-cluster://",
+    "rediss-cluster://",
+    "redis-sentinel://",
+    "rediss-sentinel://",
+];
 
 /// Most fields a session may hold, as a setting: bounded so that one change always fits in one
 /// script call.
@@ -280,8 +296,10 @@ impl Config {
             url, key_prefix, ..
         } = &settings.store
         {
-            let lower = url.to_ascii_lowercase();
-            if !(lower.starts_with("redis://") || lower.starts_with("rediss://")) {
+            if !REDIS_SCHEMES.iter().any(|scheme| {
+                url.get(..scheme.len())
+                    .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+            }) {
                 return Err(ConfigError::RedisUrl);
             }
             if key_prefix.len() > 128
@@ -392,7 +410,8 @@ pub enum StoreConfig {
     Memory,
     /// A Redis, Valkey or ElastiCache endpoint.
     Redis {
-        /// `redis://` or `rediss://` URL, possibly with credentials.
+        /// `redis://`, `redis-cluster://` or `redis-sentinel://` URL (`rediss` for TLS), possibly
+        /// with credentials.
         url: String,
         /// Prefix of every session key.
         key_prefix: String,
@@ -730,6 +749,47 @@ mod tests {
         let c = Config::new(settings()).unwrap();
         assert!(matches!(c.store, StoreConfig::Memory));
         assert_eq!(c.ttl.idle, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn every_redis_topology_has_a_url_form_and_other_schemes_are_refused() {
+        let with_url = |url: &str| {
+            let mut s = settings();
+            s.keys = Some(SigningKeys::random());
+            s.store = StoreConfig::Redis {
+                url: url.into(),
+                key_prefix: "k:".into(),
+                timeout: Duration::from_secs(1),
+                durability: Durability::Acknowledged,
+            };
+            Config::new(s)
+        };
+        for url in [
+            "redis://127.0.0.1:6379",
+            "REDISS://user:pass@cache.example.com:6380/2",
+            "redis-cluster://cfg.example.com:6379?node=10.0.0.2:6379",
+            "rediss-cluster://:pass@cfg.example.com:6379",
+            "redis-sentinel://s1:26379/0?sentinelServiceName=mymaster&node=s2:26379",
+            "rediss-sentinel://u:p@s1:26379?sentinelServiceName=m&sentinelPassword=q",
+        ] {
+            assert!(with_url(url).is_ok(), "{url}");
+        }
+        for url in [
+            "http://127.0.0.1",
+            "redis:/h",
+            "redis-clusters://h",
+            "valkey-cluster://h",
+            "unix-sentinel://h",
+            "redis+unix:///tmp/r.sock",
+            "",
+        ] {
+            let e = with_url(url).unwrap_err();
+            assert_eq!((e.setting(), &e), ("redis-url", &ConfigError::RedisUrl));
+            assert!(
+                !e.to_string().contains(url) || url.is_empty(),
+                "never echoed"
+            );
+        }
     }
 
     #[test]

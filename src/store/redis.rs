@@ -242,7 +242,8 @@ return {'ok', string.format('%d', created)}
 /// Settings of the Redis store.
 #[derive(Clone)]
 pub struct RedisSettings {
-    /// `redis://` or `rediss://` URL.
+    /// `redis://`, `redis-cluster://` or `redis-sentinel://` URL (`rediss` for TLS); fred reads
+    /// the topology from the scheme.
     pub url: String,
     /// Prefix of every key.
     pub key_prefix: String,
@@ -456,9 +457,7 @@ fn deadline_margin(timeout: Duration) -> Duration {
 #[derive(Debug, thiserror::Error)]
 pub enum RedisSetupError {
     /// The URL is not one fred accepts.
-    #[error(
-        "invalid Redis URL (expected redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] or rediss://...)"
-    )]
+    #[error("invalid Redis URL (expected redis://HOST[:PORT][/DB], redis-cluster://HOST[:PORT][?node=HOST:PORT...] or redis-sentinel://HOST[:PORT]?sentinelServiceName=NAME[&node=HOST:PORT...], each with optional USER:PASSWORD@, rediss for TLS)")]
     Url(#[source] fred::error::Error),
     /// The client could not be built.
     #[error("could not create the Redis client")]
@@ -671,10 +670,25 @@ impl RedisStore {
             }));
         }
         let deadline = tokio::time::Instant::from_std(started) + timeout;
-        let call = || {
-            script.evalsha_with_reload::<Vec<Value>, _, _>(&self.client, key.clone(), args.clone())
+        let replicated =
+            writes == Writes::Yes && self.settings.durability == Durability::Replicated;
+        let call = || async {
+            if replicated {
+                self.script_then_wait(script, &key, &args, deadline)
+                    .await
+                    .map(|(reply, acked)| (reply, Some(acked)))
+            } else {
+                script
+                    .evalsha_with_reload::<Vec<Value>, _, _>(
+                        &self.client,
+                        key.clone(),
+                        args.clone(),
+                    )
+                    .await
+                    .map(|reply| (reply, None))
+            }
         };
-        let reply = match self.bounded_until(deadline, call()).await {
+        let (reply, acked) = match self.bounded_until(deadline, call()).await {
             Ok(reply) => reply,
             // Refused (a demoted primary, a loading replica) or never sent: it did not run, and
             // the client is reconnecting. Once more on the new connection, within the deadline.
@@ -704,37 +718,70 @@ impl RedisStore {
             }
             return Err(StoreError::Late(timeout));
         }
-        if writes == Writes::Yes {
-            self.replicate(&key, deadline).await?;
+        if acked.is_some_and(|n| n < 1) {
+            return Err(StoreError::NotReplicated);
         }
         Ok(reply)
     }
 
-    /// With [`Durability::Replicated`], waits (`WAIT 1`) until a replica has every write this
-    /// connection sent, the one just made included, at most until `deadline`.
-    async fn replicate(&self, key: &str, deadline: tokio::time::Instant) -> Result<(), StoreError> {
-        if self.settings.durability == Durability::Acknowledged {
-            return Ok(());
-        }
+    /// The script and `WAIT 1` in one pipeline, and so on one connection: WAIT counts the
+    /// replicas that have this connection's writes, and a WAIT sent on another connection (after
+    /// a reconnection between the two) would vouch for nothing. Returns the script's reply and
+    /// how many replicas have it. A script unknown to a new server is loaded, and the pair sent
+    /// again.
+    async fn script_then_wait(
+        &self,
+        script: &Script,
+        key: &str,
+        args: &[Value],
+        deadline: tokio::time::Instant,
+    ) -> Result<(Vec<Value>, i64), fred::error::Error> {
         let left_ms = deadline
             .saturating_duration_since(tokio::time::Instant::now())
             .as_millis()
             .max(1) as i64;
-        // WAIT has no key: it goes to the node that holds this one, whose connection made the write.
+        // WAIT has no key: it goes to the node that holds this one.
         let slot = fred::util::redis_keyslot(key.as_bytes());
-        let wait = CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), true);
-        let acked: i64 = self
-            .bounded_until(
-                deadline,
-                self.client
-                    .custom(wait, vec![Value::Integer(1), Value::Integer(left_ms)]),
-            )
-            .await
-            .map_err(|e| self.error(e))?;
-        if acked < 1 {
-            return Err(StoreError::NotReplicated);
-        }
-        Ok(())
+        let send = || async {
+            let pipeline = self.client.pipeline();
+            // EVALSHA as a custom command: fred's pipelines have no script interface.
+            let mut eval_args = Vec::with_capacity(args.len() + 3);
+            eval_args.push(Value::from(script.sha1().clone()));
+            eval_args.push(Value::Integer(1));
+            eval_args.push(Value::from(key));
+            eval_args.extend_from_slice(args);
+            let _: () = pipeline
+                .custom(
+                    CustomCommand::new_static("EVALSHA", ClusterHash::Custom(slot), false),
+                    eval_args,
+                )
+                .await?;
+            let _: () = pipeline
+                .custom(
+                    CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), true),
+                    vec![Value::Integer(1), Value::Integer(left_ms)],
+                )
+                .await?;
+            let mut results = pipeline.try_all::<Value>().await.into_iter();
+            let reply = results.next().unwrap_or_else(|| {
+                Err(fred::error::Error::new(
+                    fred::error::ErrorKind::Protocol,
+                    "no reply to the script",
+                ))
+            });
+            let acked = results.next().unwrap_or(Ok(Value::Integer(0)))?;
+            Ok::<_, fred::error::Error>((reply, acked.convert::<i64>().unwrap_or(0)))
+        };
+        let (reply, acked) = send().await?;
+        let (reply, acked) = match reply {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                script.load(&self.client).await?;
+                let (reply, acked) = send().await?;
+                (reply?, acked)
+            }
+            other => (other?, acked),
+        };
+        Ok((reply.convert()?, acked))
     }
 
     /// After a (re)connection: the clock offset again, and whether the primary changed.

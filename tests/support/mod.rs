@@ -130,16 +130,86 @@ fn redis_server_binary() -> PathBuf {
     panic!("redis-server not found: run `bash scripts/test.sh`, which installs it, or set STICKLESS_TEST_REDIS_SERVER");
 }
 
-/// A `redis-server` process of our own on a free loopback port, killed on drop.
+/// Commands that ElastiCache refuses (and KEYS, FLUSHALL, MONITOR, which no session store has any
+/// business sending). Every test server runs with them renamed to private names that only the
+/// harness knows ([`private_name`]), so a use of any of them by stickless fails a test.
+pub const RESTRICTED_COMMANDS: [&str; 12] = [
+    "CONFIG",
+    "DEBUG",
+    "SAVE",
+    "BGSAVE",
+    "REPLICAOF",
+    "SLAVEOF",
+    "SYNC",
+    "MIGRATE",
+    "SHUTDOWN",
+    "KEYS",
+    "FLUSHALL",
+    "MONITOR",
+];
+
+/// The name a restricted command has on the test servers: random per test process, so that
+/// nothing outside the harness can guess it.
+pub fn private_name(command: &str) -> String {
+    static SUFFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let suffix = SUFFIX.get_or_init(|| format!("{:016x}", rand::random::<u64>()));
+    format!("harness-{}-{suffix}", command.to_ascii_lowercase())
+}
+
+/// A restricted command under its private name, for the harness's own inspection.
+pub fn private_cmd(command: &str) -> redis::Cmd {
+    redis::cmd(&private_name(command))
+}
+
+/// `--rename-command NAME private-name` for every restricted command.
+fn rename_args() -> Vec<String> {
+    RESTRICTED_COMMANDS
+        .iter()
+        .flat_map(|c| {
+            [
+                "--rename-command".to_owned(),
+                c.to_string(),
+                private_name(c),
+            ]
+        })
+        .collect()
+}
+
+/// A directory of our own under the system's temp dir, removed with everything in it on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates a fresh, empty directory; `what` only helps to tell them apart.
+    pub fn new(what: &str) -> Self {
+        static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "stickless-{what}-{}-{n}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&path).expect("a temp dir");
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A `redis-server` process of our own on a free loopback port, killed on drop. Its working
+/// directory (replication's temporary files, a cluster's node table) is a temp dir removed on
+/// drop, and the [`RESTRICTED_COMMANDS`] are renamed away.
 pub struct RedisServer {
     child: Child,
     pub port: u16,
-    /// The server's working directory, removed with it.
-    dir: PathBuf,
+    // Declared after `child`: dropped, and so removed, only once the process is killed.
+    dir: TempDir,
 }
-
-/// Numbers the servers one test process starts, for their directories' names.
-static SERVERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl RedisServer {
     /// Starts a server with no persistence.
@@ -174,17 +244,9 @@ impl RedisServer {
 
     fn try_start(port: u16, extra: &[&str]) -> Option<Self> {
         blocking(|| {
-            // A directory of its own: a replica's full resync writes `dump.rdb` there, and a
-            // server started where one lies would load another test's sessions.
-            let dir = std::env::temp_dir().join(format!(
-                "stickless-redis-{}-{port}-{}",
-                std::process::id(),
-                SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&dir).expect("a directory for redis-server");
+            let dir = TempDir::new("redis");
             let mut child = Command::new(redis_server_binary())
-                .current_dir(&dir)
-                .args(["--dir", &dir.to_string_lossy()])
+                .current_dir(&dir.path)
                 .args([
                     "--port",
                     &port.to_string(),
@@ -203,6 +265,9 @@ impl RedisServer {
                     "--loglevel",
                     "warning",
                 ])
+                .args(rename_args())
+                .arg("--dir")
+                .arg(&dir.path)
                 .args(extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -237,7 +302,6 @@ impl RedisServer {
             }
             let _ = child.kill();
             let _ = child.wait();
-            let _ = std::fs::remove_dir_all(&dir);
             None
         })
     }
@@ -266,6 +330,11 @@ impl RedisServer {
         let _ = self.child.wait();
     }
 
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Pauses the server (SIGSTOP): connections stay open but nothing is answered.
     pub fn pause(&self) {
         signal(self.child.id(), "STOP");
@@ -284,7 +353,6 @@ impl Drop for RedisServer {
             signal(self.child.id(), "CONT");
             self.kill();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -380,7 +448,7 @@ pub async fn pttl(redis: &RedisServer, key: &str) -> i64 {
 /// All keys with the prefix.
 pub async fn keys(redis: &RedisServer, pattern: &str) -> Vec<String> {
     let mut c = redis.conn().await;
-    redis::cmd("KEYS")
+    private_cmd("KEYS")
         .arg(pattern)
         .query_async(&mut c)
         .await
@@ -825,6 +893,399 @@ impl Http {
     }
 }
 
+impl Http {
+    /// GET `url` with the backend asked to reply with these headers, bounded by `limit` as a
+    /// whole; a transport error or the limit is an `Err` describing it, never a panic.
+    pub async fn try_get_replying(
+        &mut self,
+        url: &str,
+        replies: &[&str],
+        limit: Duration,
+    ) -> Result<Reply, String> {
+        let mut req = Request::builder().method(Method::GET).uri(url);
+        if let Some(sid) = self.sid.as_ref().filter(|_| self.keep_cookies) {
+            req = req.header("cookie", format!("sid={sid}"));
+        }
+        for r in replies {
+            req = req.header("x-test-reply", *r);
+        }
+        let req = req.body(Full::new(Bytes::new())).expect("valid request");
+        let client = self.client.clone();
+        let exchange = async move {
+            let resp = client
+                .request(req)
+                .await
+                .map_err(|e| format!("request: {e}"))?;
+            let (parts, body) = resp.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map_err(|e| format!("body: {e}"))?
+                .to_bytes();
+            Ok::<_, String>(Reply {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        let reply = tokio::time::timeout(limit, exchange)
+            .await
+            .map_err(|_| format!("no answer within {limit:?}"))??;
+        if self.keep_cookies {
+            if let Some(sid) = reply.sid() {
+                self.sid = (!sid.is_empty()).then_some(sid);
+            }
+        }
+        Ok(reply)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failover drills: logged-in users incrementing a counter without pause.
+// ---------------------------------------------------------------------------------------------
+
+/// A drill request that did not end in a 200 on the user's own session.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// When it was sent.
+    pub sent: Instant,
+    /// When it ended.
+    pub at: Instant,
+    /// The status, or `None` when no answer came within the client timeout (a hang) or the
+    /// connection failed (`error` says which).
+    pub status: Option<u16>,
+    pub retry_after: Option<String>,
+    pub error: String,
+}
+
+/// What one user saw during a drill.
+#[derive(Debug, Clone)]
+pub struct UserRun {
+    pub cookie: String,
+    pub requests: u64,
+    /// Increments answered 200 on the user's own, existing session.
+    pub acked: u64,
+    /// 200s on which the backend was told there was no session (the session was gone).
+    pub sessionless: u64,
+    pub failures: Vec<Failure>,
+}
+
+/// Users incrementing `n` in their sessions through a proxy, one request after another each,
+/// until stopped.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    last_failure: Arc<Mutex<Option<Instant>>>,
+    tasks: Vec<tokio::task::JoinHandle<UserRun>>,
+}
+
+impl Load {
+    /// Starts one task per cookie, each request bounded by `client_timeout`.
+    pub fn start(url: String, cookies: Vec<String>, client_timeout: Duration) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let last_failure = Arc::new(Mutex::new(None));
+        let tasks = cookies
+            .into_iter()
+            .map(|cookie| {
+                let (stop, last_failure, url) = (stop.clone(), last_failure.clone(), url.clone());
+                tokio::spawn(async move {
+                    let mut run = UserRun {
+                        cookie: cookie.clone(),
+                        requests: 0,
+                        acked: 0,
+                        sessionless: 0,
+                        failures: Vec::new(),
+                    };
+                    let mut http = Http::with_jar();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        // Always the user's own session, even if a lost one got replaced.
+                        http.sid = Some(cookie.clone());
+                        run.requests += 1;
+                        let sent = Instant::now();
+                        let failure = match http
+                            .try_get_replying(&url, &["x-session-incr-n: 1"], client_timeout)
+                            .await
+                        {
+                            Ok(r) if r.status == 200 => {
+                                if r.seen().header("x-session") == Some("active") {
+                                    run.acked += 1;
+                                } else {
+                                    run.sessionless += 1;
+                                }
+                                None
+                            }
+                            Ok(r) => Some(Failure {
+                                sent,
+                                at: Instant::now(),
+                                status: Some(r.status.as_u16()),
+                                retry_after: r
+                                    .headers
+                                    .get("retry-after")
+                                    .and_then(|v| v.to_str().ok())
+                                    .map(str::to_owned),
+                                error: r.text(),
+                            }),
+                            Err(error) => Some(Failure {
+                                sent,
+                                at: Instant::now(),
+                                status: None,
+                                retry_after: None,
+                                error,
+                            }),
+                        };
+                        if let Some(f) = failure {
+                            *last_failure.lock().unwrap() = Some(f.at);
+                            run.failures.push(f);
+                            // A user who got 503 tries again at once: the worst case for the
+                            // store, and what keeps the measure of recovery fine-grained.
+                        }
+                    }
+                    run
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            last_failure,
+            tasks,
+        }
+    }
+
+    /// When the latest failed request ended.
+    pub fn last_failure(&self) -> Option<Instant> {
+        *self.last_failure.lock().unwrap()
+    }
+
+    /// Waits until no request has failed for `quiet` since `since` (or since the latest failure
+    /// after it), or until `deadline` after `since`.
+    pub async fn settle(&self, since: Instant, quiet: Duration, deadline: Duration) {
+        while since.elapsed() < deadline {
+            let from = self.last_failure().map_or(since, |f| f.max(since));
+            if from.elapsed() >= quiet {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops every user after its request in flight and returns what each saw.
+    pub async fn stop(self) -> Vec<UserRun> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut runs = Vec::new();
+        for t in self.tasks {
+            runs.push(t.await.expect("a drill user task"));
+        }
+        runs
+    }
+}
+
+/// The figures of a failover drill.
+#[derive(Debug, Default)]
+pub struct DrillReport {
+    pub users: usize,
+    pub requests: u64,
+    pub acked: u64,
+    /// From the kill to the end of the last failed request.
+    pub recovery: Option<Duration>,
+    /// From the kill to the start of the last failed request: the store was back at some point
+    /// between this and `recovery` (failures end in steps of the store timeout).
+    pub last_failed_sent: Option<Duration>,
+    /// Failed requests by status ("hung" for no answer within the client timeout, "transport"
+    /// for a failed connection).
+    pub failed: BTreeMap<String, u64>,
+    /// Failed requests with a status other than 503 or without `Retry-After`, with what they
+    /// said (at most a few).
+    pub unexpected: Vec<String>,
+    /// 200s on which the user's session was not found.
+    pub sessionless: u64,
+    /// Users whose session was gone at the end.
+    pub sessions_lost: usize,
+    /// Acknowledged increments missing from the final counters.
+    pub acked_lost: u64,
+    /// Increments in the final counters beyond those acknowledged (answered with a failure, but
+    /// applied).
+    pub applied_unacked: u64,
+}
+
+impl DrillReport {
+    /// Counts what the users saw; `final_counters` holds each user's final counter, `None` when
+    /// the session was gone.
+    pub fn new(kill: Instant, runs: &[UserRun], final_counters: &[Option<u64>]) -> Self {
+        let mut r = DrillReport {
+            users: runs.len(),
+            ..Default::default()
+        };
+        for (run, end) in runs.iter().zip(final_counters) {
+            r.requests += run.requests;
+            r.acked += run.acked;
+            r.sessionless += run.sessionless;
+            for f in &run.failures {
+                let kind = match (f.status, f.error.starts_with("no answer")) {
+                    (Some(s), _) => s.to_string(),
+                    (None, true) => "hung".to_owned(),
+                    (None, false) => "transport".to_owned(),
+                };
+                *r.failed.entry(kind).or_default() += 1;
+                if f.at > kill {
+                    let after = f.at - kill;
+                    if r.recovery.is_none_or(|d| after > d) {
+                        r.recovery = Some(after);
+                        r.last_failed_sent = Some(f.sent.saturating_duration_since(kill));
+                    }
+                }
+                let ok = f.status == Some(503) && f.retry_after.as_deref() == Some("1");
+                if !ok && r.unexpected.len() < 5 {
+                    r.unexpected.push(format!(
+                        "{:?} retry-after {:?}: {}",
+                        f.status,
+                        f.retry_after,
+                        f.error.trim()
+                    ));
+                }
+            }
+            match end {
+                None => r.sessions_lost += 1,
+                Some(n) => {
+                    r.acked_lost += run.acked.saturating_sub(*n);
+                    r.applied_unacked += n.saturating_sub(run.acked);
+                }
+            }
+        }
+        r
+    }
+
+    /// Failed requests in all.
+    pub fn failed_total(&self) -> u64 {
+        self.failed.values().sum()
+    }
+
+    /// Prints the figures (shown by `cargo nextest run --no-capture`).
+    pub fn print(&self, drill: &str) {
+        println!("--- {drill} ---");
+        println!(
+            "users: {}, requests: {}, acknowledged increments: {}",
+            self.users, self.requests, self.acked
+        );
+        match (self.last_failed_sent, self.recovery) {
+            (Some(sent), Some(ended)) => println!(
+                "time from kill to the last failed request: {:.2} s (it was sent at {:.2} s)",
+                ended.as_secs_f64(),
+                sent.as_secs_f64()
+            ),
+            _ => println!("time from kill to the last failed request: no failed request"),
+        }
+        println!(
+            "failed requests by status: {:?} (total {})",
+            self.failed,
+            self.failed_total()
+        );
+        println!(
+            "hung requests: {}",
+            self.failed.get("hung").copied().unwrap_or(0)
+        );
+        println!("200s without the user's session: {}", self.sessionless);
+        println!("sessions lost: {} of {}", self.sessions_lost, self.users);
+        println!("acknowledged increments lost: {}", self.acked_lost);
+        println!(
+            "increments applied though answered with a failure: {}",
+            self.applied_unacked
+        );
+        for u in &self.unexpected {
+            println!("unexpected failure: {u}");
+        }
+    }
+}
+
+/// Prints the kinds of warnings stickless logged, counted, with numbers (ports, ids) folded into
+/// `N`: what the store answered while it failed over.
+pub fn print_warnings(proxy: &Stickless) {
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for line in proxy.logs().lines().filter(|l| l.contains(" WARN ")) {
+        let what = line.split_once(" WARN ").map_or(line, |(_, w)| w);
+        let mut folded = String::with_capacity(what.len());
+        let mut in_number = false;
+        for c in what.chars() {
+            if c.is_ascii_digit() {
+                if !in_number {
+                    folded.push('N');
+                }
+                in_number = true;
+            } else {
+                folded.push(c);
+                in_number = false;
+            }
+        }
+        *kinds.entry(folded).or_default() += 1;
+    }
+    for (kind, n) in kinds {
+        println!("stickless warned {n}x: {kind}");
+    }
+}
+
+/// Each user's counter `n` as stickless reads it now (`None` when the session is gone), each
+/// read retried for a while if the store is still unavailable.
+pub async fn final_counters(proxy: &Stickless, cookies: &[String]) -> Vec<Option<u64>> {
+    let mut out = Vec::new();
+    for cookie in cookies {
+        let mut http = Http::with_jar();
+        let end = Instant::now() + Duration::from_secs(20);
+        let value = loop {
+            http.sid = Some(cookie.clone());
+            match http
+                .try_get_replying(&proxy.url("/"), &[], Duration::from_secs(5))
+                .await
+            {
+                Ok(r) if r.status == 200 => {
+                    let seen = r.seen();
+                    break (seen.header("x-session") == Some("active")).then(|| {
+                        seen.fields()
+                            .get("n")
+                            .map_or(0, |n| n.parse().expect("a counter"))
+                    });
+                }
+                other => {
+                    assert!(
+                        Instant::now() < end,
+                        "the final read keeps failing: {other:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        out.push(value);
+    }
+    out
+}
+
+/// Each user's counter `n` as stored on the server on `port` (`None` when the session is not
+/// there): what survived, whichever server stickless talks to.
+pub fn counters_on(port: u16, cookies: &[String]) -> Vec<Option<u64>> {
+    cookies
+        .iter()
+        .map(|c| {
+            let key = format!("stickless:{}", id_of(c));
+            let hash: BTreeMap<String, String> =
+                query(port, redis::cmd("HGETALL").arg(&key)).expect("HGETALL");
+            (!hash.is_empty()).then(|| hash.get("n").map_or(0, |n| n.parse().expect("a counter")))
+        })
+        .collect()
+}
+
+/// Logs `count` users in through `proxy` and returns their session cookies.
+pub async fn log_in_users(proxy: &Stickless, count: usize) -> Vec<String> {
+    let mut cookies = Vec::new();
+    for i in 0..count {
+        let r = Http::with_jar()
+            .get_replying(
+                &proxy.url("/login"),
+                &[&format!("x-session-set-user: user{i}")],
+            )
+            .await;
+        assert_eq!(r.status, 200, "login: {}", r.text());
+        cookies.push(r.sid().expect("login sets the session cookie"));
+    }
+    cookies
+}
+
 /// The session id in a cookie value (`<id>.<tag>`), and so the Redis key suffix.
 pub fn id_of(cookie: &str) -> &str {
     cookie.split('.').next().unwrap()
@@ -851,5 +1312,481 @@ impl Http {
             })
         };
         tokio::time::timeout(limit, exchange).await.ok().flatten()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Topologies: a replicated pair, a Sentinel group, a cluster.
+// ---------------------------------------------------------------------------------------------
+
+/// One command on a loopback server through a short-lived blocking connection, for fixture work
+/// that polls; `None` on any error (not up yet, not ready yet).
+pub fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Option<T> {
+    query_as(port, None, cmd)
+}
+
+/// [`query`] on a server that requires `password`.
+pub fn query_as<T: redis::FromRedisValue>(
+    port: u16,
+    password: Option<&str>,
+    cmd: &redis::Cmd,
+) -> Option<T> {
+    let auth = password.map_or(String::new(), |p| format!(":{p}@"));
+    let client = redis::Client::open(format!("redis://{auth}127.0.0.1:{port}")).ok()?;
+    let mut conn = client
+        .get_connection_with_timeout(Duration::from_secs(1))
+        .ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    cmd.query(&mut conn).ok()
+}
+
+/// The `field:value` lines of `INFO <section>`.
+pub fn info(port: u16, section: &str) -> BTreeMap<String, String> {
+    info_as(port, None, section)
+}
+
+/// [`info`] on a server that requires `password`.
+pub fn info_as(port: u16, password: Option<&str>, section: &str) -> BTreeMap<String, String> {
+    query_as::<String>(port, password, redis::cmd("INFO").arg(section))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().split_once(':'))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// Whether every replica of the primary on `port` has acknowledged all of its writes. Writes
+/// made before this returns true survive a failover to any of its replicas.
+pub fn replicated(port: u16, replicas: usize) -> bool {
+    let info = info(port, "replication");
+    let Some(offset) = info.get("master_repl_offset") else {
+        return false;
+    };
+    let acked = (0..replicas)
+        .filter(|i| {
+            info.get(&format!("slave{i}")).is_some_and(|s| {
+                s.contains("state=online") && s.contains(&format!("offset={offset},"))
+            })
+        })
+        .count();
+    acked == replicas
+}
+
+/// A primary and one replica.
+pub struct ReplicatedPair {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+}
+
+impl ReplicatedPair {
+    /// Starts both and waits until the replica is in sync.
+    pub fn start() -> Self {
+        Self::start_with_password(None)
+    }
+
+    /// Like [`ReplicatedPair::start`], both servers requiring `password` (and using it to
+    /// replicate from each other, whichever is the primary).
+    pub fn start_with_password(password: Option<&str>) -> Self {
+        let auth: Vec<&str> = password
+            .map(|p| vec!["--requirepass", p, "--masterauth", p])
+            .unwrap_or_default();
+        let primary = RedisServer::start_with(&auth);
+        let primary_port = primary.port.to_string();
+        let mut args = vec!["--replicaof", "127.0.0.1", &primary_port];
+        args.extend(&auth);
+        let replica = RedisServer::start_with(&args);
+        wait_for("the replica's first sync", Duration::from_secs(20), || {
+            (info_as(replica.port, password, "replication")
+                .get("master_link_status")
+                .map(String::as_str)
+                == Some("up"))
+            .then_some(())
+        });
+        ReplicatedPair { primary, replica }
+    }
+}
+
+/// A `redis-server --sentinel` process on a free loopback port, killed on drop.
+pub struct SentinelServer {
+    child: Child,
+    pub port: u16,
+    /// What the sentinel requires of its clients (and of the other sentinels).
+    password: Option<String>,
+    dir: TempDir,
+}
+
+/// The passwords of a Sentinel group: the data nodes', and the sentinels' own.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GroupPasswords<'a> {
+    pub data: Option<&'a str>,
+    pub sentinels: Option<&'a str>,
+}
+
+impl SentinelServer {
+    /// Starts a sentinel watching `primary_port` as `service`.
+    fn start(service: &str, primary_port: u16, quorum: usize, auth: GroupPasswords) -> Self {
+        for _ in 0..5 {
+            if let Some(s) = Self::try_start(service, primary_port, quorum, auth) {
+                return s;
+            }
+        }
+        panic!("could not start a sentinel");
+    }
+
+    fn try_start(
+        service: &str,
+        primary_port: u16,
+        quorum: usize,
+        auth: GroupPasswords,
+    ) -> Option<Self> {
+        blocking(|| {
+            let dir = TempDir::new("sentinel");
+            let port = free_port();
+            let mut conf = format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\nloglevel warning\n\
+                 dir {dir}\n\
+                 sentinel monitor {service} 127.0.0.1 {primary_port} {quorum}\n\
+                 sentinel down-after-milliseconds {service} 1000\n\
+                 sentinel failover-timeout {service} 5000\n\
+                 sentinel parallel-syncs {service} 1\n",
+                dir = dir.path.display(),
+            );
+            // A failover promotes with REPLICAOF (SLAVEOF before Redis 7.2 / Valkey) and saves
+            // the new roles with CONFIG REWRITE: the sentinels are the harness, so they get the
+            // private names.
+            for c in ["CONFIG", "SLAVEOF", "REPLICAOF"] {
+                conf.push_str(&format!(
+                    "sentinel rename-command {service} {c} {}\n",
+                    private_name(c)
+                ));
+            }
+            if let Some(p) = auth.data {
+                conf.push_str(&format!("sentinel auth-pass {service} {p}\n"));
+            }
+            if let Some(p) = auth.sentinels {
+                conf.push_str(&format!("requirepass {p}\nsentinel sentinel-pass {p}\n"));
+            }
+            let path = dir.path.join("sentinel.conf");
+            std::fs::write(&path, conf).expect("the sentinel's config");
+            let mut child = Command::new(redis_server_binary())
+                .arg(&path)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("a sentinel starts");
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if ping(port) {
+                    let password = auth.sentinels.map(str::to_owned);
+                    return Some(SentinelServer {
+                        child,
+                        port,
+                        password,
+                        dir,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            None
+        })
+    }
+
+    /// `SENTINEL MASTER <service>` as a map.
+    pub fn primary_state(&self, service: &str) -> BTreeMap<String, String> {
+        let flat: Vec<String> = query_as(
+            self.port,
+            self.password.as_deref(),
+            redis::cmd("SENTINEL").arg("MASTER").arg(service),
+        )
+        .unwrap_or_default();
+        flat.chunks(2)
+            .filter_map(|kv| Some((kv.first()?.clone(), kv.get(1)?.clone())))
+            .collect()
+    }
+
+    /// The port of the primary this sentinel currently names.
+    pub fn primary_port(&self, service: &str) -> Option<u16> {
+        let addr: Vec<String> = query_as(
+            self.port,
+            self.password.as_deref(),
+            redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg(service),
+        )?;
+        addr.get(1)?.parse().ok()
+    }
+}
+
+impl Drop for SentinelServer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A primary, one replica and three sentinels (quorum 2) that fail over a second after the
+/// primary stops answering.
+pub struct SentinelGroup {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<SentinelServer>,
+    data_password: Option<String>,
+}
+
+impl SentinelGroup {
+    /// The service name the sentinels know the primary by.
+    pub const SERVICE: &'static str = "mymaster";
+
+    /// Starts the group and waits until every sentinel knows the replica and the other two
+    /// sentinels, so that a failover can happen.
+    pub fn start() -> Self {
+        Self::start_with_passwords(GroupPasswords::default())
+    }
+
+    /// Like [`SentinelGroup::start`], with passwords on the data nodes, the sentinels or both.
+    pub fn start_with_passwords(auth: GroupPasswords) -> Self {
+        let ReplicatedPair { primary, replica } = ReplicatedPair::start_with_password(auth.data);
+        let sentinels: Vec<_> = (0..3)
+            .map(|_| SentinelServer::start(Self::SERVICE, primary.port, 2, auth))
+            .collect();
+        wait_for(
+            "sentinels that can fail over",
+            Duration::from_secs(30),
+            || {
+                sentinels
+                    .iter()
+                    .all(|s| {
+                        let m = s.primary_state(Self::SERVICE);
+                        m.get("num-slaves").map(String::as_str) == Some("1")
+                            && m.get("num-other-sentinels").map(String::as_str) == Some("2")
+                            && m.get("flags").map(String::as_str) == Some("master")
+                    })
+                    .then_some(())
+            },
+        );
+        SentinelGroup {
+            primary,
+            replica,
+            sentinels,
+            data_password: auth.data.map(str::to_owned),
+        }
+    }
+
+    /// `redis-sentinel://` URL naming every sentinel, with the passwords.
+    pub fn url(&self) -> String {
+        let auth = self
+            .data_password
+            .as_ref()
+            .map_or(String::new(), |p| format!(":{p}@"));
+        let mut url = format!(
+            "redis-sentinel://{auth}127.0.0.1:{}?sentinelServiceName={}",
+            self.sentinels[0].port,
+            Self::SERVICE
+        );
+        for s in &self.sentinels[1..] {
+            url.push_str(&format!("&node=127.0.0.1:{}", s.port));
+        }
+        if let Some(p) = &self.sentinels[0].password {
+            url.push_str(&format!("&sentinelPassword={p}"));
+        }
+        url
+    }
+
+    /// The primary's port according to a majority of the sentinels.
+    pub fn primary_port(&self) -> Option<u16> {
+        let ports: Vec<u16> = self
+            .sentinels
+            .iter()
+            .filter_map(|s| s.primary_port(Self::SERVICE))
+            .collect();
+        ports
+            .iter()
+            .copied()
+            .find(|p| ports.iter().filter(|q| *q == p).count() >= 2)
+    }
+}
+
+/// Three primaries and three replicas in cluster mode, on loopback, with a node timeout of one
+/// second.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts six nodes, gives each primary a third of the slots, joins them, makes nodes 3-5 the
+    /// replicas of 0-2, and waits until every node says `cluster_state:ok` and every replica is
+    /// in sync.
+    pub fn start() -> Self {
+        let nodes: Vec<RedisServer> = (0..6)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                ])
+            })
+            .collect();
+        let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+        let run = |port: u16, cmd: &redis::Cmd| -> redis::Value {
+            query(port, cmd).unwrap_or_else(|| panic!("{cmd:?} on :{port}"))
+        };
+        let ids: Vec<String> = ports
+            .iter()
+            .map(|&p| query(p, redis::cmd("CLUSTER").arg("MYID")).expect("CLUSTER MYID"))
+            .collect();
+        for (i, &p) in ports.iter().enumerate() {
+            // Distinct epochs from the start spare the nodes a round of collision handling.
+            run(p, redis::cmd("CLUSTER").arg("SET-CONFIG-EPOCH").arg(i + 1));
+        }
+        for (i, range) in [(0, 5460), (5461, 10922), (10923, 16383)]
+            .iter()
+            .enumerate()
+        {
+            run(
+                ports[i],
+                redis::cmd("CLUSTER")
+                    .arg("ADDSLOTSRANGE")
+                    .arg(range.0)
+                    .arg(range.1),
+            );
+        }
+        for &p in &ports[1..] {
+            run(
+                ports[0],
+                redis::cmd("CLUSTER").arg("MEET").arg("127.0.0.1").arg(p),
+            );
+        }
+        wait_for(
+            "every node to know the others",
+            Duration::from_secs(30),
+            || {
+                ports
+                    .iter()
+                    .all(|&p| {
+                        let nodes: String =
+                            query(p, redis::cmd("CLUSTER").arg("NODES")).unwrap_or_default();
+                        nodes.lines().count() == 6 && !nodes.contains("handshake")
+                    })
+                    .then_some(())
+            },
+        );
+        for r in 3..6 {
+            run(
+                ports[r],
+                redis::cmd("CLUSTER").arg("REPLICATE").arg(&ids[r - 3]),
+            );
+        }
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok(Duration::from_secs(30));
+        wait_for("the replicas' first sync", Duration::from_secs(30), || {
+            ports[0..3].iter().all(|&p| replicated(p, 1)).then_some(())
+        });
+        cluster
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and agrees on three primaries that
+    /// are all alive.
+    pub fn wait_ok(&self, deadline: Duration) {
+        wait_for("cluster_state:ok", deadline, || {
+            let live: Vec<u16> = self
+                .nodes
+                .iter()
+                .map(|n| n.port)
+                .filter(|&p| ping(p))
+                .collect();
+            live.iter()
+                .all(|&p| {
+                    let state =
+                        query::<String>(p, redis::cmd("CLUSTER").arg("INFO")).unwrap_or_default();
+                    state.contains("cluster_state:ok")
+                        && self.primaries_seen_by(p).iter().all(|q| live.contains(q))
+                })
+                .then_some(())
+        });
+    }
+
+    /// The primaries that hold slots, as the node on `port` sees them.
+    fn primaries_seen_by(&self, port: u16) -> Vec<u16> {
+        let nodes: String = query(port, redis::cmd("CLUSTER").arg("NODES")).unwrap_or_default();
+        nodes
+            .lines()
+            .filter(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                f.len() > 8 && f[2].contains("master") && !f[2].contains("fail")
+            })
+            .filter_map(|l| {
+                let addr = l.split(' ').nth(1)?;
+                addr.split(['@', ','])
+                    .next()?
+                    .rsplit(':')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
+    /// The ports of the live nodes that are primaries now, by their own account.
+    pub fn primaries(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .map(|n| n.port)
+            .filter(|&p| info(p, "replication").get("role").map(String::as_str) == Some("master"))
+            .collect()
+    }
+
+    /// The port of a live replica of the primary on `primary`.
+    pub fn replica_of(&self, primary: u16) -> Option<u16> {
+        self.nodes.iter().map(|n| n.port).find(|&p| {
+            let info = info(p, "replication");
+            info.get("role").map(String::as_str) == Some("slave")
+                && info.get("master_port").map(String::as_str) == Some(&primary.to_string())
+        })
+    }
+
+    /// The node on `port`.
+    pub fn node(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node of this cluster")
+    }
+
+    /// `redis-cluster://` URL naming every node, as a configuration endpoint would resolve.
+    pub fn url(&self) -> String {
+        let mut url = format!("redis-cluster://127.0.0.1:{}", self.nodes[0].port);
+        for (i, n) in self.nodes[1..].iter().enumerate() {
+            url.push(if i == 0 { '?' } else { '&' });
+            url.push_str(&format!("node=127.0.0.1:{}", n.port));
+        }
+        url
+    }
+
+    /// The keys matching `pattern` on each primary (the harness's KEYS).
+    pub fn keys_by_primary(&self, pattern: &str) -> BTreeMap<u16, Vec<String>> {
+        self.primaries()
+            .into_iter()
+            .map(|p| {
+                let keys: Vec<String> =
+                    query(p, private_cmd("KEYS").arg(pattern)).expect("KEYS on a primary");
+                (p, keys)
+            })
+            .collect()
+    }
+
+    /// Whether every primary's replica has acknowledged all of its writes.
+    pub fn replicated(&self) -> bool {
+        self.primaries().iter().all(|&p| replicated(p, 1))
     }
 }

@@ -1,0 +1,128 @@
+//! Failover drills on a cluster: users, whose sessions are spread over the three shards,
+//! increment their counters through stickless (given the cluster as a `redis-cluster://` URL)
+//! while one primary is killed, or hands over to its replica, and the cluster promotes the
+//! replica. Run with `--no-capture` to see the figures.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Users, each with a request in flight at every moment.
+const USERS: usize = 24;
+/// Each request's bound on the client side: past it the request counts as hung.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The bound on recovery that the drills assert; the goal is under 5 s.
+const RECOVERY_LIMIT: Duration = Duration::from_secs(15);
+
+/// Runs the users against a fresh cluster, applies `fault` to the primary holding the most
+/// sessions, and checks what they saw.
+async fn drill(name: &str, fault: impl FnOnce(&mut RedisCluster, u16)) {
+    let mut cluster = blocking(RedisCluster::start);
+    let backend = TestBackend::start().await;
+    let url = cluster.url();
+    let proxy = Stickless::start(
+        &backend.url(),
+        &[
+            "--redis-url",
+            &url,
+            "--secret-keys",
+            TEST_KEY,
+            "--redis-timeout",
+            "1s",
+        ],
+    );
+    let cookies = log_in_users(&proxy, USERS).await;
+
+    let shards = cluster.keys_by_primary("stickless:*");
+    let spread: Vec<usize> = shards.values().map(Vec::len).collect();
+    println!("sessions per shard: {spread:?}");
+    assert_eq!(
+        spread.iter().sum::<usize>(),
+        USERS,
+        "every session is in the cluster"
+    );
+    assert!(
+        spread.iter().filter(|&&n| n > 0).count() >= 2,
+        "sessions spread over at least two shards: {spread:?}"
+    );
+    let (&victim, victim_keys) = shards.iter().max_by_key(|(_, k)| k.len()).unwrap();
+    let on_victim = victim_keys.len();
+    // The logins are on the replicas before the fault: a session lost after it is not the
+    // cluster's asynchronous replication.
+    wait_for(
+        "the logins on the replicas",
+        Duration::from_secs(10),
+        || cluster.replicated().then_some(()),
+    );
+
+    let load = Load::start(proxy.url("/"), cookies.clone(), CLIENT_TIMEOUT);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let start = Instant::now();
+    blocking(|| fault(&mut cluster, victim));
+    load.settle(start, Duration::from_secs(3), Duration::from_secs(30))
+        .await;
+    let runs = load.stop().await;
+
+    blocking(|| cluster.wait_ok(Duration::from_secs(10)));
+    let counters = final_counters(&proxy, &cookies).await;
+    let report = DrillReport::new(start, &runs, &counters);
+    report.print(name);
+    println!(
+        "primary :{victim} held {on_victim} of {USERS} sessions; primaries now {:?}",
+        cluster.primaries()
+    );
+    print_warnings(&proxy);
+
+    assert!(!cluster.primaries().contains(&victim));
+    assert!(
+        report.acked > 0 && runs.iter().all(|r| r.acked > 0),
+        "every user got through"
+    );
+    assert!(
+        report.unexpected.is_empty(),
+        "failed requests other than 503 with Retry-After: {:?}\nstickless log:\n{}",
+        report.unexpected,
+        proxy.logs()
+    );
+    let recovery = report.recovery.unwrap_or_default();
+    assert!(
+        recovery <= RECOVERY_LIMIT,
+        "recovered in {recovery:?}; stickless log:\n{}",
+        proxy.logs()
+    );
+    assert_eq!(report.sessionless, 0, "a request found no session");
+    // Every session was on its replica before the fault.
+    assert_eq!(report.sessions_lost, 0, "sessions lost");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_failover_costs_only_bounded_503s_and_no_replicated_session() {
+    drill(
+        "cluster failover (one primary SIGKILLed)",
+        |cluster, victim| cluster.node(victim).kill(),
+    )
+    .await;
+}
+
+/// A manual failover leaves the old primary running as a replica that answers `MOVED` for its
+/// former slots: the routing stickless had becomes wrong without any connection dropping. With
+/// one attempt per command fred does not follow the redirect (it answers "Too many failed write
+/// attempts." after refreshing its routing), so each user of that shard gets one 503.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_switchover_costs_only_bounded_503s() {
+    drill(
+        "cluster switchover (CLUSTER FAILOVER on a replica)",
+        |cluster, victim| {
+            let replica = cluster.replica_of(victim).expect("the primary's replica");
+            let ok: String =
+                query(replica, redis::cmd("CLUSTER").arg("FAILOVER")).expect("CLUSTER FAILOVER");
+            assert_eq!(ok, "OK");
+            wait_for("the switchover", Duration::from_secs(10), || {
+                (!cluster.primaries().contains(&victim)).then_some(())
+            });
+        },
+    )
+    .await;
+}

@@ -1,0 +1,171 @@
+//! Failover drills on a Sentinel group: users increment their counters through stickless (given
+//! the group as a `redis-sentinel://` URL) while the primary is killed, or handed over, and the
+//! sentinels promote the replica. Run with `--no-capture` to see the figures.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Users, each with a request in flight at every moment.
+const USERS: usize = 24;
+/// Each request's bound on the client side: past it the request counts as hung.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The bound on recovery that the drills assert; the goal is under 5 s.
+const RECOVERY_LIMIT: Duration = Duration::from_secs(15);
+
+/// Runs the users against a fresh group, applies `fault`, checks what they saw and returns the
+/// figures.
+async fn drill(name: &str, fault: impl FnOnce(&mut SentinelGroup)) -> DrillReport {
+    let mut group = blocking(SentinelGroup::start);
+    let backend = TestBackend::start().await;
+    let url = group.url();
+    let proxy = Stickless::start(
+        &backend.url(),
+        &[
+            "--redis-url",
+            &url,
+            "--secret-keys",
+            TEST_KEY,
+            "--redis-timeout",
+            "1s",
+        ],
+    );
+    let cookies = log_in_users(&proxy, USERS).await;
+    // The logins are on the replica before the fault: a session lost after it is stickless's
+    // doing, not asynchronous replication's.
+    wait_for("the logins on the replica", Duration::from_secs(10), || {
+        replicated(group.primary.port, 1).then_some(())
+    });
+
+    let load = Load::start(proxy.url("/"), cookies.clone(), CLIENT_TIMEOUT);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let old_primary = group.primary.port;
+    let start = Instant::now();
+    blocking(|| fault(&mut group));
+    load.settle(start, Duration::from_secs(3), Duration::from_secs(30))
+        .await;
+    let runs = load.stop().await;
+
+    let new_primary = blocking(|| group.primary_port());
+    // Read from the new primary itself: a stickless still writing to the old one would read its
+    // own writes back through it.
+    let through_stickless = final_counters(&proxy, &cookies).await;
+    let counters = blocking(|| counters_on(new_primary.expect("a primary"), &cookies));
+    let report = DrillReport::new(start, &runs, &counters);
+    report.print(name);
+    println!(
+        "primary before: {old_primary}, after: {new_primary:?} (replica {})",
+        group.replica.port
+    );
+    print_warnings(&proxy);
+    let connected = proxy.logs().matches("redis connected").count();
+    println!("stickless connected {connected} times (the first included)");
+
+    assert_eq!(
+        new_primary,
+        Some(group.replica.port),
+        "the sentinels promoted the replica"
+    );
+    assert!(
+        report.acked > 0 && runs.iter().all(|r| r.acked > 0),
+        "every user got through"
+    );
+    assert!(
+        report.unexpected.is_empty(),
+        "failed requests other than 503 with Retry-After: {:?}\nstickless log:\n{}",
+        report.unexpected,
+        proxy.logs()
+    );
+    let recovery = report.recovery.unwrap_or_default();
+    assert!(
+        recovery <= RECOVERY_LIMIT,
+        "recovered in {recovery:?}; stickless log:\n{}",
+        proxy.logs()
+    );
+    assert_eq!(report.sessionless, 0, "a request found no session");
+    assert_eq!(report.sessions_lost, 0, "sessions lost");
+    assert_eq!(
+        through_stickless, counters,
+        "stickless reads what the new primary holds"
+    );
+    report
+}
+
+/// Replication is asynchronous: the increments acknowledged in the last moments before the kill
+/// may not have reached the replica. The drill reports how many; it does not bound them.
+#[tokio::test(flavor = "multi_thread")]
+async fn sentinel_failover_costs_only_bounded_503s_and_no_session() {
+    drill("sentinel failover (primary SIGKILLed)", |group| {
+        group.primary.kill()
+    })
+    .await;
+}
+
+/// A switchover demotes a primary that keeps running: stickless must leave it for the new one as
+/// soon as the sentinels announce it. Every write it acknowledges on the old primary after that
+/// is lost when the old primary is demoted and resynchronised from the new one, which is why the
+/// goal here is no acknowledged increment lost at all.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fred follows a Sentinel switchover only when the sentinels demote the old primary \
+            and close its connections, seconds after announcing the new one; the increments \
+            stickless acknowledges on the old primary meanwhile are lost"]
+async fn sentinel_switchover_loses_no_acknowledged_increment() {
+    let report = drill("sentinel switchover (SENTINEL FAILOVER)", |group| {
+        let ok: String = query(
+            group.sentinels[0].port,
+            redis::cmd("SENTINEL")
+                .arg("FAILOVER")
+                .arg(SentinelGroup::SERVICE),
+        )
+        .expect("SENTINEL FAILOVER");
+        assert_eq!(ok, "OK");
+        let (replica, old) = (group.replica.port, group.primary.port);
+        wait_for("the switchover", Duration::from_secs(15), || {
+            (group.primary_port() == Some(replica)).then_some(())
+        });
+        // The sentinels demote the old primary only after announcing the new one.
+        wait_for(
+            "the old primary's demotion",
+            Duration::from_secs(15),
+            || {
+                (info(old, "replication").get("role").map(String::as_str) == Some("slave"))
+                    .then_some(())
+            },
+        );
+    })
+    .await;
+    assert_eq!(report.acked_lost, 0, "acknowledged increments lost");
+}
+
+/// The sentinels and the data nodes may require different passwords, or only the data nodes one:
+/// the URL's `USER:PASS@` goes to the data nodes, `sentinelPassword` to the sentinels.
+#[tokio::test(flavor = "multi_thread")]
+async fn sentinels_and_data_nodes_each_get_their_own_credentials() {
+    let backend = TestBackend::start().await;
+    for auth in [
+        GroupPasswords {
+            data: Some("data-secret"),
+            sentinels: None,
+        },
+        GroupPasswords {
+            data: Some("data-secret"),
+            sentinels: Some("sentinel-secret"),
+        },
+    ] {
+        let group = blocking(|| SentinelGroup::start_with_passwords(auth));
+        let url = group.url();
+        let proxy = Stickless::start(
+            &backend.url(),
+            &["--redis-url", &url, "--secret-keys", TEST_KEY],
+        );
+        let cookie = log_in_users(&proxy, 1).await.remove(0);
+        let mut http = Http::with_jar();
+        http.sid = Some(cookie);
+        let seen = http.get(&proxy.url("/")).await.seen();
+        assert_eq!(seen.header("x-session"), Some("active"), "{auth:?}");
+        assert_eq!(seen.fields().get("user").map(String::as_str), Some("user0"));
+        assert!(!proxy.logs().contains("secret"), "the URL is never logged");
+    }
+}

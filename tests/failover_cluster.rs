@@ -18,7 +18,14 @@ const RECOVERY_LIMIT: Duration = Duration::from_secs(15);
 
 /// Runs the users against a fresh cluster, applies `fault` to the primary holding the most
 /// sessions, and checks what they saw.
-async fn drill(name: &str, fault: impl FnOnce(&mut RedisCluster, u16)) {
+/// `durability` is `--durability`; `recovers` says whether every user must be served again
+/// (not with `replicated` once a shard has no replica left: refusing writes is then the point).
+async fn drill(
+    name: &str,
+    durability: &str,
+    recovers: bool,
+    fault: impl FnOnce(&mut RedisCluster, u16),
+) -> DrillReport {
     let mut cluster = blocking(RedisCluster::start);
     let backend = TestBackend::start().await;
     let url = cluster.url();
@@ -31,6 +38,8 @@ async fn drill(name: &str, fault: impl FnOnce(&mut RedisCluster, u16)) {
             TEST_KEY,
             "--redis-timeout",
             "1s",
+            "--durability",
+            durability,
         ],
     );
     let cookies = log_in_users(&proxy, USERS).await;
@@ -61,7 +70,9 @@ async fn drill(name: &str, fault: impl FnOnce(&mut RedisCluster, u16)) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let start = Instant::now();
     blocking(|| fault(&mut cluster, victim));
-    load.settle(start, Duration::from_secs(3), Duration::from_secs(30))
+    // Without recovery to wait for, a few seconds of the refusals are enough to count.
+    let settle_limit = Duration::from_secs(if recovers { 30 } else { 6 });
+    load.settle(start, Duration::from_secs(3), settle_limit)
         .await;
     let runs = load.stop().await;
 
@@ -88,19 +99,22 @@ async fn drill(name: &str, fault: impl FnOnce(&mut RedisCluster, u16)) {
     );
     let recovery = report.recovery.unwrap_or_default();
     assert!(
-        recovery <= RECOVERY_LIMIT,
+        !recovers || recovery <= RECOVERY_LIMIT,
         "recovered in {recovery:?}; stickless log:\n{}",
         proxy.logs()
     );
     assert_eq!(report.sessionless, 0, "a request found no session");
     // Every session was on its replica before the fault.
     assert_eq!(report.sessions_lost, 0, "sessions lost");
+    report
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_failover_costs_only_bounded_503s_and_no_replicated_session() {
     drill(
         "cluster failover (one primary SIGKILLed)",
+        "acknowledged",
+        true,
         |cluster, victim| cluster.node(victim).kill(),
     )
     .await;
@@ -108,21 +122,41 @@ async fn cluster_failover_costs_only_bounded_503s_and_no_replicated_session() {
 
 /// A manual failover leaves the old primary running as a replica that answers `MOVED` for its
 /// former slots: the routing stickless had becomes wrong without any connection dropping. With
-/// one attempt per command fred does not follow the redirect (it answers "Too many failed write
-/// attempts." after refreshing its routing), so each user of that shard gets one 503.
+/// one attempt per command fred does not follow the redirect itself (it answers "Too many failed
+/// write attempts." after refreshing its routing); the script did not run, so stickless sends it
+/// once more, to the new owner.
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_switchover_costs_only_bounded_503s() {
     drill(
         "cluster switchover (CLUSTER FAILOVER on a replica)",
-        |cluster, victim| {
-            let replica = cluster.replica_of(victim).expect("the primary's replica");
-            let ok: String =
-                query(replica, redis::cmd("CLUSTER").arg("FAILOVER")).expect("CLUSTER FAILOVER");
-            assert_eq!(ok, "OK");
-            wait_for("the switchover", Duration::from_secs(10), || {
-                (!cluster.primaries().contains(&victim)).then_some(())
-            });
-        },
+        "acknowledged",
+        true,
+        switchover,
     )
     .await;
+}
+
+/// The same switchover with `--durability replicated`: every write a user was told is stored is
+/// on a replica, so none is lost, and the old primary, now a replica, keeps confirming them.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_switchover_with_replicated_writes_loses_no_acknowledged_increment() {
+    let report = drill(
+        "cluster switchover, --durability replicated",
+        "replicated",
+        true,
+        switchover,
+    )
+    .await;
+    assert_eq!(report.acked_lost, 0, "acknowledged increments lost");
+}
+
+/// `CLUSTER FAILOVER` on the victim's replica, waited for.
+fn switchover(cluster: &mut RedisCluster, victim: u16) {
+    let replica = cluster.replica_of(victim).expect("the primary's replica");
+    let ok: String =
+        query(replica, redis::cmd("CLUSTER").arg("FAILOVER")).expect("CLUSTER FAILOVER");
+    assert_eq!(ok, "OK");
+    wait_for("the switchover", Duration::from_secs(10), || {
+        (!cluster.primaries().contains(&victim)).then_some(())
+    });
 }

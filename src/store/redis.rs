@@ -322,6 +322,27 @@ async fn replication_state(
     }))
 }
 
+/// Keeps `replicas` at the number of replicas the primary has, twice a second, for as long as the
+/// store lives. An unknown count (no answer) is left as it was.
+async fn watch_replicas(
+    client: Client,
+    replicas: std::sync::Weak<std::sync::atomic::AtomicU64>,
+    timeout: Duration,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Some(replicas) = replicas.upgrade() else {
+            return;
+        };
+        if let Ok(Ok(Some(state))) = tokio::time::timeout(timeout, replication_state(&client)).await
+        {
+            if state.role == "master" {
+                replicas.store(state.replicas, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// After a reconnection: the replication id of the primary now answering. A new one means a
 /// failover happened (counted in `stickless_store_failovers_total`).
 async fn notice_failover(
@@ -369,6 +390,10 @@ pub struct RedisStore {
     settings: RedisSettings,
     clock: Arc<RedisClock>,
     events: Arc<Events>,
+    /// With `--durability replicated` on one primary (not a cluster): the replicas it had at the
+    /// last look, refreshed twice a second. With none, a change is refused before it is sent: its
+    /// `WAIT` could only time out, holding up every other call on the connection meanwhile.
+    replicas: Arc<std::sync::atomic::AtomicU64>,
     /// The replication id of the primary last seen; a new one after a reconnection is a failover.
     replication_id: Arc<std::sync::Mutex<Option<String>>>,
     load: Script,
@@ -592,10 +617,19 @@ impl RedisStore {
                 }
             }
         }
+        let replicas = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        if settings.durability == Durability::Replicated && !client.is_clustered() {
+            tokio::spawn(watch_replicas(
+                client.clone(),
+                Arc::downgrade(&replicas),
+                timeout,
+            ));
+        }
         Ok(RedisStore {
             client,
             clock,
             events,
+            replicas,
             replication_id,
             load: Script::from_lua(LOAD),
             take: Script::from_lua(TAKE),
@@ -672,6 +706,9 @@ impl RedisStore {
         let deadline = tokio::time::Instant::from_std(started) + timeout;
         let replicated =
             writes == Writes::Yes && self.settings.durability == Durability::Replicated;
+        if replicated && self.replicas.load(Ordering::Relaxed) == 0 {
+            return Err(StoreError::NotReplicated);
+        }
         let call = || async {
             if replicated {
                 self.script_then_wait(script, &key, &args, deadline)

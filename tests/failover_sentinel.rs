@@ -79,23 +79,7 @@ async fn drill(
         Some(group.replica.port),
         "the sentinels promoted the replica"
     );
-    assert!(
-        report.acked > 0 && runs.iter().all(|r| r.acked > 0),
-        "every user got through"
-    );
-    assert!(
-        report.unexpected.is_empty(),
-        "failed requests other than 503 with Retry-After: {:?}\nstickless log:\n{}",
-        report.unexpected,
-        proxy.logs()
-    );
-    let recovery = report.recovery.unwrap_or_default();
-    assert!(
-        !recovers || recovery <= RECOVERY_LIMIT,
-        "recovered in {recovery:?}; stickless log:\n{}",
-        proxy.logs()
-    );
-    assert_eq!(report.sessionless, 0, "a request found no session");
+    report.assert_held(&runs, recovers.then_some(RECOVERY_LIMIT), &proxy.logs());
     assert_eq!(report.sessions_lost, 0, "sessions lost");
     assert_eq!(
         through_stickless, counters,

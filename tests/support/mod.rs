@@ -1107,6 +1107,29 @@ pub struct DrillReport {
 }
 
 impl DrillReport {
+    /// What every failover drill asserts: every user got through, every failure was a 503 with
+    /// `Retry-After`, the failures ended within `recovery` (when recovery is expected), and no
+    /// request was served without its session. `logs` is stickless's log, shown on failure.
+    pub fn assert_held(&self, runs: &[UserRun], recovery: Option<Duration>, logs: &str) {
+        assert!(
+            self.acked > 0 && runs.iter().all(|r| r.acked > 0),
+            "every user got through"
+        );
+        assert!(
+            self.unexpected.is_empty(),
+            "failed requests other than 503 with Retry-After: {:?}\nstickless log:\n{logs}",
+            self.unexpected,
+        );
+        if let Some(limit) = recovery {
+            let took = self.recovery.unwrap_or_default();
+            assert!(
+                took <= limit,
+                "recovered in {took:?}; stickless log:\n{logs}"
+            );
+        }
+        assert_eq!(self.sessionless, 0, "a request found no session");
+    }
+
     /// Counts what the users saw; `final_counters` holds each user's final counter, `None` when
     /// the session was gone.
     pub fn new(kill: Instant, runs: &[UserRun], final_counters: &[Option<u64>]) -> Self {

@@ -29,18 +29,10 @@ async fn drill(
     let mut cluster = blocking(RedisCluster::start);
     let backend = TestBackend::start().await;
     let url = cluster.url();
-    let proxy = Stickless::start(
+    let proxy = Stickless::on_redis_url(
         &backend.url(),
-        &[
-            "--redis-url",
-            &url,
-            "--secret-keys",
-            TEST_KEY,
-            "--redis-timeout",
-            "1s",
-            "--durability",
-            durability,
-        ],
+        &url,
+        &["--redis-timeout", "1s", "--durability", durability],
     );
     let cookies = log_in_users(&proxy, USERS).await;
 

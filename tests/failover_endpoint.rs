@@ -107,18 +107,10 @@ async fn drill(durability: &str) -> Report {
     let endpoint = Endpoint::start(addr(&primary));
     let backend = TestBackend::start().await;
     let url = format!("redis://127.0.0.1:{}", endpoint.port);
-    let proxy = Stickless::start(
+    let proxy = Stickless::on_redis_url(
         &backend.url(),
-        &[
-            "--redis-url",
-            &url,
-            "--secret-keys",
-            TEST_KEY,
-            "--redis-timeout",
-            "1s",
-            "--durability",
-            durability,
-        ],
+        &url,
+        &["--redis-timeout", "1s", "--durability", durability],
     );
 
     // Log everyone in, and make sure the replica has their sessions before the failover.

@@ -28,18 +28,10 @@ async fn drill(
     let mut group = blocking(SentinelGroup::start);
     let backend = TestBackend::start().await;
     let url = group.url();
-    let proxy = Stickless::start(
+    let proxy = Stickless::on_redis_url(
         &backend.url(),
-        &[
-            "--redis-url",
-            &url,
-            "--secret-keys",
-            TEST_KEY,
-            "--redis-timeout",
-            "1s",
-            "--durability",
-            durability,
-        ],
+        &url,
+        &["--redis-timeout", "1s", "--durability", durability],
     );
     let cookies = log_in_users(&proxy, USERS).await;
     // The logins are on the replica before the fault: a session lost after it is stickless's

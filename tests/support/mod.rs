@@ -647,8 +647,13 @@ impl Stickless {
 
     /// Starts stickless on Redis with the shared test key.
     pub fn on_redis(upstream: &str, redis: &RedisServer, args: &[&str]) -> Self {
-        let url = redis.url();
-        let mut all = vec!["--redis-url", &url, "--secret-keys", TEST_KEY];
+        Self::on_redis_url(upstream, &redis.url(), args)
+    }
+
+    /// Starts stickless on the Redis at `url` (a Sentinel group, a cluster, a forwarder) with
+    /// the shared test key.
+    pub fn on_redis_url(upstream: &str, url: &str, args: &[&str]) -> Self {
+        let mut all = vec!["--redis-url", url, "--secret-keys", TEST_KEY];
         all.extend_from_slice(args);
         Self::start(upstream, &all)
     }

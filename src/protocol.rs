@@ -385,6 +385,7 @@ pub struct Protocol {
 
 const ACTIVE: HeaderValue = HeaderValue::from_static("active");
 const NONE: HeaderValue = HeaderValue::from_static("none");
+const UNAVAILABLE: HeaderValue = HeaderValue::from_static("unavailable");
 
 impl Protocol {
     /// Header names for `config.header_prefix` (lower case, ending in `-`).
@@ -456,6 +457,12 @@ impl Protocol {
                 }
             }
         }
+    }
+
+    /// Marks the request as sent while the session could not be loaded (`X-Session: unavailable`,
+    /// no fields): the store is down and stickless fails open.
+    pub fn inject_unavailable(&self, headers: &mut HeaderMap) {
+        headers.insert(self.status.clone(), UNAVAILABLE);
     }
 
     /// Takes the protocol headers out of a backend response and parses them.

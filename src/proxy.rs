@@ -57,9 +57,6 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// The status header's value for a request whose session could not be loaded (fail-open).
-const UNAVAILABLE: HeaderValue = HeaderValue::from_static("unavailable");
-
 /// Warnings a client can cause at will: at most one line a second of each.
 static FORGED_WARNINGS: LogLimit = LogLimit::new(1000);
 static SPOOF_WARNINGS: LogLimit = LogLimit::new(1000);
@@ -199,9 +196,6 @@ pub struct Proxy {
     upstream: Upstream,
     upstream_timeout: Duration,
     on_store_error: OnStoreError,
-    /// The status header (`x-session`), for the value `unavailable` that the protocol module does
-    /// not write.
-    status_header: HeaderName,
     /// Pooled connections to the backend.
     client: Client<Connector, UpstreamBody>,
     /// Fresh connections only, for a retry.
@@ -234,15 +228,6 @@ impl Proxy {
             .http1_max_buf_size(response_head_limit)
             .build(connector);
         // The status header is the prefix without its last `-`; a `HeaderPrefix` is a header name.
-        let status_header = HeaderName::from_bytes(
-            config
-                .protocol
-                .header_prefix
-                .as_str()
-                .trim_end_matches('-')
-                .as_bytes(),
-        )
-        .expect("a HeaderPrefix is a header name");
         Proxy {
             store,
             keys: config.keys().clone(),
@@ -252,7 +237,6 @@ impl Proxy {
             upstream: config.upstream.clone(),
             upstream_timeout: config.upstream_timeout,
             on_store_error: config.on_store_error,
-            status_header,
             client,
             fresh,
             metrics,
@@ -436,14 +420,14 @@ impl Proxy {
                 );
             }
         }
-        let fields = match resolved {
-            Resolved::Live(_, session) => Some(&session.fields),
-            Resolved::NoSession | Resolved::Rotated | Resolved::Unavailable(_) => None,
-        };
-        self.protocol.inject(req.headers_mut(), fields);
-        if let Resolved::Unavailable(_) = resolved {
-            req.headers_mut()
-                .insert(self.status_header.clone(), UNAVAILABLE);
+        match resolved {
+            Resolved::Live(_, session) => self
+                .protocol
+                .inject(req.headers_mut(), Some(&session.fields)),
+            Resolved::NoSession | Resolved::Rotated => {
+                self.protocol.inject(req.headers_mut(), None)
+            }
+            Resolved::Unavailable(_) => self.protocol.inject_unavailable(req.headers_mut()),
         }
         self.set_target(&mut req, peer)?;
         if let Some(upgrade) = upgrade {

@@ -8,12 +8,7 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// Users, each with a request in flight at every moment.
-const USERS: usize = 24;
-/// Each request's bound on the client side: past it the request counts as hung.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The bound on recovery that the drills assert; the goal is under 5 s.
-const RECOVERY_LIMIT: Duration = Duration::from_secs(15);
+use support::drill::{CLIENT_TIMEOUT, RECOVERY_LIMIT, USERS};
 
 /// Runs the users against a fresh group, applies `fault`, checks what they saw and returns the
 /// figures.

@@ -1314,6 +1314,18 @@ pub async fn log_in_users(proxy: &Stickless, count: usize) -> Vec<String> {
     cookies
 }
 
+/// The settings the Sentinel and cluster failover drills share.
+pub mod drill {
+    use std::time::Duration;
+
+    /// Users, each with a request in flight at every moment.
+    pub const USERS: usize = 24;
+    /// Each request's bound on the client side: past it the request counts as hung.
+    pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// The bound on recovery that the drills assert; the goal is under 5 s.
+    pub const RECOVERY_LIMIT: Duration = Duration::from_secs(15);
+}
+
 /// The session id in a cookie value (`<id>.<tag>`), and so the Redis key suffix.
 pub fn id_of(cookie: &str) -> &str {
     cookie.split('.').next().unwrap()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. On a fresh Debian/Ubuntu machine it first installs
-# what is missing: redis-server, python3 + flask, a C toolchain, Rust (rustup).
+# what is missing: redis-server, python3 + flask, the example apps' toolchains
+# (Node + npm, Go, PHP, a JDK), a C toolchain, Rust (rustup).
 #
 #   bash scripts/test.sh                 # everything
 #   bash scripts/test.sh some_test_name  # extra arguments go to the test runner
@@ -118,9 +119,32 @@ PY
   log "valkey-server: $VALKEY_SERVER ($("$VALKEY_SERVER" --version | awk '{print $3}'))"
 }
 
+# --- the other example apps' toolchains: Node + npm, Go, PHP, a JDK ------------
+ensure_example_toolchains() {
+  local missing=()
+  command -v node >/dev/null 2>&1 || missing+=(nodejs)
+  command -v npm >/dev/null 2>&1 || missing+=(npm)
+  command -v go >/dev/null 2>&1 || missing+=(golang-go)
+  command -v php >/dev/null 2>&1 || missing+=(php-cli)
+  command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    log "toolchains for the example apps not found: installing ${missing[*]}"
+    apt_install "${missing[@]}"
+  fi
+  log "node $(node --version), go $(go env GOVERSION), $(php -r 'echo "php ", PHP_VERSION;'), $(javac -version 2>&1)"
+  # The Express example's dependencies, from its lockfile (again when the lockfile changed).
+  local ex=examples/express
+  if [ ! -f "$ex/node_modules/express/package.json" ] ||
+    [ "$ex/package-lock.json" -nt "$ex/node_modules/.package-lock.json" ]; then
+    log "npm ci in $ex"
+    (cd "$ex" && npm ci --no-audit --no-fund) || die "npm ci failed in $ex (npm registry reachable?)"
+  fi
+}
+
 ensure_redis_server
 ensure_python_flask
 ensure_valkey_server
+ensure_example_toolchains
 # openssl makes the throw-away CA for the rediss:// (TLS) test.
 if ! command -v openssl >/dev/null 2>&1; then
   log "openssl not found: installing it"

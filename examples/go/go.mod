@@ -1,0 +1,3 @@
+module stickless.example/session
+
+go 1.19

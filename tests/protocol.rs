@@ -1888,3 +1888,67 @@ async fn the_pre_login_cookie_never_replaces_the_login_on_the_embedded_store() {
     let proxy = Stickless::start(&backend.url(), &["--rotation-grace", "1s"]);
     old_cookie_after_a_login(&proxy, None).await;
 }
+
+/// Key rotation as the README describes it. With `--secret-keys NEW,OLD`, a cookie OLD signed
+/// keeps its session and is not reissued by requests that use it; a rotation (login) signs with
+/// NEW. Once OLD is dropped, the cookies it signed are no session, however recently used.
+#[tokio::test(flavor = "multi_thread")]
+async fn secret_key_rotation_signs_with_the_first_key_and_verifies_with_all() {
+    let old = "old-key-0123456789abcdef0123456789abcdef";
+    let new = "new-key-0123456789abcdef0123456789abcdef";
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let with_keys = |keys: &str| {
+        Stickless::start(
+            &backend.url(),
+            &["--redis-url", &redis.url(), "--secret-keys", keys],
+        )
+    };
+
+    // Two users log in while OLD is the only key.
+    let proxy = with_keys(old);
+    let mut stays = Http::with_jar();
+    let mut logs_in_again = Http::with_jar();
+    for (http, user) in [(&mut stays, "alice"), (&mut logs_in_again, "bob")] {
+        let r = http
+            .get_replying(&proxy.url("/"), &[&format!("x-session-set-user: {user}")])
+            .await;
+        let cookie = r.sid().expect("a session cookie");
+        let (id, tag) = cookie.split_once('.').unwrap();
+        assert_eq!(tag, tag_for(old, id));
+    }
+    drop(proxy);
+
+    // NEW first, OLD after it: both sessions go on, and no cookie is reissued.
+    let proxy = with_keys(&format!("{new},{old}"));
+    for (http, user) in [(&mut stays, "alice"), (&mut logs_in_again, "bob")] {
+        let r = http
+            .get_replying(&proxy.url("/"), &["x-session-incr-visits: 1"])
+            .await;
+        assert_eq!(r.seen().fields(), map(&[("user", user)]), "{user}");
+        assert!(r.set_cookies().is_empty(), "{user}'s cookie is kept");
+    }
+    // A login rotates the session: the new cookie is signed with NEW.
+    let r = logs_in_again
+        .get_replying(&proxy.url("/login"), &["x-session-rotate: true"])
+        .await;
+    let cookie = r.sid().expect("the rotation reissues the cookie");
+    let (id, tag) = cookie.split_once('.').unwrap();
+    assert_eq!(tag, tag_for(new, id));
+    drop(proxy);
+
+    // OLD dropped: the rotated session goes on; the one still under OLD's cookie is over.
+    let proxy = with_keys(new);
+    let r = logs_in_again.get(&proxy.url("/")).await;
+    assert_eq!(r.seen().header("x-session"), Some("active"));
+    assert_eq!(r.seen().fields(), map(&[("user", "bob"), ("visits", "1")]));
+    let r = stays.get(&proxy.url("/")).await;
+    assert_eq!(r.seen().header("x-session"), Some("none"));
+    assert!(r.seen().fields().is_empty());
+    assert_eq!(
+        proxy
+            .metric("stickless_session_lookups_total{result=\"invalid\"}")
+            .await,
+        1.0
+    );
+}

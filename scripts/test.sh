@@ -141,8 +141,35 @@ ensure_example_toolchains() {
   fi
 }
 
+# --- cfn-lint and kubernetes-validate (tests/deploy_aws.rs checks deploy/ with them) ---------
+# From PyPI, into a venv under target/ when they are not on PATH (no pip install into a
+# PEP 668 "externally managed" system Python); PyYAML comes with them.
+ensure_deploy_linters() {
+  local venv=$PWD/target/deploy-lint
+  if command -v cfn-lint >/dev/null 2>&1 && command -v kubernetes-validate >/dev/null 2>&1 &&
+    python3 -c 'import yaml' >/dev/null 2>&1; then
+    log "cfn-lint: $(command -v cfn-lint), kubernetes-validate: $(command -v kubernetes-validate)"
+    return
+  fi
+  if [ ! -x "$venv/bin/cfn-lint" ] || [ ! -x "$venv/bin/kubernetes-validate" ]; then
+    log "cfn-lint or kubernetes-validate not found: pip install into $venv"
+    "$STICKLESS_TEST_PYTHON" -m venv "$venv" 2>/dev/null || {
+      apt_install python3-venv
+      /usr/bin/python3 -m venv "$venv"
+    }
+    "$venv/bin/pip" install --quiet 'cfn-lint>=1.20,<2' 'kubernetes-validate>=1.30' ||
+      die "pip install cfn-lint kubernetes-validate failed (PyPI reachable?)"
+  fi
+  STICKLESS_TEST_CFN_LINT=$venv/bin/cfn-lint
+  STICKLESS_TEST_KUBERNETES_VALIDATE=$venv/bin/kubernetes-validate
+  STICKLESS_TEST_YAML_PYTHON=$venv/bin/python
+  export STICKLESS_TEST_CFN_LINT STICKLESS_TEST_KUBERNETES_VALIDATE STICKLESS_TEST_YAML_PYTHON
+  log "cfn-lint $("$STICKLESS_TEST_CFN_LINT" --version | awk '{print $2}'), kubernetes-validate in $venv"
+}
+
 ensure_redis_server
 ensure_python_flask
+ensure_deploy_linters
 ensure_valkey_server
 ensure_example_toolchains
 # openssl makes the throw-away CA for the rediss:// (TLS) test.

@@ -183,7 +183,10 @@ fn seconds(d: &str) -> f64 {
 /// The port number a container's `ADDR` setting listens on (`0.0.0.0:9180` -> 9180).
 fn port_of(addr: &Value) -> u64 {
     let s = addr.as_str().expect("a literal address");
-    s.rsplit(':').next().and_then(|p| p.parse().ok()).expect("HOST:PORT")
+    s.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("HOST:PORT")
 }
 
 /// The containerPort of the named port of a container.
@@ -234,7 +237,10 @@ fn kubernetes_pod_probes_stickless_and_lets_it_drain() {
     let ports = &service[0]["spec"]["ports"];
     assert_eq!(service[0]["kind"], "Service");
     assert_eq!(ports.as_array().map(Vec::len), Some(1), "{ports}");
-    assert_eq!(ports[0]["targetPort"], "http", "the Service targets stickless: {ports}");
+    assert_eq!(
+        ports[0]["targetPort"], "http",
+        "the Service targets stickless: {ports}"
+    );
 
     // Secrets from a Secret, never written in the manifest.
     for name in ["STICKLESS_SECRET_KEYS", "STICKLESS_REDIS_URL"] {
@@ -264,7 +270,10 @@ fn kubernetes_pod_probes_stickless_and_lets_it_drain() {
         .and_then(|s| s.as_str())
         .and_then(|s| s.parse::<f64>().ok())
         .expect("the app's preStop sleeps");
-    assert!(sleep > drain, "the app's preStop ({sleep}s) outlasts the drain delay ({drain}s)");
+    assert!(
+        sleep > drain,
+        "the app's preStop ({sleep}s) outlasts the drain delay ({drain}s)"
+    );
 
     // Least privilege, for both containers.
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
@@ -272,8 +281,17 @@ fn kubernetes_pod_probes_stickless_and_lets_it_drain() {
         let sc = &c["securityContext"];
         assert_eq!(sc["readOnlyRootFilesystem"], true, "{}", c["name"]);
         assert_eq!(sc["allowPrivilegeEscalation"], false, "{}", c["name"]);
-        assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]), "{}", c["name"]);
-        assert!(c["resources"]["limits"]["memory"].is_string(), "{} has a memory limit", c["name"]);
+        assert_eq!(
+            sc["capabilities"]["drop"],
+            serde_json::json!(["ALL"]),
+            "{}",
+            c["name"]
+        );
+        assert!(
+            c["resources"]["limits"]["memory"].is_string(),
+            "{} has a memory limit",
+            c["name"]
+        );
     }
 }
 
@@ -312,7 +330,9 @@ fn dockerfile_is_multi_stage_and_runs_as_non_root() {
         "USER is a non-root uid by number (for runAsNonRoot): {user}"
     );
     assert!(
-        runtime.iter().any(|l| l.starts_with("ENTRYPOINT") && l.contains("stickless")),
+        runtime
+            .iter()
+            .any(|l| l.starts_with("ENTRYPOINT") && l.contains("stickless")),
         "the entrypoint is stickless"
     );
 }
@@ -355,7 +375,9 @@ fn env_names(text: &str) -> BTreeSet<String> {
 fn flag_of(env: &str) -> String {
     format!(
         "--{}",
-        env["STICKLESS_".len()..].to_ascii_lowercase().replace('_', "-")
+        env["STICKLESS_".len()..]
+            .to_ascii_lowercase()
+            .replace('_', "-")
     )
 }
 
@@ -425,7 +447,10 @@ fn every_stickless_flag_the_deployment_files_use_exists() {
         let envs = env_names(&text);
         let mut flags = stickless_flags(&text);
         flags.extend(envs.iter().map(|e| flag_of(e)));
-        assert!(!flags.is_empty(), "{file}: no stickless setting found (is the scan broken?)");
+        assert!(
+            !flags.is_empty(),
+            "{file}: no stickless setting found (is the scan broken?)"
+        );
         for flag in &flags {
             if PENDING.contains(&flag.as_str()) {
                 pending_used.insert(flag.clone());
@@ -434,9 +459,15 @@ fn every_stickless_flag_the_deployment_files_use_exists() {
             }
         }
         for env in &envs {
-            let documented = help.contains(&format!("[env: {env}=")) || help.contains(&format!("[env: {env}]"));
-            if !PENDING.contains(&flag_of(env).as_str()) && !documented && help_has_flag(&help, &flag_of(env)) {
-                unknown.push(format!("{file}: {env} (the flag exists, the variable does not)"));
+            let documented =
+                help.contains(&format!("[env: {env}=")) || help.contains(&format!("[env: {env}]"));
+            if !PENDING.contains(&flag_of(env).as_str())
+                && !documented
+                && help_has_flag(&help, &flag_of(env))
+            {
+                unknown.push(format!(
+                    "{file}: {env} (the flag exists, the variable does not)"
+                ));
             }
         }
     }
@@ -456,7 +487,10 @@ fn every_stickless_flag_the_deployment_files_use_exists() {
         .iter()
         .filter(|f| !pending_used.contains(**f))
         .collect();
-    assert!(stale.is_empty(), "{stale:?} are in PENDING but no file uses them");
+    assert!(
+        stale.is_empty(),
+        "{stale:?} are in PENDING but no file uses them"
+    );
 }
 
 /// The scan above finds flags where stickless runs and nowhere else; a scan that found nothing

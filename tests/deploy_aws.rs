@@ -381,10 +381,20 @@ fn flag_of(env: &str) -> String {
     )
 }
 
-/// The `--flags` given to stickless in `text`: those on a command line that runs `stickless serve`
-/// or `stickless --...` (shell continuations joined), or in a JSON-style argument list that
-/// starts with "serve" (a Dockerfile's CMD, a container's args); and, in Markdown prose, any
-/// inline code span that starts with `--`. Other programs' flags (aws, curl, pip) are left alone.
+/// Whether a command line runs stickless: its first word (after `$ ` or `sudo `) is `stickless`
+/// or a path to it, or it holds a JSON-style argument list with "serve" (a Dockerfile's CMD, a
+/// container's args). `aws iam ... --role-name stickless --policy-name ...` does not.
+fn runs_stickless(line: &str) -> bool {
+    let line = line.trim_start();
+    let line = line.strip_prefix("$ ").unwrap_or(line);
+    let line = line.strip_prefix("sudo ").unwrap_or(line);
+    let first = line.split_whitespace().next().unwrap_or("");
+    first == "stickless" || first.ends_with("/stickless") || line.contains("\"serve\"")
+}
+
+/// The `--flags` given to stickless in `text`: those on a command line that runs it (shell
+/// continuations joined; see [`runs_stickless`]) and, in Markdown prose, any inline code span
+/// that starts with `--`. Other programs' flags (aws, curl, pip) are left alone.
 fn stickless_flags(text: &str) -> BTreeSet<String> {
     let mut flags = BTreeSet::new();
     let mut take = |s: &str| {
@@ -420,10 +430,7 @@ fn stickless_flags(text: &str) -> BTreeSet<String> {
         if line.ends_with('\\') {
             continue;
         }
-        let runs_stickless = ["stickless serve", "stickless --", "\"serve\""]
-            .iter()
-            .any(|p| logical.contains(p));
-        if runs_stickless {
+        if runs_stickless(&logical) {
             take(&logical);
         }
         logical.clear();
@@ -500,6 +507,7 @@ fn the_flag_scan_finds_stickless_flags_and_only_them() {
     let text = "\
 ```sh
 aws cloudformation deploy --stack-name x --capabilities CAPABILITY_IAM
+aws iam put-role-policy --role-name stickless --policy-name stickless
 stickless serve --listen 0.0.0.0:8080 \\
     --redis-url rediss://h:6379
 ```

@@ -4,7 +4,8 @@
 //! `/readyz`); the Kubernetes manifests validate against Kubernetes' schemas
 //! (`kubernetes-validate`) and keep the probes and the shutdown right; the Dockerfile builds a
 //! small non-root image. And every `stickless` flag and `STICKLESS_*` variable these files and
-//! `deploy/README.md` use exists in `stickless serve --help`, so they cannot drift from the binary.
+//! `deploy/README.md` use exists in `stickless serve --help`, so they cannot drift from the binary;
+//! and the launch template's user data parses as bash.
 //!
 //! `cfn-lint` and `kubernetes-validate` come from PyPI; `bash scripts/test.sh` installs them when
 //! missing (`STICKLESS_TEST_CFN_LINT`, `STICKLESS_TEST_KUBERNETES_VALIDATE` and
@@ -533,4 +534,32 @@ CMD [\"serve\", \"--cookie-secure\", \"true\"]
     let help = "      --redis-url <URL>\n      --redis-timeout <D>";
     assert!(help_has_flag(help, "--redis-url"));
     assert!(!help_has_flag(help, "--redis"));
+}
+
+/// The launch template's user data, as the instance gets it (CloudFormation's `${...}` left in
+/// place: they stand where a word goes), parses as bash.
+#[test]
+fn user_data_is_valid_bash() {
+    let template = read("deploy/aws/stickless.yaml");
+    let start = template
+        .find("#!/bin/bash")
+        .expect("the user data's shebang");
+    let indent = template[..start].len() - template[..start].trim_end_matches(' ').len();
+    let script: String = template[start..]
+        .lines()
+        .take_while(|l| l.is_empty() || l.starts_with(&" ".repeat(indent)) || l.starts_with("#!"))
+        .map(|l| l.get(indent..).unwrap_or(l.trim_start()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        script.contains("signal SUCCESS"),
+        "the whole script: {script}"
+    );
+    let path = std::env::temp_dir().join(format!("stickless-user-data-{}.sh", std::process::id()));
+    std::fs::write(&path, &script).expect("write the script");
+    let mut cmd = Command::new("bash");
+    cmd.arg("-n").arg(&path);
+    let out = run(cmd);
+    let _ = std::fs::remove_file(&path);
+    assert_success(&out, "bash -n on the user data");
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. On a fresh Debian/Ubuntu machine it first installs
 # what is missing: redis-server, python3 + flask, the example apps' toolchains
-# (Node + npm, Go, PHP, a JDK), a C toolchain, Rust (rustup).
+# (Node + npm, Go, PHP, a JDK), promtool (Debian's prometheus package), a C
+# toolchain, Rust (rustup).
 #
 #   bash scripts/test.sh                 # everything
 #   bash scripts/test.sh some_test_name  # extra arguments go to the test runner
@@ -141,8 +142,22 @@ ensure_example_toolchains() {
   fi
 }
 
+# --- promtool (tests/deploy_prometheus.rs checks deploy/prometheus with it) -----
+# Debian's `prometheus` package ships it. Its post-install script may try to start the server; in a
+# container without systemd that is refused and only the binaries are installed, which is enough.
+ensure_promtool() {
+  if command -v promtool >/dev/null 2>&1; then
+    log "promtool: $(command -v promtool)"
+    return
+  fi
+  log "promtool not found: installing Debian's prometheus package"
+  apt_install prometheus
+  command -v promtool >/dev/null 2>&1 || die "promtool still not found after installing prometheus"
+}
+
 ensure_redis_server
 ensure_python_flask
+ensure_promtool
 ensure_valkey_server
 ensure_example_toolchains
 # openssl makes the throw-away CA for the rediss:// (TLS) test.

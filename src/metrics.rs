@@ -513,7 +513,7 @@ mod tests {
         for family in &m.families {
             let mf = gathered
                 .iter()
-                .find(|mf| mf.get_name() == family)
+                .find(|mf| mf.name() == family)
                 .unwrap_or_else(|| panic!("{family} is registered but exports no series"));
             let mut seen: Vec<&str> = Vec::new();
             for metric in mf.get_metric() {
@@ -533,8 +533,8 @@ mod tests {
                 match start_up_series(family) {
                     Some((label, _)) => {
                         assert_eq!(labels.len(), 1, "{family}: {labels:?}");
-                        assert_eq!(labels[0].get_name(), label, "{family}");
-                        seen.push(labels[0].get_value());
+                        assert_eq!(labels[0].name(), label, "{family}");
+                        seen.push(labels[0].value());
                     }
                     None => assert!(labels.is_empty(), "{family}: {labels:?}"),
                 }

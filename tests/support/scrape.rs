@@ -1,5 +1,8 @@
 //! Reading a `/metrics` scrape, and the metric names a rule file or dashboard mentions.
 
+// Each test file takes what it needs.
+#![allow(dead_code)]
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::support::{Http, Stickless};

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. On a fresh Debian/Ubuntu machine it first installs
 # what is missing: redis-server, python3 + flask, the example apps' toolchains
-# (Node + npm, Go, PHP, a JDK), a C toolchain, Rust (rustup).
+# (Node + npm, Go, PHP, a JDK), promtool (Debian's prometheus package), a C
+# toolchain, Rust (rustup).
 #
 #   bash scripts/test.sh                 # everything
 #   bash scripts/test.sh some_test_name  # extra arguments go to the test runner
@@ -167,9 +168,39 @@ ensure_deploy_linters() {
   log "cfn-lint $("$STICKLESS_TEST_CFN_LINT" --version | awk '{print $2}'), kubernetes-validate in $venv"
 }
 
+# --- promtool (tests/deploy_prometheus.rs checks deploy/prometheus with it) -----
+# Debian's `prometheus` package ships it. Installing that package would also enable and start a
+# Prometheus server, so only promtool (a static binary) is unpacked from the .deb into target/.
+ensure_promtool() {
+  local dir=$PWD/target/promtool deb_dir
+  if command -v promtool >/dev/null 2>&1; then
+    STICKLESS_TEST_PROMTOOL=$(command -v promtool)
+  elif [ -x "$dir/usr/bin/promtool" ]; then
+    STICKLESS_TEST_PROMTOOL=$dir/usr/bin/promtool
+  else
+    log "promtool not found: unpacking it from Debian's prometheus package into $dir"
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found: please install promtool yourself"
+    if [ "$_apt_updated" -eq 0 ]; then
+      log "apt-get update"
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get update
+      _apt_updated=1
+    fi
+    deb_dir=$(mktemp -d)
+    (cd "$deb_dir" && apt-get download prometheus) || die "apt-get download prometheus failed"
+    mkdir -p "$dir"
+    dpkg-deb -x "$deb_dir"/prometheus_*.deb "$dir"
+    rm -rf "$deb_dir"
+    STICKLESS_TEST_PROMTOOL=$dir/usr/bin/promtool
+  fi
+  "$STICKLESS_TEST_PROMTOOL" --version >/dev/null 2>&1 || die "$STICKLESS_TEST_PROMTOOL does not run"
+  export STICKLESS_TEST_PROMTOOL
+  log "promtool: $STICKLESS_TEST_PROMTOOL"
+}
+
 ensure_redis_server
 ensure_python_flask
 ensure_deploy_linters
+ensure_promtool
 ensure_valkey_server
 ensure_example_toolchains
 # openssl makes the throw-away CA for the rediss:// (TLS) test.

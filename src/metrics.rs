@@ -1,6 +1,8 @@
 //! Prometheus metrics: one registry per running proxy, with every labelled series resolved once at
 //! start-up, so the request path only increments and every series is exported from the start (at
 //! 0), which an alert on its rate needs. Labels never carry a session id, value or cookie.
+//! Beside stickless's own families the registry holds `stickless_build_info` (the version) and,
+//! on Linux, the standard `process_*` families (memory, CPU, file descriptors and their limit).
 //!
 //! Every label is an enum declared with the `labels!` macro: the enum, its list of values and their
 //! spelling come from one list, so a series can never be filed under another's label.
@@ -172,6 +174,10 @@ const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// The names of stickless's own families, in registration order: what the test of the
+    /// start-up series walks, so that a family added later is checked too.
+    #[cfg_attr(not(test), allow(dead_code))]
+    families: Vec<String>,
     requests: Vec<Histogram>,
     upstream: Histogram,
     store: Vec<Histogram>,
@@ -200,7 +206,13 @@ impl Metrics {
     /// Only if the metric definitions themselves are invalid, which the unit test rules out.
     pub fn new() -> Self {
         let registry = Registry::new();
-        let register = |c: Box<dyn Collector>| registry.register(c).expect("unique metric");
+        let families = std::cell::RefCell::new(Vec::new());
+        let register = |c: Box<dyn Collector>| {
+            families
+                .borrow_mut()
+                .extend(c.desc().iter().map(|d| d.fq_name.clone()));
+            registry.register(c).expect("unique metric");
+        };
         let hist = |name: &str, help: &str, label: &str, values: &[&str]| -> Vec<Histogram> {
             let h = HistogramVec::new(
                 HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
@@ -243,7 +255,27 @@ impl Metrics {
         )
         .expect("valid histogram");
         register(Box::new(upstream.clone()));
-        Metrics {
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "stickless_build_info",
+                "Always 1; the label `version` is the running stickless's version.",
+            ),
+            &["version"],
+        )
+        .expect("valid gauge");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        register(Box::new(build_info));
+        // Registered directly, not through `register`: these families are the standard ones of
+        // every Prometheus client, not stickless's own.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
+        let metrics = Metrics {
             requests: hist(
                 "stickless_request_duration_seconds",
                 "Time from a request's arrival to its response headers, by status class.",
@@ -325,6 +357,11 @@ impl Metrics {
                 "Failovers seen: a new primary (a new replication id) after a reconnection.",
             ),
             registry,
+            families: Vec::new(),
+        };
+        Metrics {
+            families: families.into_inner(),
+            ..metrics
         }
     }
 
@@ -429,74 +466,105 @@ mod tests {
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
+    /// The label and every value of it that `family` must export from the start; `None` for a
+    /// family without labels. A family missing here fails the test, so a new one cannot be
+    /// added without saying what it exports.
+    fn start_up_series(family: &str) -> Option<(&'static str, Vec<&'static str>)> {
+        fn all<L: Copy>(
+            label: &'static str,
+            values: &[L],
+            f: fn(L) -> &'static str,
+        ) -> Option<(&'static str, Vec<&'static str>)> {
+            Some((label, values.iter().map(|v| f(*v)).collect()))
+        }
+        match family {
+            "stickless_request_duration_seconds" => Some(("status", STATUS_CLASSES.to_vec())),
+            "stickless_store_duration_seconds" => all("op", StoreOp::ALL, StoreOp::as_str),
+            "stickless_session_lookups_total" => all("result", Lookup::ALL, Lookup::as_str),
+            "stickless_session_events_total" => all("event", Event::ALL, Event::as_str),
+            "stickless_upstream_errors_total" => {
+                all("reason", UpstreamFailure::ALL, UpstreamFailure::as_str)
+            }
+            "stickless_client_errors_total" => all("reason", ClientFault::ALL, ClientFault::as_str),
+            "stickless_open_connections" => all("listener", Listener::ALL, Listener::as_str),
+            "stickless_store_errors_total" => all("kind", StoreFailure::ALL, StoreFailure::as_str),
+            "stickless_breaker_transitions_total" => {
+                all("to", BreakerTransition::ALL, BreakerTransition::as_str)
+            }
+            "stickless_build_info" => Some(("version", vec![env!("CARGO_PKG_VERSION")])),
+            "stickless_upstream_duration_seconds"
+            | "stickless_breaker_state"
+            | "stickless_spoofed_headers_total"
+            | "stickless_upstream_retries_total"
+            | "stickless_store_reconnections_total"
+            | "stickless_store_topology_errors_total"
+            | "stickless_store_retries_total"
+            | "stickless_store_failovers_total" => None,
+            other => panic!("say which series {other} exports from the start"),
+        }
+    }
+
     #[test]
-    fn every_label_value_is_exported_from_the_start() {
-        let text = Metrics::new().render();
-        for op in StoreOp::ALL {
-            let s = format!(
-                "stickless_store_duration_seconds_count{{op=\"{}\"}}",
-                op.as_str()
-            );
-            assert_eq!(value(&text, &s), Some(0.0), "{s}");
-        }
-        for class in STATUS_CLASSES {
-            let s = format!("stickless_request_duration_seconds_count{{status=\"{class}\"}}");
-            assert_eq!(value(&text, &s), Some(0.0), "{s}");
-        }
-        let counters: [(&str, &str, Vec<&str>); 6] = [
-            (
-                "stickless_session_lookups_total",
-                "result",
-                Lookup::ALL.iter().map(|l| l.as_str()).collect(),
-            ),
-            (
-                "stickless_session_events_total",
-                "event",
-                Event::ALL.iter().map(|l| l.as_str()).collect(),
-            ),
-            (
-                "stickless_upstream_errors_total",
-                "reason",
-                UpstreamFailure::ALL.iter().map(|l| l.as_str()).collect(),
-            ),
-            (
-                "stickless_client_errors_total",
-                "reason",
-                ClientFault::ALL.iter().map(|l| l.as_str()).collect(),
-            ),
-            (
-                "stickless_store_errors_total",
-                "kind",
-                StoreFailure::ALL.iter().map(|l| l.as_str()).collect(),
-            ),
-            (
-                "stickless_breaker_transitions_total",
-                "to",
-                BreakerTransition::ALL.iter().map(|l| l.as_str()).collect(),
-            ),
-        ];
-        for (name, label, values) in counters {
-            for v in values {
-                let s = format!("{name}{{{label}=\"{v}\"}}");
-                assert_eq!(value(&text, &s), Some(0.0), "{s}");
+    fn every_family_exports_every_label_value_from_the_start() {
+        use prometheus::proto::MetricType;
+        let m = Metrics::new();
+        let gathered = m.registry.gather();
+        assert!(m.families.len() >= 18, "{:?}", m.families);
+        for family in &m.families {
+            let mf = gathered
+                .iter()
+                .find(|mf| mf.name() == family)
+                .unwrap_or_else(|| panic!("{family} is registered but exports no series"));
+            let mut seen: Vec<&str> = Vec::new();
+            for metric in mf.get_metric() {
+                let labels = metric.get_label();
+                let value = match mf.get_field_type() {
+                    MetricType::COUNTER => metric.get_counter().get_value(),
+                    MetricType::GAUGE => metric.get_gauge().get_value(),
+                    MetricType::HISTOGRAM => metric.get_histogram().get_sample_count() as f64,
+                    other => panic!("{family}: unexpected type {other:?}"),
+                };
+                let expected = if family == "stickless_build_info" {
+                    1.0
+                } else {
+                    0.0
+                };
+                assert_eq!(value, expected, "{family} {labels:?}");
+                match start_up_series(family) {
+                    Some((label, _)) => {
+                        assert_eq!(labels.len(), 1, "{family}: {labels:?}");
+                        assert_eq!(labels[0].name(), label, "{family}");
+                        seen.push(labels[0].value());
+                    }
+                    None => assert!(labels.is_empty(), "{family}: {labels:?}"),
+                }
+            }
+            match start_up_series(family) {
+                Some((_, mut values)) => {
+                    values.sort_unstable();
+                    seen.sort_unstable();
+                    assert_eq!(seen, values, "{family}");
+                }
+                None => assert_eq!(mf.get_metric().len(), 1, "{family}"),
             }
         }
-        for l in Listener::ALL {
-            let s = format!("stickless_open_connections{{listener=\"{}\"}}", l.as_str());
-            assert_eq!(value(&text, &s), Some(0.0), "{s}");
-        }
-        for s in [
-            "stickless_spoofed_headers_total",
-            "stickless_upstream_retries_total",
-            "stickless_store_reconnections_total",
-            "stickless_store_topology_errors_total",
-            "stickless_store_retries_total",
-            "stickless_store_failovers_total",
-            "stickless_upstream_duration_seconds_count",
-            "stickless_breaker_state",
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_process_families_are_exported() {
+        let text = Metrics::new().render();
+        for family in [
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+            "process_max_fds",
+            "process_start_time_seconds",
         ] {
-            assert_eq!(value(&text, s), Some(0.0), "{s}");
+            assert!(value(&text, family).is_some(), "no {family} in\n{text}");
         }
+        let rss = value(&text, "process_resident_memory_bytes").unwrap_or_default();
+        assert!(rss > 0.0, "resident memory {rss}");
     }
 
     #[test]

@@ -141,9 +141,13 @@ pub fn presign(
         SignableBody::empty(),
     )
     .map_err(IamError::Sign)?;
-    let (instructions, _signature) = sign(signable, &params)
-        .map_err(IamError::Sign)?
-        .into_parts();
+    // The signer traces the canonical request, session token included: silenced whatever
+    // RUST_LOG says (signing is synchronous, so the thread's own dispatcher covers all of it).
+    let signed =
+        tracing::subscriber::with_default(tracing::subscriber::NoSubscriber::new(), || {
+            sign(signable, &params)
+        });
+    let (instructions, _signature) = signed.map_err(IamError::Sign)?.into_parts();
     // The signer returns the signature before the session token; botocore, AWS's reference,
     // puts the signature last. The order does not change what is signed (SigV4 sorts the query),
     // and keeping botocore's makes the token comparable byte for byte.
@@ -296,7 +300,7 @@ impl IamCredentials {
             }
             Err(e) => match cached.as_ref().filter(|c| good_until(c, Duration::ZERO)) {
                 Some(c) => {
-                    tracing::warn!(error = %e, "could not refresh the AWS credentials; signing with the current ones until they expire");
+                    tracing::warn!(error = %Causes(&e), "could not refresh the AWS credentials; signing with the current ones until they expire");
                     Ok(c.clone())
                 }
                 None => Err(e),
@@ -314,6 +318,22 @@ impl IamCredentials {
     }
 }
 
+/// An error with its causes, `: `-separated, for a log line (none of them carries a secret: the
+/// AWS crates redact credentials in their errors too).
+pub(crate) struct Causes<'a>(pub(crate) &'a dyn std::error::Error);
+
+impl fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
 #[async_trait::async_trait]
 impl CredentialProvider for IamCredentials {
     async fn fetch(
@@ -322,13 +342,11 @@ impl CredentialProvider for IamCredentials {
     ) -> Result<(Option<String>, Option<String>), fred::error::Error> {
         match self.token().await {
             Ok(token) => Ok((Some(self.request.user_id.clone()), Some(token.0))),
-            Err(e) => {
-                tracing::warn!(error = %e, "no ElastiCache IAM token");
-                Err(fred::error::Error::new(
-                    fred::error::ErrorKind::Auth,
-                    format!("no ElastiCache IAM token: {e}"),
-                ))
-            }
+            // fred logs it as the connection's error, and tries again at its next attempt.
+            Err(e) => Err(fred::error::Error::new(
+                fred::error::ErrorKind::Auth,
+                format!("no ElastiCache IAM token: {}", Causes(&e)),
+            )),
         }
     }
 
@@ -433,6 +451,44 @@ mod tests {
             assert!(!shown.contains("X-Amz-Signature"), "{shown}");
             assert!(!shown.contains(&v.secret_access_key), "{shown}");
             assert!(!shown.contains("IQoJb3JpZ2lu"), "{shown}");
+        }
+    }
+
+    /// A log buffer for a subscriber that records everything, trace included.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn signing_logs_nothing_even_at_trace() {
+        let v = vector();
+        let case = &v.cases[0];
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish();
+        let at = UNIX_EPOCH + Duration::from_secs(v.signed_at_unix);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::trace!("before signing");
+            presign(&request(case), &credentials(&v, case), at).unwrap();
+        });
+        let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(logs.contains("before signing"), "the capture works: {logs}");
+        let session_token = case.session_token.as_deref().unwrap();
+        let encoded = "IQoJb3JpZ2luX2VjEXAMPLE%2Fsession";
+        for secret in [session_token, encoded, &v.secret_access_key] {
+            assert!(!logs.contains(secret), "{logs}");
         }
     }
 

@@ -544,7 +544,7 @@ impl RedisStore {
             // Fetched once now, so that the first connection does not wait for the instance
             // metadata; a failure is not fatal: every connection attempt asks again.
             if let Err(e) = credentials.credentials().await {
-                tracing::warn!(error = %e, "no AWS credentials yet; retrying with every connection attempt");
+                tracing::warn!(error = %super::iam::Causes(&e), "no AWS credentials yet; retrying with every connection attempt");
             }
             config.password = None;
             config.credential_provider = Some(Arc::new(credentials));

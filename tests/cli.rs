@@ -157,8 +157,10 @@ fn bad_flags_exit_2_and_name_the_flag() {
 fn iam_authentication_is_checked_at_startup() {
     let long_key = "k".repeat(32);
     let url = "rediss://stickless@127.0.0.1:1";
+    // Each case with the flag named, quoted as in the message (`--redis-iam` is a prefix of
+    // `--redis-iam-region`), or as clap names a missing flag.
     let cases: &[(&[&str], &str)] = &[
-        (&["--redis-iam", "my-sessions"], "--redis-iam"),
+        (&["--redis-iam", "my-sessions"], "'--redis-iam'"),
         (
             &[
                 "--redis-url",
@@ -166,11 +168,11 @@ fn iam_authentication_is_checked_at_startup() {
                 "--redis-iam",
                 "c",
             ],
-            "--redis-iam",
+            "'--redis-iam'",
         ),
         (
             &["--redis-url", "rediss://127.0.0.1:1", "--redis-iam", "c"],
-            "--redis-iam",
+            "'--redis-iam'",
         ),
         (
             &[
@@ -179,14 +181,17 @@ fn iam_authentication_is_checked_at_startup() {
                 "--redis-iam",
                 "c",
             ],
-            "--redis-iam",
+            "'--redis-iam'",
         ),
-        (&["--redis-iam-region", "us-east-1"], "--redis-iam"),
-        (&["--redis-iam-serverless"], "--redis-iam"),
+        (
+            &["--redis-iam-region", "us-east-1"],
+            "--redis-iam <CACHE-NAME>",
+        ),
+        (&["--redis-iam-serverless"], "--redis-iam <CACHE-NAME>"),
         // No region anywhere in the AWS chain (no variable, no profile, no instance metadata).
         (
             &["--redis-url", url, "--redis-iam", "my-sessions"],
-            "--redis-iam-region",
+            "'--redis-iam-region'",
         ),
     ];
     let no_aws = [

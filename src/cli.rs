@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use stickless::config::{
-    self, BreakerConfig, Config, Durability, HeaderPrefix, InvalidValue, OnStoreError,
+    self, BreakerConfig, Config, Durability, HeaderPrefix, IamAuth, InvalidValue, OnStoreError,
     ProtocolConfig, Settings, StoreConfig, TtlPolicy, Upstream,
 };
 use stickless::cookie::{
@@ -83,6 +83,23 @@ pub struct ServeArgs {
         value_name = "URL"
     )]
     pub redis_url: Option<String>,
+    /// ElastiCache IAM authentication: the replication group id (or serverless cache name) to
+    /// sign tokens for. The user id is the username in --redis-url (rediss://USER-ID@HOST:PORT,
+    /// no password); credentials come from the standard AWS chain.
+    #[arg(long, env = "STICKLESS_REDIS_IAM", value_name = "CACHE-NAME")]
+    pub redis_iam: Option<String>,
+    /// Region of the --redis-iam cache (default: the standard AWS chain's: AWS_REGION,
+    /// AWS_DEFAULT_REGION, the profile, the EC2 instance metadata).
+    #[arg(
+        long,
+        env = "STICKLESS_REDIS_IAM_REGION",
+        value_name = "REGION",
+        requires = "redis_iam"
+    )]
+    pub redis_iam_region: Option<String>,
+    /// The --redis-iam cache is a serverless cache.
+    #[arg(long, env = "STICKLESS_REDIS_IAM_SERVERLESS", requires = "redis_iam")]
+    pub redis_iam_serverless: bool,
     /// Comma-separated secret keys: the first signs new cookies, all verify (for rotation).
     /// Make one with `stickless gen-key`. Required with --redis-url.
     #[arg(
@@ -231,13 +248,25 @@ impl ServeArgs {
             .redis_url
             .or(env_redis_url)
             .filter(|u| !u.trim().is_empty());
-        let store = match redis_url {
-            None => StoreConfig::Memory,
-            Some(url) => StoreConfig::Redis {
+        let iam = self.redis_iam.map(|cache_name| IamAuth {
+            cache_name,
+            region: self.redis_iam_region,
+            serverless: self.redis_iam_serverless,
+        });
+        let store = match (redis_url, iam) {
+            (None, None) => StoreConfig::Memory,
+            (None, Some(_)) => {
+                return Err(ConfigError {
+                    flag: "--redis-iam".into(),
+                    message: "authenticates to ElastiCache, and needs --redis-url (rediss://USER-ID@HOST:PORT)".into(),
+                })
+            }
+            (Some(url), iam) => StoreConfig::Redis {
                 url,
                 key_prefix: self.key_prefix,
                 timeout: self.redis_timeout,
                 durability: self.durability,
+                iam,
             },
         };
         let keys = match &self.secret_keys {
@@ -393,6 +422,100 @@ mod tests {
             cli.serve.into_config(None, None).unwrap_err().flag,
             "--secret-keys"
         );
+    }
+
+    #[test]
+    fn iam_flags() {
+        let keys = "k".repeat(32);
+        let url = "rediss://stickless@master.my-sessions.abc123.use1.cache.amazonaws.com:6379";
+        let cfg = parse(&[
+            "--redis-url",
+            url,
+            "--secret-keys",
+            &keys,
+            "--redis-iam",
+            "my-sessions",
+            "--redis-iam-region",
+            "us-east-1",
+            "--redis-iam-serverless",
+        ])
+        .unwrap()
+        .serve
+        .into_config(None, None)
+        .unwrap();
+        let StoreConfig::Redis { iam, .. } = &cfg.store else {
+            panic!("a Redis store");
+        };
+        assert_eq!(
+            iam.as_ref(),
+            Some(&IamAuth {
+                cache_name: "my-sessions".into(),
+                region: Some("us-east-1".into()),
+                serverless: true,
+            })
+        );
+        let cfg = parse(&["--redis-url", url, "--secret-keys", &keys])
+            .unwrap()
+            .serve
+            .into_config(None, None)
+            .unwrap();
+        assert!(matches!(cfg.store, StoreConfig::Redis { iam: None, .. }));
+        // Refused by the library's checks, named by the flag.
+        for (args, flag) in [
+            (&["--redis-iam", "my-sessions"][..], "--redis-iam"),
+            (
+                &[
+                    "--redis-url",
+                    "redis://stickless@h:6379",
+                    "--redis-iam",
+                    "c",
+                ][..],
+                "--redis-iam",
+            ),
+            (
+                &["--redis-url", "rediss://h:6379", "--redis-iam", "c"][..],
+                "--redis-iam",
+            ),
+            (
+                &["--redis-url", "rediss://u:p@h:6379", "--redis-iam", "c"][..],
+                "--redis-iam",
+            ),
+            (
+                &[
+                    "--redis-url",
+                    url,
+                    "--redis-iam",
+                    "c",
+                    "--redis-iam-region",
+                    "nowhere!",
+                ][..],
+                "--redis-iam-region",
+            ),
+        ] {
+            let err = parse(args)
+                .unwrap()
+                .serve
+                .secret(&keys)
+                .into_config(None, None)
+                .unwrap_err();
+            assert_eq!(err.flag, flag, "{args:?}: {}", err.message);
+        }
+        // The region and serverless flags only go with --redis-iam.
+        for args in [
+            &["--redis-iam-region", "us-east-1"][..],
+            &["--redis-iam-serverless"][..],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2);
+            assert!(err.to_string().contains("--redis-iam"), "{err}");
+        }
+    }
+
+    impl ServeArgs {
+        fn secret(mut self, keys: &str) -> Self {
+            self.secret_keys = Some(keys.into());
+            self
+        }
     }
 
     #[test]

@@ -174,6 +174,26 @@ pub enum ConfigError {
     /// A Redis key prefix with spaces or control characters, or too long.
     #[error("use at most 128 characters without spaces or control characters")]
     KeyPrefix,
+    /// A cache name that ElastiCache would not give.
+    #[error("expected the replication group id or serverless cache name: 1 to 40 letters, digits and hyphens")]
+    IamCacheName,
+    /// A region that is not an AWS region's name.
+    #[error("expected an AWS region, like us-east-1")]
+    IamRegion,
+    /// IAM authentication over a plain connection.
+    #[error("ElastiCache accepts IAM authentication only with in-transit encryption: use a rediss:// or rediss-cluster:// URL")]
+    IamNeedsTls,
+    /// IAM authentication through Sentinel, which ElastiCache does not have.
+    #[error("ElastiCache has no Sentinel: use its primary endpoint (rediss://USER@HOST:PORT), which fails over by itself, or its configuration endpoint (rediss-cluster://USER@HOST:PORT)")]
+    IamWithSentinel,
+    /// IAM authentication without the user to authenticate as.
+    #[error(
+        "the ElastiCache user id goes in --redis-url as its username: rediss://USER-ID@HOST:PORT"
+    )]
+    IamNeedsUser,
+    /// IAM authentication with a password as well.
+    #[error("the password is a token stickless signs: leave it out of --redis-url (rediss://USER-ID@HOST:PORT)")]
+    IamWithPassword,
 }
 
 impl ConfigError {
@@ -190,6 +210,12 @@ impl ConfigError {
             ConfigError::RedisUrl => "redis-url",
             ConfigError::KeyPrefix => "key-prefix",
             ConfigError::RotationGraceTooShort { .. } => "rotation-grace",
+            ConfigError::IamRegion => "redis-iam-region",
+            ConfigError::IamCacheName
+            | ConfigError::IamNeedsTls
+            | ConfigError::IamWithSentinel
+            | ConfigError::IamNeedsUser
+            | ConfigError::IamWithPassword => "redis-iam",
         }
     }
 }
@@ -293,14 +319,36 @@ impl Config {
             return Err(ConfigError::AdminOnProxyAddress(settings.listen));
         }
         if let StoreConfig::Redis {
-            url, key_prefix, ..
+            url,
+            key_prefix,
+            iam,
+            ..
         } = &settings.store
         {
-            if !REDIS_SCHEMES.iter().any(|scheme| {
+            let Some(scheme) = REDIS_SCHEMES.iter().find(|scheme| {
                 url.get(..scheme.len())
                     .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
-            }) {
+            }) else {
                 return Err(ConfigError::RedisUrl);
+            };
+            if let Some(iam) = iam {
+                if !valid_cache_name(&iam.cache_name) {
+                    return Err(ConfigError::IamCacheName);
+                }
+                if iam.region.as_deref().is_some_and(|r| !valid_region(r)) {
+                    return Err(ConfigError::IamRegion);
+                }
+                if !scheme.starts_with("rediss") {
+                    return Err(ConfigError::IamNeedsTls);
+                }
+                if scheme.contains("sentinel") {
+                    return Err(ConfigError::IamWithSentinel);
+                }
+                match url_credentials(url) {
+                    (None, _) => return Err(ConfigError::IamNeedsUser),
+                    (Some(_), true) => return Err(ConfigError::IamWithPassword),
+                    (Some(_), false) => {}
+                }
             }
             if key_prefix.len() > 128
                 || key_prefix
@@ -419,7 +467,47 @@ pub enum StoreConfig {
         timeout: Duration,
         /// When a change counts as stored.
         durability: Durability,
+        /// ElastiCache IAM authentication instead of a password; the user is the URL's username.
+        iam: Option<IamAuth>,
     },
+}
+
+/// ElastiCache IAM authentication (`--redis-iam`): every connection authenticates with a token
+/// signed by this machine's AWS identity (see [`crate::store::iam`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IamAuth {
+    /// The replication group id, or the serverless cache's name.
+    pub cache_name: String,
+    /// The cache's region; `None` for the standard AWS chain's (environment, profile, EC2 instance
+    /// metadata).
+    pub region: Option<String>,
+    /// Whether `cache_name` names a serverless cache.
+    pub serverless: bool,
+}
+
+/// The user and whether a password is given, from a Redis URL's `USER:PASSWORD@`.
+fn url_credentials(url: &str) -> (Option<&str>, bool) {
+    let rest = url.split_once("://").map_or("", |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let Some((userinfo, _)) = authority.rsplit_once('@') else {
+        return (None, false);
+    };
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    (Some(user).filter(|u| !u.is_empty()), !password.is_empty())
+}
+
+/// A replication group id or serverless cache name: 1 to 40 letters, digits and hyphens (what
+/// ElastiCache allows), which also makes it the host of the signed request.
+fn valid_cache_name(name: &str) -> bool {
+    (1..=40).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// An AWS region such as `us-east-1` or `us-gov-west-1`.
+fn valid_region(region: &str) -> bool {
+    (1..=32).contains(&region.len())
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 impl fmt::Debug for StoreConfig {
@@ -431,6 +519,7 @@ impl fmt::Debug for StoreConfig {
                 key_prefix,
                 timeout,
                 durability,
+                iam,
                 ..
             } => f
                 .debug_struct("Redis")
@@ -438,6 +527,7 @@ impl fmt::Debug for StoreConfig {
                 .field("key_prefix", key_prefix)
                 .field("timeout", timeout)
                 .field("durability", durability)
+                .field("iam", iam)
                 .finish(),
         }
     }
@@ -728,6 +818,7 @@ mod tests {
             key_prefix: "stickless:".into(),
             timeout: Duration::from_secs(1),
             durability: Durability::Acknowledged,
+            iam: None,
         }
     }
 
@@ -761,6 +852,7 @@ mod tests {
                 key_prefix: "k:".into(),
                 timeout: Duration::from_secs(1),
                 durability: Durability::Acknowledged,
+                iam: None,
             };
             Config::new(s)
         };
@@ -790,6 +882,130 @@ mod tests {
                 "never echoed"
             );
         }
+    }
+
+    #[test]
+    fn iam_authentication_needs_tls_a_user_and_no_password() {
+        let with = |url: &str, iam: IamAuth| {
+            let mut s = settings();
+            s.keys = Some(SigningKeys::random());
+            s.store = StoreConfig::Redis {
+                url: url.into(),
+                key_prefix: "k:".into(),
+                timeout: Duration::from_secs(1),
+                durability: Durability::Acknowledged,
+                iam: Some(iam),
+            };
+            Config::new(s)
+        };
+        let iam = IamAuth {
+            cache_name: "my-sessions".into(),
+            region: None,
+            serverless: false,
+        };
+        for url in [
+            "rediss://stickless@master.my-sessions.abc123.use1.cache.amazonaws.com:6379",
+            "REDISS://stickless@h:6379/0",
+            "rediss-cluster://stickless@clustercfg.my-sessions.abc123.use1.cache.amazonaws.com:6379",
+            "rediss-cluster://stickless@cfg:6379?node=other:6379",
+            "rediss://stickless:@h:6379",
+        ] {
+            assert!(with(url, iam.clone()).is_ok(), "{url}");
+        }
+        let serverless = IamAuth {
+            cache_name: "sessions".into(),
+            region: Some("eu-west-3".into()),
+            serverless: true,
+        };
+        assert!(with(
+            "rediss://app@sessions-abc.serverless.euw3.cache.amazonaws.com:6379",
+            serverless
+        )
+        .is_ok());
+        for (url, iam, error) in [
+            (
+                "redis://stickless@h:6379",
+                iam.clone(),
+                ConfigError::IamNeedsTls,
+            ),
+            (
+                "redis-cluster://stickless@h:6379",
+                iam.clone(),
+                ConfigError::IamNeedsTls,
+            ),
+            (
+                "rediss-sentinel://stickless@s1:26379?sentinelServiceName=m",
+                iam.clone(),
+                ConfigError::IamWithSentinel,
+            ),
+            ("rediss://h:6379", iam.clone(), ConfigError::IamNeedsUser),
+            (
+                "rediss://:hunter2@h:6379",
+                iam.clone(),
+                ConfigError::IamNeedsUser,
+            ),
+            (
+                "rediss://h:6379/0?x=a@b",
+                iam.clone(),
+                ConfigError::IamNeedsUser,
+            ),
+            (
+                "rediss://stickless:hunter2@h:6379",
+                iam.clone(),
+                ConfigError::IamWithPassword,
+            ),
+            (
+                "rediss://stickless@h:6379",
+                IamAuth {
+                    cache_name: "my cache".into(),
+                    ..iam.clone()
+                },
+                ConfigError::IamCacheName,
+            ),
+            (
+                "rediss://stickless@h:6379",
+                IamAuth {
+                    cache_name: String::new(),
+                    ..iam.clone()
+                },
+                ConfigError::IamCacheName,
+            ),
+            (
+                "rediss://stickless@h:6379",
+                IamAuth {
+                    region: Some("US East".into()),
+                    ..iam.clone()
+                },
+                ConfigError::IamRegion,
+            ),
+        ] {
+            let e = with(url, iam).unwrap_err();
+            assert_eq!(e, error, "{url}");
+            assert!(e.setting().starts_with("redis-iam"), "{url}");
+            assert!(!e.to_string().contains("hunter2"), "never echoed");
+        }
+        assert_eq!(ConfigError::IamRegion.setting(), "redis-iam-region");
+        assert_eq!(ConfigError::IamNeedsTls.setting(), "redis-iam");
+    }
+
+    #[test]
+    fn the_store_debug_shows_iam_settings_but_not_the_url() {
+        let store = StoreConfig::Redis {
+            url: "rediss://stickless@secret-host:6379".into(),
+            key_prefix: "k:".into(),
+            timeout: Duration::from_secs(1),
+            durability: Durability::Acknowledged,
+            iam: Some(IamAuth {
+                cache_name: "my-sessions".into(),
+                region: None,
+                serverless: false,
+            }),
+        };
+        let shown = format!("{store:?}");
+        assert!(
+            shown.contains("my-sessions") && !shown.contains("secret-host"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -827,6 +1043,7 @@ mod tests {
                 key_prefix: "k:".into(),
                 timeout: Duration::from_secs(2),
                 durability: Durability::Acknowledged,
+                iam: None,
             };
             s.ttl.rotation_grace = Duration::from_secs(3);
         });
@@ -840,6 +1057,7 @@ mod tests {
                 key_prefix: "k:".into(),
                 timeout: Duration::from_secs(1),
                 durability: Durability::Acknowledged,
+                iam: None,
             };
         });
         assert_eq!(e.setting(), "redis-url");
@@ -850,6 +1068,7 @@ mod tests {
                 key_prefix: "a b".into(),
                 timeout: Duration::from_secs(1),
                 durability: Durability::Acknowledged,
+                iam: None,
             };
         });
         assert_eq!(e.setting(), "key-prefix");

@@ -127,6 +127,7 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Redis
             key_prefix,
             timeout,
             durability,
+            iam,
         } => {
             let redis = RedisStore::connect(RedisSettings {
                 url: url.clone(),
@@ -135,6 +136,7 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Redis
                 ttl: config.ttl,
                 limits: config.protocol.clone(),
                 durability: *durability,
+                iam: iam.clone(),
             })
             .await?;
             Arc::new(Breaker::new(Arc::new(redis), config.breaker))

@@ -29,7 +29,10 @@ fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stickless"));
     cmd.args(args)
         .env_remove("REDIS_URL")
-        .env_remove("RUST_LOG");
+        .env_remove("RUST_LOG")
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .env_remove("AWS_PROFILE");
     for (k, _) in std::env::vars() {
         if k.starts_with("STICKLESS_") {
             cmd.env_remove(k);
@@ -148,6 +151,65 @@ fn bad_flags_exit_2_and_name_the_flag() {
     let r = run(&all, &[]);
     assert_usage_error(&r, "--secret-keys", "short key");
     assert!(!r.stderr.contains("s3cr3t"), "{}", r.stderr);
+}
+
+#[test]
+fn iam_authentication_is_checked_at_startup() {
+    let long_key = "k".repeat(32);
+    let url = "rediss://stickless@127.0.0.1:1";
+    // Each case with the flag named, quoted as in the message (`--redis-iam` is a prefix of
+    // `--redis-iam-region`), or as clap names a missing flag.
+    let cases: &[(&[&str], &str)] = &[
+        (&["--redis-iam", "my-sessions"], "'--redis-iam'"),
+        (
+            &[
+                "--redis-url",
+                "redis://stickless@127.0.0.1:1",
+                "--redis-iam",
+                "c",
+            ],
+            "'--redis-iam'",
+        ),
+        (
+            &["--redis-url", "rediss://127.0.0.1:1", "--redis-iam", "c"],
+            "'--redis-iam'",
+        ),
+        (
+            &[
+                "--redis-url",
+                "rediss://stickless:pw-0d1e@127.0.0.1:1",
+                "--redis-iam",
+                "c",
+            ],
+            "'--redis-iam'",
+        ),
+        (
+            &["--redis-iam-region", "us-east-1"],
+            "--redis-iam <CACHE-NAME>",
+        ),
+        (&["--redis-iam-serverless"], "--redis-iam <CACHE-NAME>"),
+        // No region anywhere in the AWS chain (no variable, no profile, no instance metadata).
+        (
+            &["--redis-url", url, "--redis-iam", "my-sessions"],
+            "'--redis-iam-region'",
+        ),
+    ];
+    let no_aws = [
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/nonexistent/aws-config"),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/aws-credentials",
+        ),
+    ];
+    for (args, flag) in cases {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--secret-keys", &long_key]);
+        all.extend_from_slice(&SAFE_LISTEN);
+        let r = run(&all, &no_aws);
+        assert_usage_error(&r, flag, &format!("{all:?}"));
+        assert!(!r.stderr.contains("pw-0d1e"), "{}", r.stderr);
+    }
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Connecting to Redis the way ElastiCache is reached in production: with a password (AUTH), with
-//! an ACL user, and over TLS (`rediss://`). The credentials never reach a log line.
+//! an ACL user, over TLS (`rediss://`), and with IAM authentication (`--redis-iam`). The
+//! credentials never reach a log line.
 
 mod support;
 
@@ -259,4 +260,140 @@ async fn rediss_with_a_password_over_tls() {
         &[("SSL_CERT_FILE", &certs.path("server.pem"))],
     );
     assert_eq!(readyz(&untrusted).await, 503, "{}", untrusted.logs());
+}
+
+/// AWS's documented example keys, as the environment part of the standard AWS chain.
+const AWS_SECRET: &str = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
+const AWS_SESSION_TOKEN: &str = "IQoJb3JpZ2luX2VjEXAMPLEsessiontoken";
+
+/// The AWS chain reduced to the environment: no profile files, no instance metadata.
+fn aws_environment(ca: &str, with_keys: bool) -> Vec<(&str, &str)> {
+    let mut env = vec![
+        ("SSL_CERT_FILE", ca),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/nonexistent/aws-config"),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/aws-credentials",
+        ),
+        ("AWS_REGION", "eu-west-3"),
+    ];
+    if with_keys {
+        env.extend([
+            ("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE"),
+            ("AWS_SECRET_ACCESS_KEY", AWS_SECRET),
+            ("AWS_SESSION_TOKEN", AWS_SESSION_TOKEN),
+        ]);
+    } else {
+        env.extend([
+            ("AWS_ACCESS_KEY_ID", ""),
+            ("AWS_SECRET_ACCESS_KEY", ""),
+            ("AWS_SESSION_TOKEN", ""),
+        ]);
+    }
+    env
+}
+
+/// A real Redis cannot check an IAM token (only ElastiCache can), so the user `stickless` takes
+/// any password here, and the `default` user is off: a connection that does not `AUTH` as
+/// `stickless` over TLS gets nothing. What this shows is the path of the token: the user from
+/// the URL, a password from the credential provider on every connection, TLS, credentials and
+/// region from the standard AWS chain; the token itself is checked against botocore's by the
+/// unit tests of `store::iam`.
+#[tokio::test(flavor = "multi_thread")]
+async fn iam_authentication_authenticates_as_the_url_user_over_tls() {
+    let certs = Certs::make();
+    let admin = "admin-pw-6c2e";
+    let admin_rule = format!(">{admin}");
+    let (cert, key, ca) = (
+        certs.path("server.pem"),
+        certs.path("server.key"),
+        certs.path("ca.pem"),
+    );
+    let (redis, tls_port) = (0..5)
+        .find_map(|_| {
+            let tls_port = free_port().to_string();
+            RedisServer::try_start_with(&[
+                "--user",
+                "default",
+                "off",
+                "--user",
+                "admin",
+                "on",
+                &admin_rule,
+                "~*",
+                "+@all",
+                "--user",
+                "stickless",
+                "on",
+                "nopass",
+                "~*",
+                "+@all",
+                "--tls-port",
+                &tls_port,
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "no",
+            ])
+            .map(|r| (r, tls_port))
+        })
+        .expect("redis-server with TLS starts");
+    let backend = TestBackend::start().await;
+    let url = format!("rediss://stickless@127.0.0.1:{tls_port}");
+    let args = [
+        "--redis-url",
+        &url,
+        "--secret-keys",
+        TEST_KEY,
+        "--redis-iam",
+        "my-sessions",
+        "--redis-timeout",
+        "300ms",
+    ];
+    let proxy = Stickless::start_with_env(&backend.url(), &args, &aws_environment(&ca, true));
+    assert_eq!(readyz(&proxy).await, 200, "{}", proxy.logs());
+    let admin_url = format!("redis://admin:{admin}@127.0.0.1:{}", redis.port);
+    session_round_trip(&proxy, &admin_url).await;
+    let client = redis::Client::open(admin_url.as_str()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        clients.lines().any(|l| l.contains(" user=stickless ")),
+        "{clients}"
+    );
+    let logs = proxy.logs();
+    assert!(
+        logs.contains("ElastiCache IAM authentication")
+            && logs.contains("my-sessions")
+            && logs.contains("eu-west-3"),
+        "{logs}"
+    );
+    for secret in [AWS_SECRET, AWS_SESSION_TOKEN, "X-Amz-Signature"] {
+        assert_secret_not_logged(&proxy, secret);
+    }
+
+    // Without credentials anywhere in the chain there is no token, so no connection: not ready,
+    // and never a connection without AUTH.
+    let no_credentials =
+        Stickless::start_with_env(&backend.url(), &args, &aws_environment(&ca, false));
+    assert_eq!(
+        readyz(&no_credentials).await,
+        503,
+        "{}",
+        no_credentials.logs()
+    );
+    assert!(
+        no_credentials.logs().contains("no ElastiCache IAM token"),
+        "{}",
+        no_credentials.logs()
+    );
 }

@@ -67,6 +67,7 @@ async fn redis_store(
         ttl,
         limits,
         durability: Default::default(),
+        iam: None,
     })
     .await
     .expect("a valid Redis URL")

@@ -32,11 +32,12 @@ use fred::types::config::{ReconnectError, UnresponsiveConfig};
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand, Value};
 
+use super::iam::{IamCredentials, IamSetupError};
 use super::{
     now_ms, Applied, Loaded, Session, SessionStore, StoreError, Target, CREATED_FIELD,
     ROTATED_FIELD,
 };
-use crate::config::{Durability, ProtocolConfig, TtlPolicy};
+use crate::config::{Durability, IamAuth, ProtocolConfig, TtlPolicy};
 use crate::cookie::SessionId;
 use crate::metrics::Metrics;
 use crate::protocol::{Changes, Fields, Rejection};
@@ -255,6 +256,8 @@ pub struct RedisSettings {
     pub limits: ProtocolConfig,
     /// Whether a change must reach a replica before it counts as stored.
     pub durability: Durability,
+    /// ElastiCache IAM authentication: a signed token instead of a password, as the URL's user.
+    pub iam: Option<IamAuth>,
 }
 
 /// Errors whose call provably did not run: the server refused it (a demoted primary, a server
@@ -490,6 +493,14 @@ pub enum RedisSetupError {
     /// `--durability replicated` on a primary with no replica: no write could ever be stored.
     #[error("replicated needs a replica, and the Redis primary has none connected; use acknowledged, or add a replica")]
     NoReplica,
+    /// ElastiCache IAM authentication could not be set up.
+    #[error(transparent)]
+    Iam(#[from] IamSetupError),
+    /// `--redis-iam` with a URL that names no user.
+    #[error(
+        "the ElastiCache user id goes in --redis-url as its username: rediss://USER-ID@HOST:PORT"
+    )]
+    IamNeedsUser,
 }
 
 impl RedisSetupError {
@@ -498,6 +509,8 @@ impl RedisSetupError {
         match self {
             RedisSetupError::Url(_) | RedisSetupError::Client(_) => "redis-url",
             RedisSetupError::NoReplica => "durability",
+            RedisSetupError::Iam(e) => e.setting(),
+            RedisSetupError::IamNeedsUser => "redis-iam",
         }
     }
 }
@@ -514,6 +527,28 @@ impl RedisStore {
         // Without this, fred gives up for good when the first connection fails; a sidecar often
         // starts before its store is reachable.
         config.fail_fast = false;
+        if let Some(iam) = &settings.iam {
+            let user = config
+                .username
+                .clone()
+                .ok_or(RedisSetupError::IamNeedsUser)?;
+            let credentials = IamCredentials::from_standard_chain(iam, user).await?;
+            let request = credentials.request();
+            tracing::info!(
+                cache = %request.cache_name,
+                user = %request.user_id,
+                region = %request.region,
+                serverless = request.serverless,
+                "redis: ElastiCache IAM authentication"
+            );
+            // Fetched once now, so that the first connection does not wait for the instance
+            // metadata; a failure is not fatal: every connection attempt asks again.
+            if let Err(e) = credentials.credentials().await {
+                tracing::warn!(error = %super::iam::Causes(&e), "no AWS credentials yet; retrying with every connection attempt");
+            }
+            config.password = None;
+            config.credential_provider = Some(Arc::new(credentials));
+        }
         let timeout = settings.timeout;
         let client = Builder::from_config(config)
             .with_performance_config(|p| p.default_command_timeout = timeout)

@@ -23,8 +23,6 @@ use serde_json::Value;
 /// ElastiCache and the drain at shutdown. Remove each one once `stickless serve --help` has it (the
 /// test fails until then, so that the list cannot outlive its reason).
 const PENDING: &[&str] = &[
-    "--redis-iam",
-    "--redis-iam-region",
     "--drain-delay",
     "--shutdown-timeout",
 ];

@@ -45,9 +45,7 @@ impl RequestId {
             *digit = HEX[((bits >> (4 * (31 - i))) & 0xf) as usize];
         }
         // Hex digits are always a valid header value.
-        RequestId(
-            HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0")),
-        )
+        RequestId(HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0")))
     }
 
     /// The id as a header value.
@@ -106,10 +104,7 @@ mod tests {
             "x",
             &longest,
         ] {
-            assert_eq!(
-                RequestId::from_client(&sent(&[id.as_bytes()])).as_str(),
-                id
-            );
+            assert_eq!(RequestId::from_client(&sent(&[id.as_bytes()])).as_str(), id);
         }
     }
 

@@ -108,9 +108,18 @@ async fn protocol_run(proxy: &Stickless) -> Used {
     const QUERY: &str = "qtok-Wz83HfPq01";
     const SPOOF: &str = "spoofed-admin-7730";
     const NOT_A_NUMBER: &str = "twelve-Kq7RbbZ";
-    let mut secrets: Vec<String> = [NAME, ROLE, TOKEN, COUNT, QUERY, SPOOF, NOT_A_NUMBER, TEST_KEY]
-        .map(str::to_owned)
-        .to_vec();
+    let mut secrets: Vec<String> = [
+        NAME,
+        ROLE,
+        TOKEN,
+        COUNT,
+        QUERY,
+        SPOOF,
+        NOT_A_NUMBER,
+        TEST_KEY,
+    ]
+    .map(str::to_owned)
+    .to_vec();
     let mut expected = Vec::new();
     let mut expect = |id, method, path, status, session| {
         expected.push(Expected {
@@ -159,9 +168,17 @@ async fn protocol_run(proxy: &Stickless) -> Used {
     expect("run-02", "POST", "/login/again", 200, "rotated");
 
     let r = http
-        .send(get.clone(), &proxy.url("/"), &[named("run-03")], Bytes::new())
+        .send(
+            get.clone(),
+            &proxy.url("/"),
+            &[named("run-03")],
+            Bytes::new(),
+        )
         .await;
-    assert_eq!(r.seen().fields().get("user").map(String::as_str), Some(NAME));
+    assert_eq!(
+        r.seen().fields().get("user").map(String::as_str),
+        Some(NAME)
+    );
     expect("run-03", "GET", "/", 200, "active");
 
     let r = http
@@ -186,7 +203,10 @@ async fn protocol_run(proxy: &Stickless) -> Used {
             Bytes::new(),
         )
         .await;
-    assert_eq!(r.seen().fields().get("visits").map(String::as_str), Some(COUNT));
+    assert_eq!(
+        r.seen().fields().get("visits").map(String::as_str),
+        Some(COUNT)
+    );
     expect("run-05", "GET", "/count", 200, "active");
 
     let r = http
@@ -197,7 +217,10 @@ async fn protocol_run(proxy: &Stickless) -> Used {
             Bytes::new(),
         )
         .await;
-    assert_eq!(r.seen().fields().get("user").map(String::as_str), Some(NAME));
+    assert_eq!(
+        r.seen().fields().get("user").map(String::as_str),
+        Some(NAME)
+    );
     expect("run-06", "GET", "/search", 200, "active");
 
     let r = http
@@ -206,7 +229,10 @@ async fn protocol_run(proxy: &Stickless) -> Used {
             &proxy.url("/count"),
             &[
                 named("run-07"),
-                ("x-test-reply", &format!("x-session-incr-visits: {NOT_A_NUMBER}")),
+                (
+                    "x-test-reply",
+                    &format!("x-session-incr-visits: {NOT_A_NUMBER}"),
+                ),
             ],
             Bytes::new(),
         )
@@ -332,8 +358,8 @@ async fn text_logs_hold_no_session_data() {
 async fn json_logs_hold_no_session_data_and_every_line_parses() {
     let logs = run_and_scan("json", "info").await;
     for line in logs.lines() {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
         for k in ["timestamp", "level", "target", "message"] {
             assert!(v.get(k).is_some(), "no {k} in {line}");
         }
@@ -345,7 +371,10 @@ async fn json_logs_hold_no_session_data_and_every_line_parses() {
         .expect("the access line of run-03");
     let v: serde_json::Value = serde_json::from_str(line).unwrap();
     assert_eq!(v["status"], 200);
-    assert!(v["duration_ms"].is_f64() && v["backend_ms"].is_f64(), "{line}");
+    assert!(
+        v["duration_ms"].is_f64() && v["backend_ms"].is_f64(),
+        "{line}"
+    );
     assert!(v["bytes"].as_u64().is_some_and(|b| b > 0), "{line}");
     // A warning raised while serving a request carries the request's id.
     let warning = logs
@@ -357,9 +386,14 @@ async fn json_logs_hold_no_session_data_and_every_line_parses() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn debug_logs_hold_no_session_data_either() {
-    run_and_scan("text", "debug").await;
-    run_and_scan("json", "debug").await;
+async fn debug_and_trace_logs_hold_no_session_data_either() {
+    // The libraries' own lines too: hyper's, h2's, fred's.
+    let debug = run_and_scan("text", "debug").await;
+    assert!(debug.contains(" DEBUG "), "no debug line:\n{debug}");
+    let trace = run_and_scan("json", "trace").await;
+    for library in ["\"target\":\"hyper", "\"target\":\"fred"] {
+        assert!(trace.contains(library), "no {library} line:\n{trace}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -367,20 +401,26 @@ async fn access_log_can_be_turned_off() {
     let backend = TestBackend::start().await;
     let proxy = Stickless::start(&backend.url(), &["--access-log", "off"]);
     let r = Http::new()
-        .send(Method::GET, &proxy.url("/"), &[named("quiet-1")], Bytes::new())
+        .send(
+            Method::GET,
+            &proxy.url("/"),
+            &[named("quiet-1")],
+            Bytes::new(),
+        )
         .await;
     assert_eq!(r.status, 200);
     // A request after it on a proxy with the log on is written: the first is not just late.
     let loud = Stickless::start(&backend.url(), &[]);
     Http::new()
-        .send(Method::GET, &loud.url("/"), &[named("loud-1")], Bytes::new())
+        .send(
+            Method::GET,
+            &loud.url("/"),
+            &[named("loud-1")],
+            Bytes::new(),
+        )
         .await;
     access_line(&loud, "loud-1");
-    assert!(
-        access_lines(&proxy.logs()).is_empty(),
-        "{}",
-        proxy.logs()
-    );
+    assert!(access_lines(&proxy.logs()).is_empty(), "{}", proxy.logs());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -450,7 +490,10 @@ async fn a_malformed_client_id_is_replaced() {
         &[("x-request-id", "has space-Vq81")],
         &[("x-request-id", "quote\"d-Vq82")],
         &[("x-request-id", &too_long)],
-        &[("x-request-id", "first-Vq83"), ("x-request-id", "second-Vq84")],
+        &[
+            ("x-request-id", "first-Vq83"),
+            ("x-request-id", "second-Vq84"),
+        ],
     ];
     for sent in cases {
         let r = Http::new()
@@ -458,7 +501,11 @@ async fn a_malformed_client_id_is_replaced() {
             .await;
         let seen = r.seen();
         let at_backend = &seen.headers["x-request-id"];
-        assert_eq!(at_backend.len(), 1, "one id reaches the backend: {at_backend:?}");
+        assert_eq!(
+            at_backend.len(),
+            1,
+            "one id reaches the backend: {at_backend:?}"
+        );
         let id = &at_backend[0];
         assert!(
             id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
@@ -500,7 +547,12 @@ async fn stickless_own_error_responses_carry_the_id() {
     // Nothing listens on the backend's port: 502.
     let proxy = Stickless::start(&format!("http://127.0.0.1:{}", free_port()), &[]);
     let r = Http::new()
-        .send(Method::GET, &proxy.url("/x"), &[named("down-1")], Bytes::new())
+        .send(
+            Method::GET,
+            &proxy.url("/x"),
+            &[named("down-1")],
+            Bytes::new(),
+        )
         .await;
     assert_eq!(r.status, 502);
     assert_eq!(r.headers["x-request-id"], "down-1");

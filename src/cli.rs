@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use stickless::config::{
-    self, BreakerConfig, Config, Durability, HeaderPrefix, IamAuth, InvalidValue, OnStoreError,
-    ProtocolConfig, Settings, StoreConfig, TtlPolicy, Upstream,
+    self, AccessLog, BreakerConfig, Config, Durability, HeaderPrefix, IamAuth, InvalidValue,
+    LogFormat, OnStoreError, ProtocolConfig, Settings, StoreConfig, TtlPolicy, Upstream,
 };
 use stickless::cookie::{
     CookieAttribute, CookieConfig, CookieName, KeyError, SameSite, SecureMode, SigningKeys,
@@ -191,6 +191,12 @@ pub struct ServeArgs {
     /// the session.
     #[arg(long, env = "STICKLESS_ON_STORE_ERROR", default_value = "fail-closed", value_name = "MODE", value_parser = OnStoreError::parse)]
     pub on_store_error: OnStoreError,
+    /// Log lines as text, or json (one object a line, for CloudWatch Logs and the like).
+    #[arg(long, env = "STICKLESS_LOG_FORMAT", default_value = "text", value_name = "FORMAT", value_parser = LogFormat::parse)]
+    pub log_format: LogFormat,
+    /// One log line per request (target stickless::access): on or off.
+    #[arg(long, env = "STICKLESS_ACCESS_LOG", default_value = "on", value_name = "ON|OFF", value_parser = AccessLog::parse)]
+    pub access_log: AccessLog,
 }
 
 impl std::fmt::Debug for ServeArgs {
@@ -535,6 +541,8 @@ mod tests {
             ("--breaker-failures", "some"),
             ("--breaker-probe-interval", "0"),
             ("--on-store-error", "ignore"),
+            ("--log-format", "xml"),
+            ("--access-log", "maybe"),
         ] {
             let err = parse(&[flag, value]).unwrap_err();
             assert_eq!(err.exit_code(), 2);
@@ -599,6 +607,16 @@ mod tests {
         assert_eq!(cfg.breaker.failures, 5);
         assert_eq!(cfg.breaker.probe_interval, Duration::from_secs(1));
         assert_eq!(cfg.on_store_error, OnStoreError::FailOpen);
+    }
+
+    #[test]
+    fn logging() {
+        let cli = parse(&[]).unwrap();
+        assert_eq!(cli.serve.log_format, LogFormat::Text);
+        assert_eq!(cli.serve.access_log, AccessLog::On);
+        let cli = parse(&["--log-format", "json", "--access-log", "off"]).unwrap();
+        assert_eq!(cli.serve.log_format, LogFormat::Json);
+        assert_eq!(cli.serve.access_log, AccessLog::Off);
     }
 
     #[test]

@@ -634,6 +634,56 @@ impl OnStoreError {
     }
 }
 
+/// How log lines are written (`--log-format`): for the binary, which sets up logging before the
+/// rest of the configuration is read (so that its warnings come out in the chosen format).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One human-readable line per event: for a terminal, or journald.
+    #[default]
+    Text,
+    /// One JSON object per line, fields at the top level: for CloudWatch Logs, Loki and the like.
+    Json,
+}
+
+impl LogFormat {
+    /// Parses `text` or `json` (any case).
+    ///
+    /// # Errors
+    /// [`InvalidValue`] saying what is accepted.
+    pub fn parse(s: &str) -> Result<Self, InvalidValue> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(InvalidValue::new(s, "text or json")),
+        }
+    }
+}
+
+/// Whether a line is logged per request (`--access-log`), under the target
+/// [`crate::access_log::TARGET`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AccessLog {
+    /// One line per request.
+    #[default]
+    On,
+    /// None (the same as `RUST_LOG=...,stickless::access=off`).
+    Off,
+}
+
+impl AccessLog {
+    /// Parses `on` or `off` (any case).
+    ///
+    /// # Errors
+    /// [`InvalidValue`] saying what is accepted.
+    pub fn parse(s: &str) -> Result<Self, InvalidValue> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "on" => Ok(AccessLog::On),
+            "off" => Ok(AccessLog::Off),
+            _ => Err(InvalidValue::new(s, "on or off")),
+        }
+    }
+}
+
 /// The prefix of every protocol header: lower case, letters, digits and `-`, ending in `-`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderPrefix(String);

@@ -15,6 +15,8 @@
 //!    changes, which the [`store`] applies atomically before the response leaves.
 //! 6. The cookie is set (new or rotated session) or cleared (destroyed), and the response streams
 //!    back. [`metrics`] records every step; [`admin`] serves them.
+//! 7. Every request carries an id ([`request_id`]) to the backend and back to the client, and
+//!    leaves one line in the [`access_log`] once its response is done.
 //!
 //! Around that path: [`server`] bounds client connections (a cap, a deadline to the first request,
 //! an idle timeout, a cap on unsent response bytes), [`upstream`] opens the backend's connections,
@@ -29,6 +31,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod config;
@@ -39,6 +42,7 @@ pub mod log_limit;
 pub mod metrics;
 pub mod protocol;
 pub mod proxy;
+pub mod request_id;
 pub mod server;
 pub mod shutdown;
 pub mod store;

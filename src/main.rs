@@ -14,14 +14,18 @@ use clap::Parser;
 use tokio::net::TcpListener;
 
 use cli::{Cli, Command, DemoArgs, ServeArgs};
-use stickless::config::{Config, StoreConfig, Upstream};
+use stickless::config::{AccessLog, Config, LogFormat, StoreConfig, Upstream};
 
 fn main() -> ExitCode {
     // Purge freed memory back to the system in the background (after jemalloc's dirty decay),
     // also while the process is idle.
     let _ = tikv_jemalloc_ctl::background_thread::write(true);
     let cli = Cli::parse();
-    init_tracing();
+    match &cli.command {
+        Some(Command::Serve(args)) => init_tracing(args.log_format, args.access_log),
+        None => init_tracing(cli.serve.log_format, cli.serve.access_log),
+        Some(_) => init_tracing(LogFormat::Text, AccessLog::On),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -50,14 +54,32 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+/// Logs to stderr (journald, a container's log) in `format`, filtered by `RUST_LOG` (default
+/// `info`); `--access-log off` turns the access lines off whatever `RUST_LOG` says.
+fn init_tracing(format: LogFormat, access_log: AccessLog) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    if access_log == AccessLog::Off {
+        if let Ok(off) = format!("{}=off", stickless::access_log::TARGET).parse() {
+            filter = filter.add_directive(off);
+        }
+    }
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // The event's fields at the top level beside `message`; the request's span (peer,
+        // method, path, request id) under `span` for the events logged while serving it.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit, and returns the limit in force.

@@ -28,6 +28,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tracing::Instrument;
 
+use crate::access_log::{AccessRecord, Logged, SessionState};
 use crate::body::{ClientBody, Detached, IdleTimeout, StripTrailers};
 use crate::config::{Config, OnStoreError, TtlPolicy, Upstream};
 use crate::cookie::{split_cookies, CookieWriter, SessionId, SigningKeys};
@@ -35,6 +36,7 @@ use crate::hop;
 use crate::log_limit::LogLimit;
 use crate::metrics::{ClientFault, Event, Lookup, Metrics, StoreOp, UpstreamFailure};
 use crate::protocol::{apply_to_fields, Changes, Protocol, ProtocolError, Rejection};
+use crate::request_id::{RequestId, X_REQUEST_ID};
 use crate::store::{now_ms, Applied, Loaded, Session, SessionStore, StoreError, Target};
 use crate::tunnel;
 use crate::upstream::Connector;
@@ -168,8 +170,8 @@ impl ProxyError {
 enum Resolved {
     /// A live session.
     Live(SessionId, Session),
-    /// No session: no cookie, or an unknown, expired or forged one.
-    NoSession,
+    /// No session: no cookie, or an unknown, expired or forged one (which of them, for the log).
+    NoSession(SessionState),
     /// A cookie whose session was rotated away within the grace: no session, and no cookie may
     /// be set.
     Rotated,
@@ -178,11 +180,28 @@ enum Resolved {
     Unavailable(StoreError),
 }
 
+impl Resolved {
+    /// The session's state as the access log says it, before the backend's changes.
+    fn state(&self) -> SessionState {
+        match self {
+            Resolved::Live(..) => SessionState::Active,
+            Resolved::NoSession(why) => *why,
+            Resolved::Rotated => SessionState::Stale,
+            Resolved::Unavailable(_) => SessionState::Unavailable,
+        }
+    }
+}
+
 /// What to do with the session cookie in the response.
 #[derive(Debug)]
 enum CookieAction {
     Keep,
-    Set { id: SessionId, created_ms: u64 },
+    Set {
+        id: SessionId,
+        created_ms: u64,
+        /// The session was moved from another id, rather than started.
+        rotated: bool,
+    },
     Clear,
 }
 
@@ -243,32 +262,58 @@ impl Proxy {
         }
     }
 
-    /// Serves one request from `peer`. Never fails: errors become responses.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    /// Serves one request from `peer`. Never fails: errors become responses. Every response
+    /// carries the request's id, and its body the request's access line.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Logged<ProxyBody>> {
         let start = Instant::now();
+        let id = RequestId::from_client(req.headers());
+        // Written when dropped: also if the client goes away while this future waits.
+        let mut log = AccessRecord::new(&req, peer, id.clone());
         // Never the query: it may carry tokens.
-        let span =
-            tracing::info_span!("request", %peer, method = %req.method(), path = req.uri().path());
+        let span = tracing::info_span!(
+            "request",
+            %peer,
+            method = %req.method(),
+            path = req.uri().path(),
+            request_id = %id
+        );
         // Answered early, an HTTP/1 connection whose request body may not have been read to its
         // end cannot carry another request safely.
         let in_doubt = req.version() <= Version::HTTP_11 && !req.body().is_end_stream();
-        let resp = match self.respond(req, peer).instrument(span.clone()).await {
+        let mut resp = match self
+            .respond(req, peer, &id, &mut log)
+            .instrument(span.clone())
+            .await
+        {
             Ok(resp) => resp,
             Err(e) => {
                 span.in_scope(|| self.report(&e));
+                if matches!(e, ProxyError::Store(_)) {
+                    log.session = SessionState::Unavailable;
+                }
                 e.into_response(in_doubt)
             }
         };
+        resp.headers_mut()
+            .insert(X_REQUEST_ID.clone(), id.header_value().clone());
         self.metrics
             .request(resp.status().as_u16(), start.elapsed());
-        resp
+        log.responded(resp.status());
+        resp.map(|body| Logged::new(body, log))
     }
 
-    /// The request's path, phase by phase.
+    /// The request's path, phase by phase; what happens to the session, and the backend's time,
+    /// go into `log`.
     async fn respond(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        id: &RequestId,
+        log: &mut AccessRecord,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         check_host(&req)?;
         let https = req
@@ -281,8 +326,12 @@ impl Proxy {
         hop::remove_hop_by_hop(req.headers_mut());
 
         let resolved = self.resolve(req.headers_mut()).await?;
-        let prepared = self.prepare(req, peer, &resolved, upgrade.as_ref())?;
-        let mut resp = self.forward(prepared).await?;
+        log.session = resolved.state();
+        let prepared = self.prepare(req, peer, id, &resolved, upgrade.as_ref())?;
+        let sent = Instant::now();
+        let forwarded = self.forward(prepared).await;
+        log.backend = Some(sent.elapsed());
+        let mut resp = forwarded?;
 
         let changes = self.protocol.take_changes(resp.headers_mut())?;
         let backend_upgrade = resp.headers().get(header::UPGRADE).cloned();
@@ -295,7 +344,13 @@ impl Proxy {
             // the client is told to retry rather than have them dropped silently.
             Resolved::Unavailable(e) => return Err(e.into()),
             Resolved::Live(id, session) => self.commit(Some((id, session)), &changes).await?,
-            Resolved::NoSession => self.commit(None, &changes).await?,
+            Resolved::NoSession(_) => self.commit(None, &changes).await?,
+        };
+        log.session = match action {
+            CookieAction::Keep => log.session,
+            CookieAction::Set { rotated: true, .. } => SessionState::Rotated,
+            CookieAction::Set { rotated: false, .. } => SessionState::Created,
+            CookieAction::Clear => SessionState::Destroyed,
         };
         Ok(self.answer(resp, action, https, tunnel))
     }
@@ -343,7 +398,7 @@ impl Proxy {
     async fn resolve(&self, headers: &mut HeaderMap) -> Result<Resolved, ProxyError> {
         if !headers.contains_key(header::COOKIE) {
             self.metrics.lookup(Lookup::Miss);
-            return Ok(Resolved::NoSession);
+            return Ok(Resolved::NoSession(SessionState::None));
         }
         let cookies = split_cookies(headers.get_all(header::COOKIE).iter(), self.cookies.name());
         headers.remove(header::COOKIE);
@@ -352,7 +407,7 @@ impl Proxy {
         }
         if cookies.session_values.is_empty() {
             self.metrics.lookup(Lookup::Miss);
-            return Ok(Resolved::NoSession);
+            return Ok(Resolved::NoSession(SessionState::None));
         }
         // Several cookies of one name can arrive (different paths or domains): the first that
         // verifies wins. Only the first few are checked, so that a flood of forged values costs
@@ -370,7 +425,7 @@ impl Proxy {
                     "session cookie failed verification; treated as no session"
                 );
             }
-            return Ok(Resolved::NoSession);
+            return Ok(Resolved::NoSession(SessionState::Invalid));
         };
         match self.timed(StoreOp::Load, self.store.load(&id)).await {
             Ok(Loaded::Live(session)) => {
@@ -383,7 +438,7 @@ impl Proxy {
             }
             Ok(Loaded::Absent) => {
                 self.metrics.lookup(Lookup::Miss);
-                Ok(Resolved::NoSession)
+                Ok(Resolved::NoSession(SessionState::Unknown))
             }
             Err(e) => {
                 self.metrics.lookup(Lookup::Error);
@@ -406,6 +461,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        id: &RequestId,
         resolved: &Resolved,
         upgrade: Option<&Upgrade>,
     ) -> Result<Prepared, ProxyError> {
@@ -424,12 +480,15 @@ impl Proxy {
             Resolved::Live(_, session) => self
                 .protocol
                 .inject(req.headers_mut(), Some(&session.fields)),
-            Resolved::NoSession | Resolved::Rotated => {
+            Resolved::NoSession(_) | Resolved::Rotated => {
                 self.protocol.inject(req.headers_mut(), None)
             }
             Resolved::Unavailable(_) => self.protocol.inject_unavailable(req.headers_mut()),
         }
         self.set_target(&mut req, peer)?;
+        // Replaces whatever the client sent: the backend gets the one id that is logged.
+        req.headers_mut()
+            .insert(X_REQUEST_ID.clone(), id.header_value().clone());
         if let Some(upgrade) = upgrade {
             hop::mark_upgrade(req.headers_mut(), upgrade.protocol.clone());
         }
@@ -498,7 +557,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let cookie = match action {
             CookieAction::Keep => None,
-            CookieAction::Set { id, created_ms } => {
+            CookieAction::Set { id, created_ms, .. } => {
                 let max_age = self.ttl.absolute.map(|abs| {
                     let end = created_ms + abs.as_millis() as u64;
                     end.saturating_sub(now_ms()).div_ceil(1000)
@@ -642,7 +701,11 @@ impl Proxy {
                 } else {
                     Event::Created
                 });
-                Ok(CookieAction::Set { id, created_ms })
+                Ok(CookieAction::Set {
+                    id,
+                    created_ms,
+                    rotated: base.is_some(),
+                })
             }
             // A rotated session past its absolute timeout: nothing to carry on.
             Applied::Gone => Ok(CookieAction::Keep),

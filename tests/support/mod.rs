@@ -706,12 +706,18 @@ impl Stickless {
                 );
             }
         };
+        // `--log-format json` writes the line as an object with the fields at the top level.
+        let json: Option<serde_json::Value> = serde_json::from_str(&ready).ok();
         let field = |name: &str| -> SocketAddr {
-            ready
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{name}=")))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no {name}= in {ready}"))
+            match &json {
+                Some(line) => line[name].as_str().map(str::to_owned),
+                None => ready
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                    .map(str::to_owned),
+            }
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}= in {ready}"))
         };
         Stickless {
             addr: field("listen"),

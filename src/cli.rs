@@ -41,6 +41,9 @@ pub enum Command {
 fn duration(s: &str) -> Result<Duration, InvalidValue> {
     config::parse_duration(s)
 }
+fn duration_or_zero(s: &str) -> Result<Duration, InvalidValue> {
+    config::parse_duration_or_zero(s)
+}
 /// A duration or `off`. A named type, because clap reads a bare `Option` as "flag may be absent".
 #[derive(Debug, Clone, Copy)]
 pub struct MaybeDuration(pub Option<Duration>);
@@ -174,6 +177,15 @@ pub struct ServeArgs {
     /// the session.
     #[arg(long, env = "STICKLESS_ON_STORE_ERROR", default_value = "fail-closed", value_name = "MODE", value_parser = OnStoreError::parse)]
     pub on_store_error: OnStoreError,
+    /// On SIGTERM or SIGINT, how long the proxy keeps accepting new connections while /readyz
+    /// answers 503, so that the load balancer stops sending first; 0 closes the listener at once.
+    /// A second SIGTERM or SIGINT cuts it short.
+    #[arg(long, env = "STICKLESS_DRAIN_DELAY", default_value = "5s", value_parser = duration_or_zero)]
+    pub drain_delay: Duration,
+    /// Once the listener is closed, how long requests and upgraded connections (WebSocket) in
+    /// flight get to finish; past it they are dropped and stickless exits.
+    #[arg(long, env = "STICKLESS_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub shutdown_timeout: Duration,
 }
 
 impl std::fmt::Debug for ServeArgs {
@@ -289,6 +301,8 @@ impl ServeArgs {
             probe_interval: self.breaker_probe_interval,
         };
         settings.on_store_error = self.on_store_error;
+        settings.drain_delay = self.drain_delay;
+        settings.shutdown_timeout = self.shutdown_timeout;
         Config::new(settings).map_err(|e| {
             let hint = match e {
                 config::ConfigError::KeysRequired => {
@@ -412,6 +426,8 @@ mod tests {
             ("--breaker-failures", "some"),
             ("--breaker-probe-interval", "0"),
             ("--on-store-error", "ignore"),
+            ("--drain-delay", "soon"),
+            ("--shutdown-timeout", "0"),
         ] {
             let err = parse(&[flag, value]).unwrap_err();
             assert_eq!(err.exit_code(), 2);
@@ -427,6 +443,8 @@ mod tests {
             (&["--max-connections", "1000001"][..], "--max-connections"),
             (&["--breaker-failures", "0"][..], "--breaker-failures"),
             (&["--breaker-failures", "1001"][..], "--breaker-failures"),
+            (&["--drain-delay", "2h"][..], "--drain-delay"),
+            (&["--shutdown-timeout", "2h"][..], "--shutdown-timeout"),
             (
                 &["--max-value-bytes", "10", "--max-session-bytes", "5"][..],
                 "--max-value-bytes",
@@ -476,6 +494,20 @@ mod tests {
         assert_eq!(cfg.breaker.failures, 5);
         assert_eq!(cfg.breaker.probe_interval, Duration::from_secs(1));
         assert_eq!(cfg.on_store_error, OnStoreError::FailOpen);
+    }
+
+    #[test]
+    fn stopping() {
+        let cfg = parse(&[]).unwrap().serve.into_config(None, None).unwrap();
+        assert_eq!(cfg.drain_delay, Duration::from_secs(5));
+        assert_eq!(cfg.shutdown_timeout, Duration::from_secs(30));
+        let cfg = parse(&["--drain-delay", "0", "--shutdown-timeout", "2m"])
+            .unwrap()
+            .serve
+            .into_config(None, None)
+            .unwrap();
+        assert_eq!(cfg.drain_delay, Duration::ZERO);
+        assert_eq!(cfg.shutdown_timeout, Duration::from_secs(120));
     }
 
     #[test]

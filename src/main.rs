@@ -130,7 +130,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store,
         listener,
         admin,
-        stickless::shutdown::signal(),
+        stickless::shutdown::Shutdown::on_signals(),
     )
     .await;
     Ok(())
@@ -165,7 +165,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         store,
         listener,
         admin,
-        stickless::shutdown::signal(),
+        stickless::shutdown::Shutdown::on_signals(),
     )
     .await;
     let _ = stop_tx.send(());

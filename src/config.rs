@@ -932,7 +932,10 @@ mod tests {
         assert_eq!(e.setting(), "drain-delay");
         let mut no_delay = settings();
         no_delay.drain_delay = Duration::ZERO;
-        assert!(Config::new(no_delay).is_ok(), "a drain delay of zero is allowed");
+        assert!(
+            Config::new(no_delay).is_ok(),
+            "a drain delay of zero is allowed"
+        );
         let mut ok = settings();
         ok.keys = Some(SigningKeys::random());
         ok.store = redis();

@@ -271,6 +271,8 @@ pub async fn serve_http_with<F, Fut, B>(
     let builder = Arc::new(builder);
     // One permit per open connection: held by the socket itself, so also by an upgraded tunnel.
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // Told by this loop, once it has counted them, to the connections still open at the cut.
+    let (cut_tx, cut_rx) = watch::channel(false);
     let mut backoff = ACCEPT_BACKOFF.0;
     // Reached over and over under a flood: warn at most every ten seconds.
     let limit_warnings = LogLimit::new(LIMIT_WARNING_INTERVAL.as_millis() as u64);
@@ -329,6 +331,7 @@ pub async fn serve_http_with<F, Fut, B>(
             peer,
             limits,
             drain.clone(),
+            cut_rx.clone(),
         );
         tokio::spawn(conn.instrument(tracing::debug_span!("conn", %peer)));
     }
@@ -349,6 +352,7 @@ pub async fn serve_http_with<F, Fut, B>(
             if cut > 0 {
                 tracing::warn!(cut, "shutdown timeout reached: dropping the connections still open");
             }
+            let _ = cut_tx.send(true);
         }
     }
 }
@@ -477,7 +481,7 @@ impl<B: Body> Body for Tracked<B> {
 
 /// Serves one connection until it ends or misses a deadline of `limits`, following `drain`: while
 /// draining it is asked to close once its requests are answered, once the listener is closing a
-/// connection that has asked nothing is closed, and at the cut it is dropped.
+/// connection that has asked nothing is closed, and once `cut` turns true it is dropped.
 async fn serve_connection<F, Fut, B>(
     builder: Arc<auto::Builder<TokioExecutor>>,
     io: TokioIo<Counted>,
@@ -485,6 +489,7 @@ async fn serve_connection<F, Fut, B>(
     peer: SocketAddr,
     limits: ConnLimits,
     mut drain: Drain,
+    mut cut: watch::Receiver<bool>,
 ) where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
@@ -534,10 +539,6 @@ async fn serve_connection<F, Fut, B>(
     let grace = loop {
         let now = *changes.borrow_and_update();
         let phase = drain.phase_and_mark_seen();
-        if phase >= Phase::Cut {
-            tracing::debug!("shutdown timeout reached; dropping the connection");
-            return;
-        }
         if phase >= Phase::Draining && !asked_to_close {
             if now.started {
                 // HTTP/1.1 closes once its response is out (at once if idle), h2 sends GOAWAY
@@ -587,6 +588,11 @@ async fn serve_connection<F, Fut, B>(
                 break CLOSE_TIMEOUT;
             }
             () = drain.changed() => continue,
+            // (An error is a sender gone: only once every connection has ended.)
+            Ok(_) = cut.wait_for(|c| *c) => {
+                tracing::debug!("shutdown timeout reached; dropping the connection");
+                return;
+            }
         }
     };
     // HTTP/1.1 closes once its response is out, h2 sends GOAWAY and lets open streams finish.

@@ -201,7 +201,11 @@ mod tests {
             |_| {},
         ));
         tokio::time::sleep(Duration::from_secs(60)).await;
-        assert_eq!(drain.phase(), Phase::Serving, "nothing happens before a request");
+        assert_eq!(
+            drain.phase(),
+            Phase::Serving,
+            "nothing happens before a request"
+        );
         stopper.stop();
         drain.reached(Phase::Draining).await;
         let draining = tokio::time::Instant::now();

@@ -33,10 +33,14 @@ async fn a_slow_request_in_flight_at_sigterm_completes_and_the_process_exits_0()
         let url = proxy.url("/slow/1500");
         async move { Http::new().get(&url).await }
     });
-    eventually("the slow request to reach the backend", Duration::from_secs(10), || {
-        let hits = backend.hits();
-        async move { (hits == 1).then_some(()) }
-    })
+    eventually(
+        "the slow request to reach the backend",
+        Duration::from_secs(10),
+        || {
+            let hits = backend.hits();
+            async move { (hits == 1).then_some(()) }
+        },
+    )
     .await;
     proxy.terminate();
     let r = slow.await.unwrap();
@@ -61,11 +65,17 @@ async fn while_draining_readyz_is_503_and_new_connections_are_served_until_the_l
     assert_eq!(readyz(&proxy).await.0, 200);
     // A keep-alive connection that has served a request and sits idle.
     let mut idle = TcpStream::connect(proxy.addr).unwrap();
-    idle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    idle.write_all(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    idle.write_all(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     let mut buf = [0u8; 4096];
     let n = idle.read(&mut buf).unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
 
     proxy.terminate();
     let (status, body) = readyz(&proxy).await;
@@ -90,7 +100,10 @@ async fn while_draining_readyz_is_503_and_new_connections_are_served_until_the_l
         r.headers.get("connection").map(|v| v.to_str().unwrap()),
         Some("close")
     );
-    assert!(proxy.exited().is_none(), "still running during the drain delay");
+    assert!(
+        proxy.exited().is_none(),
+        "still running during the drain delay"
+    );
 
     // A second SIGTERM skips the rest of the delay: the listener closes and the process exits.
     proxy.terminate();
@@ -100,7 +113,11 @@ async fn while_draining_readyz_is_503_and_new_connections_are_served_until_the_l
         TcpStream::connect(proxy.addr).is_err(),
         "new connections are refused once the listener is closed"
     );
-    assert!(proxy.logs().contains("drain delay cut short"), "{}", proxy.logs());
+    assert!(
+        proxy.logs().contains("drain delay cut short"),
+        "{}",
+        proxy.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -114,10 +131,14 @@ async fn after_the_drain_delay_the_listener_closes_while_a_request_is_still_in_f
         let url = proxy.url("/slow/3000");
         async move { Http::new().get(&url).await }
     });
-    eventually("the slow request to reach the backend", Duration::from_secs(10), || {
-        let hits = backend.hits();
-        async move { (hits == 1).then_some(()) }
-    })
+    eventually(
+        "the slow request to reach the backend",
+        Duration::from_secs(10),
+        || {
+            let hits = backend.hits();
+            async move { (hits == 1).then_some(()) }
+        },
+    )
     .await;
     proxy.terminate();
     // The listener is closed while the slow request is still being answered.
@@ -126,9 +147,15 @@ async fn after_the_drain_delay_the_listener_closes_while_a_request_is_still_in_f
         async move { refused.then_some(()) }
     })
     .await;
-    assert!(!slow.is_finished(), "the slow request ended before the listener closed");
+    assert!(
+        !slow.is_finished(),
+        "the slow request ended before the listener closed"
+    );
     let r = slow.await.unwrap();
-    assert_eq!((r.status.as_u16(), r.seen().path), (200, "/slow/3000".to_owned()));
+    assert_eq!(
+        (r.status.as_u16(), r.seen().path),
+        (200, "/slow/3000".to_owned())
+    );
     assert_eq!(proxy.wait_exit(Duration::from_secs(15)).code(), Some(0));
 }
 
@@ -147,10 +174,14 @@ async fn the_shutdown_timeout_cuts_a_request_that_takes_longer_and_the_process_s
                 .await
         }
     });
-    eventually("the hung request to reach the backend", Duration::from_secs(10), || {
-        let hits = backend.hits();
-        async move { (hits == 1).then_some(()) }
-    })
+    eventually(
+        "the hung request to reach the backend",
+        Duration::from_secs(10),
+        || {
+            let hits = backend.hits();
+            async move { (hits == 1).then_some(()) }
+        },
+    )
     .await;
     proxy.terminate();
     assert_eq!(proxy.wait_exit(Duration::from_secs(15)).code(), Some(0));
@@ -246,7 +277,11 @@ async fn systemd_hears_ready_only_once_the_store_answers() {
         &[("NOTIFY_SOCKET", &notify.path)],
     );
     // Nothing listens on the store's port yet: stickless serves, but is not ready.
-    assert_eq!(notify.next(Duration::from_secs(2)), None, "READY=1 before the store answered");
+    assert_eq!(
+        notify.next(Duration::from_secs(2)),
+        None,
+        "READY=1 before the store answered"
+    );
     let _redis = RedisServer::start_on(port);
     notify.expect("READY=1", Duration::from_secs(15));
 }

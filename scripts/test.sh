@@ -197,7 +197,20 @@ ensure_promtool() {
   log "promtool: $STICKLESS_TEST_PROMTOOL"
 }
 
+# --- systemd-analyze (tests/deploy_systemd.rs verifies deploy/stickless.service) ---
+# Debian's `systemd` package; installing it starts nothing in a container.
+ensure_systemd_analyze() {
+  if command -v systemd-analyze >/dev/null 2>&1; then
+    log "systemd-analyze: $(command -v systemd-analyze)"
+    return
+  fi
+  log "systemd-analyze not found: installing the systemd package"
+  apt_install systemd
+  command -v systemd-analyze >/dev/null 2>&1 || die "systemd-analyze still not found"
+}
+
 ensure_redis_server
+ensure_systemd_analyze
 ensure_python_flask
 ensure_deploy_linters
 ensure_promtool

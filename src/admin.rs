@@ -1,6 +1,7 @@
 //! The admin listener: `/metrics` (Prometheus text format), `/healthz` (the process is up) and
 //! `/readyz` (the session store answers a PING; while the store's circuit breaker is open, not
-//! ready at once, without waiting on a timeout). Kept off the proxy's port so that neither the
+//! ready at once, without waiting on a timeout; from the start of a stop, not ready, so that the
+//! load balancer takes the instance out while it drains). Kept off the proxy's port so that neither the
 //! backend's routes nor the public can reach it by default.
 
 use std::sync::Arc;
@@ -11,20 +12,27 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::metrics::{Metrics, StoreOp};
+use crate::shutdown::Drain;
 use crate::store::SessionStore;
 
 /// Answers admin requests.
 pub struct Admin {
     store: Arc<dyn SessionStore>,
     metrics: Metrics,
+    drain: Drain,
 }
 
 impl Admin {
     /// An admin endpoint over this store and these metrics. The store records its own state
-    /// (its circuit breaker's) into `metrics` from now on, so that `/metrics` shows it.
-    pub fn new(store: Arc<dyn SessionStore>, metrics: Metrics) -> Self {
+    /// (its circuit breaker's) into `metrics` from now on, so that `/metrics` shows it. `/readyz`
+    /// answers 503 once `drain` says a stop has begun.
+    pub fn new(store: Arc<dyn SessionStore>, metrics: Metrics, drain: Drain) -> Self {
         store.record_into(&metrics);
-        Admin { store, metrics }
+        Admin {
+            store,
+            metrics,
+            drain,
+        }
     }
 
     /// Serves one admin request.
@@ -42,6 +50,10 @@ impl Admin {
                 resp
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" if self.drain.is_draining() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining: stickless is stopping\n",
+            ),
             "/readyz" => {
                 let started = Instant::now();
                 let pinged = self.store.ping().await;

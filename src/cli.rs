@@ -41,6 +41,9 @@ pub enum Command {
 fn duration(s: &str) -> Result<Duration, InvalidValue> {
     config::parse_duration(s)
 }
+fn duration_or_zero(s: &str) -> Result<Duration, InvalidValue> {
+    config::parse_duration_or_zero(s)
+}
 /// A duration or `off`. A named type, because clap reads a bare `Option` as "flag may be absent".
 #[derive(Debug, Clone, Copy)]
 pub struct MaybeDuration(pub Option<Duration>);
@@ -197,6 +200,15 @@ pub struct ServeArgs {
     /// One log line per request (target stickless::access): on or off.
     #[arg(long, env = "STICKLESS_ACCESS_LOG", default_value = "on", value_name = "ON|OFF", value_parser = AccessLog::parse)]
     pub access_log: AccessLog,
+    /// On SIGTERM or SIGINT, how long the proxy keeps accepting new connections while /readyz
+    /// answers 503, so that the load balancer stops sending first; 0 closes the listener at once.
+    /// A second SIGTERM or SIGINT cuts it short.
+    #[arg(long, env = "STICKLESS_DRAIN_DELAY", default_value = "5s", value_parser = duration_or_zero)]
+    pub drain_delay: Duration,
+    /// Once the listener is closed, how long requests and upgraded connections (WebSocket) in
+    /// flight get to finish; past it they are dropped and stickless exits.
+    #[arg(long, env = "STICKLESS_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub shutdown_timeout: Duration,
 }
 
 impl std::fmt::Debug for ServeArgs {
@@ -324,6 +336,8 @@ impl ServeArgs {
             probe_interval: self.breaker_probe_interval,
         };
         settings.on_store_error = self.on_store_error;
+        settings.drain_delay = self.drain_delay;
+        settings.shutdown_timeout = self.shutdown_timeout;
         Config::new(settings).map_err(|e| {
             let hint = match e {
                 config::ConfigError::KeysRequired => {
@@ -543,6 +557,8 @@ mod tests {
             ("--on-store-error", "ignore"),
             ("--log-format", "xml"),
             ("--access-log", "maybe"),
+            ("--drain-delay", "soon"),
+            ("--shutdown-timeout", "0"),
         ] {
             let err = parse(&[flag, value]).unwrap_err();
             assert_eq!(err.exit_code(), 2);
@@ -558,6 +574,8 @@ mod tests {
             (&["--max-connections", "1000001"][..], "--max-connections"),
             (&["--breaker-failures", "0"][..], "--breaker-failures"),
             (&["--breaker-failures", "1001"][..], "--breaker-failures"),
+            (&["--drain-delay", "2h"][..], "--drain-delay"),
+            (&["--shutdown-timeout", "2h"][..], "--shutdown-timeout"),
             (
                 &["--max-value-bytes", "10", "--max-session-bytes", "5"][..],
                 "--max-value-bytes",
@@ -617,6 +635,20 @@ mod tests {
         let cli = parse(&["--log-format", "json", "--access-log", "off"]).unwrap();
         assert_eq!(cli.serve.log_format, LogFormat::Json);
         assert_eq!(cli.serve.access_log, AccessLog::Off);
+    }
+
+    #[test]
+    fn stopping() {
+        let cfg = parse(&[]).unwrap().serve.into_config(None, None).unwrap();
+        assert_eq!(cfg.drain_delay, Duration::from_secs(5));
+        assert_eq!(cfg.shutdown_timeout, Duration::from_secs(30));
+        let cfg = parse(&["--drain-delay", "0", "--shutdown-timeout", "2m"])
+            .unwrap()
+            .serve
+            .into_config(None, None)
+            .unwrap();
+        assert_eq!(cfg.drain_delay, Duration::ZERO);
+        assert_eq!(cfg.shutdown_timeout, Duration::from_secs(120));
     }
 
     #[test]

@@ -56,7 +56,21 @@ pub struct Settings {
     pub breaker: BreakerConfig,
     /// What a request gets when its session cannot be loaded.
     pub on_store_error: OnStoreError,
+    /// From the first SIGTERM or SIGINT, how long the listeners keep accepting while `/readyz`
+    /// answers 503 (so that the load balancer stops sending first); zero closes them at once.
+    pub drain_delay: Duration,
+    /// Once the listeners are closed, how long requests and upgraded tunnels in flight get to
+    /// finish before they are dropped.
+    pub shutdown_timeout: Duration,
 }
+
+/// The default [`Settings::drain_delay`].
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
+/// The default [`Settings::shutdown_timeout`].
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest drain delay or shutdown timeout a setting may ask for: a stop is a matter of seconds
+/// or minutes, and systemd kills the service at its own stop timeout anyway.
+pub const MAX_STOP_DURATION: Duration = Duration::from_secs(3600);
 
 /// Most client connections a setting may allow: bounded so that the semaphore behind it can
 /// always be built.
@@ -95,6 +109,8 @@ impl Settings {
             fd_limit: None,
             breaker: BreakerConfig::default(),
             on_store_error: OnStoreError::default(),
+            drain_delay: DEFAULT_DRAIN_DELAY,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
         }
     }
 }
@@ -171,6 +187,16 @@ pub enum ConfigError {
         /// The least allowed.
         least: Duration,
     },
+    /// A duration longer than its setting allows.
+    #[error("{given:?} is more than {most:?}")]
+    TooLong {
+        /// Which setting.
+        setting: &'static str,
+        /// The duration given.
+        given: Duration,
+        /// The longest allowed.
+        most: Duration,
+    },
     /// A Redis key prefix with spaces or control characters, or too long.
     #[error("use at most 128 characters without spaces or control characters")]
     KeyPrefix,
@@ -203,9 +229,9 @@ impl ConfigError {
             ConfigError::KeysRequired => "secret-keys",
             ConfigError::SameSiteNoneWithoutSecure => "cookie-same-site",
             ConfigError::ValueLargerThanSession { .. } => "max-value-bytes",
-            ConfigError::OutOfRange { setting, .. } | ConfigError::ZeroDuration { setting } => {
-                setting
-            }
+            ConfigError::OutOfRange { setting, .. }
+            | ConfigError::ZeroDuration { setting }
+            | ConfigError::TooLong { setting, .. } => setting,
             ConfigError::AdminOnProxyAddress(_) => "admin-listen",
             ConfigError::RedisUrl => "redis-url",
             ConfigError::KeyPrefix => "key-prefix",
@@ -291,12 +317,25 @@ impl Config {
             ("header-read-timeout", settings.header_read_timeout),
             ("keep-alive-timeout", settings.keep_alive_timeout),
             ("breaker-probe-interval", settings.breaker.probe_interval),
+            ("shutdown-timeout", settings.shutdown_timeout),
         ];
         if let StoreConfig::Redis { timeout, .. } = &settings.store {
             durations.push(("redis-timeout", *timeout));
         }
         if let Some((setting, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
             return Err(ConfigError::ZeroDuration { setting });
+        }
+        for (setting, given) in [
+            ("drain-delay", settings.drain_delay),
+            ("shutdown-timeout", settings.shutdown_timeout),
+        ] {
+            if given > MAX_STOP_DURATION {
+                return Err(ConfigError::TooLong {
+                    setting,
+                    given,
+                    most: MAX_STOP_DURATION,
+                });
+            }
         }
         // The tombstone a rotation leaves is what a failed rotation is undone from: it must outlive
         // the rotation's second step and the undo, each bounded by the store timeout.
@@ -779,6 +818,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, InvalidValue> {
     Ok(d)
 }
 
+/// Parses a duration as [`parse_duration`] does, and also zero (`0`, `0s`, `0ms`...).
+///
+/// # Errors
+/// As [`parse_duration`].
+pub fn parse_duration_or_zero(s: &str) -> Result<Duration, InvalidValue> {
+    let t = s.trim();
+    let unit_at = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(unit_at);
+    let zero = !num.is_empty() && num.bytes().all(|b| b == b'0');
+    if zero && matches!(unit.trim(), "" | "ms" | "s" | "m" | "h" | "d") {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
+}
+
 /// Parses a duration or `off`.
 ///
 /// # Errors
@@ -809,6 +863,13 @@ mod tests {
         assert!(parse_duration("1.5s").is_err());
         assert!(parse_duration("3w").is_err());
         assert!(parse_duration("99999999999999999d").is_err());
+        assert_eq!(parse_duration_or_zero("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_zero("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_zero("00ms"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_zero("5s"), Ok(Duration::from_secs(5)));
+        assert!(parse_duration_or_zero("0w").is_err());
+        assert!(parse_duration_or_zero("").is_err());
+        assert!(parse_duration_or_zero("-0").is_err());
         assert_eq!(parse_optional_duration("off"), Ok(None));
         assert_eq!(
             parse_optional_duration("12h"),
@@ -1132,6 +1193,18 @@ mod tests {
         assert_eq!(e.setting(), "breaker-failures");
         let e = refused(&|s| s.breaker.probe_interval = Duration::ZERO);
         assert_eq!(e.setting(), "breaker-probe-interval");
+        let e = refused(&|s| s.shutdown_timeout = Duration::ZERO);
+        assert_eq!(e.setting(), "shutdown-timeout");
+        let e = refused(&|s| s.shutdown_timeout = MAX_STOP_DURATION + Duration::from_secs(1));
+        assert_eq!(e.setting(), "shutdown-timeout");
+        let e = refused(&|s| s.drain_delay = MAX_STOP_DURATION + Duration::from_secs(1));
+        assert_eq!(e.setting(), "drain-delay");
+        let mut no_delay = settings();
+        no_delay.drain_delay = Duration::ZERO;
+        assert!(
+            Config::new(no_delay).is_ok(),
+            "a drain delay of zero is allowed"
+        );
         let mut ok = settings();
         ok.keys = Some(SigningKeys::random());
         ok.store = redis();

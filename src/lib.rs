@@ -22,7 +22,8 @@
 //! an idle timeout, a cap on unsent response bytes), [`upstream`] opens the backend's connections,
 //! [`hop`] handles hop-by-hop headers and upgrades (with [`tunnel`] carrying upgraded connections),
 //! [`body`] wraps the streamed bodies, and [`log_limit`] keeps client-triggered warnings from
-//! flooding the log.
+//! flooding the log. [`shutdown`] runs a graceful stop (drain, close, cut) and [`notify`] tells
+//! systemd when stickless is ready and when it stops.
 //!
 //! [`config`] holds the typed configuration: [`config::Settings`] checked into a
 //! [`config::Config`] (the binary's flags are turned into settings; [`value`] is the error of a bad
@@ -40,6 +41,7 @@ pub mod demo;
 pub mod hop;
 pub mod log_limit;
 pub mod metrics;
+pub mod notify;
 pub mod protocol;
 pub mod proxy;
 pub mod request_id;

@@ -152,7 +152,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store,
         listener,
         admin,
-        stickless::shutdown::signal(),
+        stickless::shutdown::Shutdown::on_signals(),
     )
     .await;
     Ok(())
@@ -187,7 +187,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         store,
         listener,
         admin,
-        stickless::shutdown::signal(),
+        stickless::shutdown::Shutdown::on_signals(),
     )
     .await;
     let _ = stop_tx.send(());

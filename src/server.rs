@@ -1,5 +1,8 @@
 //! Listeners and their accept loops: the proxy and the admin endpoint, served by hyper (HTTP/1.1
-//! and h2c from clients) until the shutdown future completes, then drained.
+//! and h2c from clients) until they are told to stop, then drained as [`crate::shutdown`]
+//! describes: connections are asked to close as their responses end while the listener still
+//! accepts, then the listener closes and what is in flight (upgraded tunnels included) gets the
+//! shutdown timeout to finish.
 //!
 //! Each listener holds its connections to [`ConnLimits`]: a cap on how many are open (at the cap
 //! the listener stops accepting, so the rest wait in the kernel's backlog instead of using a file
@@ -26,7 +29,7 @@ use pin_project_lite::pin_project;
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -34,13 +37,15 @@ use crate::admin::Admin;
 use crate::config::{Config, StoreConfig};
 use crate::log_limit::LogLimit;
 use crate::metrics::{Listener, Metrics};
+use crate::notify;
 use crate::proxy::Proxy;
+use crate::shutdown::{self, Drain, Phase, Shutdown};
 use crate::store::breaker::Breaker;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisSettings, RedisSetupError, RedisStore};
 use crate::store::SessionStore;
 
-/// Time in-flight requests get to finish once shutdown starts.
+/// Time in-flight requests get to finish once [`serve_http`]'s shutdown completes.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time an idle connection gets to close by itself once asked to (h2's GOAWAY exchange).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -144,30 +149,33 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Redis
     })
 }
 
-/// Runs the proxy on `listener` and the admin endpoint on `admin_listener` until `shutdown`
-/// completes, then lets in-flight requests finish.
+/// Runs the proxy on `listener` and the admin endpoint on `admin_listener` until `shutdown` is
+/// requested, then drains for `config.drain_delay` and lets what is in flight finish within
+/// `config.shutdown_timeout`. Tells systemd `READY=1` once the store answers (the listeners are
+/// bound already), and `STOPPING=1` as the drain begins.
 pub async fn serve_proxy(
     config: Config,
     store: Arc<dyn SessionStore>,
     listener: TcpListener,
     admin_listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: Shutdown,
 ) {
     let metrics = Metrics::new();
     let proxy_limits = ConnLimits::proxy(&config);
     let admin_limits = ConnLimits::admin(&config);
     let proxy_open = metrics.open_connections(Listener::Proxy);
     let admin_open = metrics.open_connections(Listener::Admin);
+    let (control, drain) = Drain::new();
     let proxy = Arc::new(Proxy::new(&config, store.clone(), metrics.clone()));
-    let admin = Arc::new(Admin::new(store, metrics));
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
+    let admin = Arc::new(Admin::new(store.clone(), metrics, drain.clone()));
+    let ready = tokio::spawn(notify::ready_when_store_answers(store));
+    let stop = tokio::spawn(shutdown::run(
+        shutdown,
+        control,
+        config.drain_delay,
+        config.shutdown_timeout,
+        notify::phase,
+    ));
     let proxy_server = serve_http_with(
         listener,
         proxy_limits,
@@ -176,7 +184,7 @@ pub async fn serve_proxy(
             let proxy = proxy.clone();
             async move { proxy.handle(req, peer).await }
         },
-        stopped(rx.clone()),
+        drain.clone(),
     );
     let admin_server = serve_http_with(
         admin_listener,
@@ -186,9 +194,11 @@ pub async fn serve_proxy(
             let admin = admin.clone();
             async move { admin.handle(req).await }
         },
-        stopped(rx),
+        drain,
     );
     tokio::join!(proxy_server, admin_server);
+    ready.abort();
+    stop.abort();
 }
 
 /// Accepts connections on `listener` and serves each with `handler` until `shutdown` completes,
@@ -204,18 +214,34 @@ pub async fn serve_http<F, Fut, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    serve_http_with(listener, ConnLimits::default(), None, handler, shutdown).await;
+    let (control, drain) = Drain::new();
+    let server = serve_http_with(listener, ConnLimits::default(), None, handler, drain);
+    tokio::pin!(server);
+    let stop = async {
+        shutdown.await;
+        control.enter(Phase::Closing);
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+        control.enter(Phase::Cut);
+    };
+    tokio::select! {
+        () = &mut server => return,
+        () = stop => {}
+    }
+    server.await;
 }
 
-/// Accepts connections on `listener` within `limits` and serves each with `handler` until
-/// `shutdown` completes, then gives open connections `DRAIN_TIMEOUT` (10 s) to finish. `open`, when
-/// given, follows the number of open connections.
+/// Accepts connections on `listener` within `limits` and serves each with `handler`, following
+/// `drain`: from [`Phase::Draining`] connections close as their responses end (HTTP/1 responses
+/// say `Connection: close`, h2 connections get a GOAWAY) while the listener still accepts; at
+/// [`Phase::Closing`] the listener closes and this waits for every connection, upgraded ones
+/// included, to end; at [`Phase::Cut`] it returns, and connections still open are dropped.
+/// `open`, when given, follows the number of open connections.
 pub async fn serve_http_with<F, Fut, B>(
     listener: TcpListener,
     limits: ConnLimits,
     open: Option<IntGauge>,
     handler: F,
-    shutdown: impl Future<Output = ()>,
+    mut drain: Drain,
 ) where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
@@ -245,14 +271,18 @@ pub async fn serve_http_with<F, Fut, B>(
         .max_send_buf_size(H2_MAX_SEND_BUF)
         .max_concurrent_streams(H2_MAX_STREAMS);
     let builder = Arc::new(builder);
+    // One permit per open connection: held by the socket itself, so also by an upgraded tunnel.
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    // Every connection task holds a sender; `recv` answers `None` once all of them have ended.
-    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // Told by this loop, once it has counted them, to the connections still open at the cut.
+    let (cut_tx, cut_rx) = watch::channel(false);
     let mut backoff = ACCEPT_BACKOFF.0;
     // Reached over and over under a flood: warn at most every ten seconds.
     let limit_warnings = LogLimit::new(LIMIT_WARNING_INTERVAL.as_millis() as u64);
-    tokio::pin!(shutdown);
+    let closing = {
+        let mut drain = drain.clone();
+        async move { drain.reached(Phase::Closing).await }
+    };
+    tokio::pin!(closing);
     loop {
         // A slot first, then the accept: at the cap, clients wait in the kernel's backlog.
         let permit = match slots.clone().try_acquire_owned() {
@@ -270,7 +300,7 @@ pub async fn serve_http_with<F, Fut, B>(
                         Ok(permit) => permit,
                         Err(_) => break, // never closed; nothing left to accept with
                     },
-                    () = &mut shutdown => break,
+                    () = &mut closing => break,
                 }
             }
         };
@@ -286,13 +316,13 @@ pub async fn serve_http_with<F, Fut, B>(
                     tracing::warn!(error = %e, retry_in = ?backoff, "accept failed");
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
-                        () = &mut shutdown => break,
+                        () = &mut closing => break,
                     }
                     backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            () = &mut closing => break,
         };
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(Counted::new(stream, permit, open.clone()));
@@ -302,23 +332,30 @@ pub async fn serve_http_with<F, Fut, B>(
             handler.clone(),
             peer,
             limits,
-            stop_rx.clone(),
+            drain.clone(),
+            cut_rx.clone(),
         );
-        let done = done_tx.clone();
-        tokio::spawn(
-            async move {
-                conn.await;
-                drop(done);
-            }
-            .instrument(tracing::debug_span!("conn", %peer)),
-        );
+        tokio::spawn(conn.instrument(tracing::debug_span!("conn", %peer)));
     }
     drop(listener);
-    let _ = stop_tx.send(true);
-    drop(done_tx);
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let open_now = || limits.max_connections - slots.available_permits();
+    if open_now() > 0 {
+        tracing::info!(
+            open = open_now(),
+            "listener closed; waiting for the connections still open"
+        );
+    }
     tokio::select! {
-        _ = done_rx.recv() => {}
-        () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("gave up waiting for in-flight requests"),
+        // Every permit back: every connection, tunnels included, has ended.
+        _ = slots.acquire_many(all) => {}
+        () = drain.reached(Phase::Cut) => {
+            let cut = open_now();
+            if cut > 0 {
+                tracing::warn!(cut, "shutdown timeout reached: dropping the connections still open");
+            }
+            let _ = cut_tx.send(true);
+        }
     }
 }
 
@@ -444,15 +481,17 @@ impl<B: Body> Body for Tracked<B> {
     }
 }
 
-/// Serves one connection until it ends, it misses a deadline of `limits`, or `stop` turns true
-/// (then it gets [`DRAIN_TIMEOUT`] to finish what is in flight).
+/// Serves one connection until it ends or misses a deadline of `limits`, following `drain`: while
+/// draining it is asked to close once its requests are answered, once the listener is closing a
+/// connection that has asked nothing is closed, and once `cut` turns true it is dropped.
 async fn serve_connection<F, Fut, B>(
     builder: Arc<auto::Builder<TokioExecutor>>,
     io: TokioIo<Counted>,
     handler: F,
     peer: SocketAddr,
     limits: ConnLimits,
-    mut stop: watch::Receiver<bool>,
+    mut drain: Drain,
+    mut cut: watch::Receiver<bool>,
 ) where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
@@ -469,12 +508,26 @@ async fn serve_connection<F, Fut, B>(
     let activity = Arc::new(activity);
     let tracker = activity.clone();
     let backlog = io.inner().backlog.clone();
+    let draining = drain.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let in_flight = InFlight::start(&tracker);
         let handler = handler.clone();
-        let backlog = (req.version() <= http::Version::HTTP_11).then(|| backlog.clone());
+        let http1 = req.version() <= http::Version::HTTP_11;
+        let backlog = http1.then(|| backlog.clone());
+        let draining = draining.clone();
         async move {
-            let resp = handler(req, peer).await;
+            let mut resp = handler(req, peer).await;
+            // Sends the client elsewhere for its next request. (The connection is also asked to
+            // close, but that may come after this response's head is out; h2 gets a GOAWAY.)
+            if http1
+                && draining.is_draining()
+                && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            {
+                resp.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
             Ok::<_, Infallible>(resp.map(|inner| Tracked {
                 inner,
                 in_flight,
@@ -484,8 +537,22 @@ async fn serve_connection<F, Fut, B>(
     });
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
+    let mut asked_to_close = false;
     let grace = loop {
         let now = *changes.borrow_and_update();
+        let phase = drain.phase_and_mark_seen();
+        if phase >= Phase::Draining && !asked_to_close {
+            if now.started {
+                // HTTP/1.1 closes once its response is out (at once if idle), h2 sends GOAWAY
+                // and lets its open streams finish. Not before a request has come: the protocol
+                // is not known yet, and hyper would drop the connection unanswered.
+                conn.as_mut().graceful_shutdown();
+                asked_to_close = true;
+            } else if phase >= Phase::Closing {
+                tracing::debug!("listener closed before this connection asked anything; closing");
+                return;
+            }
+        }
         let deadline = match now {
             Activity { started: false, .. } => Some(accepted + limits.header_read_timeout),
             Activity {
@@ -522,7 +589,12 @@ async fn serve_connection<F, Fut, B>(
                 tracing::debug!(timeout = ?limits.keep_alive_timeout, "idle; closing");
                 break CLOSE_TIMEOUT;
             }
-            _ = stop.wait_for(|s| *s) => break DRAIN_TIMEOUT,
+            () = drain.changed() => continue,
+            // (An error is a sender gone: only once every connection has ended.)
+            Ok(_) = cut.wait_for(|c| *c) => {
+                tracing::debug!("shutdown timeout reached; dropping the connection");
+                return;
+            }
         }
     };
     // HTTP/1.1 closes once its response is out, h2 sends GOAWAY and lets open streams finish.

@@ -22,10 +22,7 @@ use serde_json::Value;
 /// Flags the deployment files use that work in progress adds to stickless: IAM authentication to
 /// ElastiCache and the drain at shutdown. Remove each one once `stickless serve --help` has it (the
 /// test fails until then, so that the list cannot outlive its reason).
-const PENDING: &[&str] = &[
-    "--drain-delay",
-    "--shutdown-timeout",
-];
+const PENDING: &[&str] = &[];
 
 /// How long one run of an external tool may take.
 const TOOL_LIMIT: Duration = Duration::from_secs(180);

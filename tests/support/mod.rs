@@ -742,6 +742,30 @@ impl Stickless {
         let _ = self.child.wait();
     }
 
+    /// Sends SIGTERM, as systemd does to stop a service (a second call is a second signal).
+    pub fn terminate(&mut self) {
+        // Only a live child may be signalled: a reaped pid may belong to another process by now.
+        if let Ok(None) = self.child.try_wait() {
+            signal(self.child.id(), "TERM");
+        }
+    }
+
+    /// Waits for the process to exit by itself, or panics with its log after `deadline`.
+    pub fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let end = Instant::now() + deadline;
+        blocking(|| loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < end,
+                "stickless did not exit within {deadline:?}; its log:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        })
+    }
+
     /// `http://<addr><path>`
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)

@@ -4,6 +4,7 @@
 //! `STICKLESS_<FLAG>`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -174,6 +175,14 @@ pub struct ServeArgs {
     /// the session.
     #[arg(long, env = "STICKLESS_ON_STORE_ERROR", default_value = "fail-closed", value_name = "MODE", value_parser = OnStoreError::parse)]
     pub on_store_error: OnStoreError,
+    /// PEM file with the certificate chain (the server's certificate first, then intermediates):
+    /// serves HTTPS (h2 and HTTP/1.1, TLS 1.2 and 1.3) on --listen instead of plain HTTP. With
+    /// --tls-key. Both files are read again on SIGHUP.
+    #[arg(long, env = "STICKLESS_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file with the private key of --tls-cert (PKCS#8, RSA or EC).
+    #[arg(long, env = "STICKLESS_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ServeArgs {
@@ -289,6 +298,8 @@ impl ServeArgs {
             probe_interval: self.breaker_probe_interval,
         };
         settings.on_store_error = self.on_store_error;
+        settings.tls_cert = self.tls_cert;
+        settings.tls_key = self.tls_key;
         Config::new(settings).map_err(|e| {
             let hint = match e {
                 config::ConfigError::KeysRequired => {

@@ -9,6 +9,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Deref;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cookie::{CookieConfig, SameSite, SecureMode, SigningKeys};
@@ -56,6 +57,20 @@ pub struct Settings {
     pub breaker: BreakerConfig,
     /// What a request gets when its session cannot be loaded.
     pub on_store_error: OnStoreError,
+    /// PEM file of the certificate chain for TLS on the proxy's listener; with `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file of the private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+}
+
+/// The certificate chain and private key that TLS on the proxy's listener serves (read by
+/// [`crate::tls`] at startup and again on every reload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificates: the server's first, then the intermediates.
+    pub cert: PathBuf,
+    /// The PEM private key of the first certificate.
+    pub key: PathBuf,
 }
 
 /// Most client connections a setting may allow: bounded so that the semaphore behind it can
@@ -95,6 +110,8 @@ impl Settings {
             fd_limit: None,
             breaker: BreakerConfig::default(),
             on_store_error: OnStoreError::default(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -106,6 +123,7 @@ pub struct Config {
     settings: Settings,
     keys: SigningKeys,
     connection_cap: usize,
+    tls: Option<TlsFiles>,
 }
 
 impl Deref for Config {
@@ -174,6 +192,14 @@ pub enum ConfigError {
     /// A Redis key prefix with spaces or control characters, or too long.
     #[error("use at most 128 characters without spaces or control characters")]
     KeyPrefix,
+    /// One of the TLS certificate and key without the other.
+    #[error("required with --{given}: TLS needs both the certificate chain (--tls-cert) and its private key (--tls-key), as PEM files")]
+    TlsHalfGiven {
+        /// The setting that was given.
+        given: &'static str,
+        /// The setting that is missing.
+        missing: &'static str,
+    },
 }
 
 impl ConfigError {
@@ -190,6 +216,7 @@ impl ConfigError {
             ConfigError::RedisUrl => "redis-url",
             ConfigError::KeyPrefix => "key-prefix",
             ConfigError::RotationGraceTooShort { .. } => "rotation-grace",
+            ConfigError::TlsHalfGiven { missing, .. } => missing,
         }
     }
 }
@@ -333,6 +360,25 @@ impl Config {
                 })
             }
         };
+        let tls = match (&settings.tls_cert, &settings.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::TlsHalfGiven {
+                    given: "tls-cert",
+                    missing: "tls-key",
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::TlsHalfGiven {
+                    given: "tls-key",
+                    missing: "tls-cert",
+                })
+            }
+        };
         let keys = match (&settings.keys, &settings.store) {
             (Some(keys), _) => keys.clone(),
             (None, StoreConfig::Memory) => SigningKeys::random(),
@@ -342,6 +388,7 @@ impl Config {
             settings,
             keys,
             connection_cap,
+            tls,
         })
     }
 
@@ -354,6 +401,11 @@ impl Config {
     /// default for the file-descriptor limit.
     pub fn connection_cap(&self) -> usize {
         self.connection_cap
+    }
+
+    /// The certificate and key of TLS on the proxy's listener; `None` for plain HTTP.
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
     }
 }
 
@@ -863,9 +915,23 @@ mod tests {
         assert_eq!(e.setting(), "breaker-failures");
         let e = refused(&|s| s.breaker.probe_interval = Duration::ZERO);
         assert_eq!(e.setting(), "breaker-probe-interval");
+        let e = refused(&|s| s.tls_cert = Some("cert.pem".into()));
+        assert_eq!(e.setting(), "tls-key");
+        let e = refused(&|s| s.tls_key = Some("key.pem".into()));
+        assert_eq!(e.setting(), "tls-cert");
         let mut ok = settings();
         ok.keys = Some(SigningKeys::random());
         ok.store = redis();
-        assert!(Config::new(ok).is_ok());
+        assert!(Config::new(ok.clone()).is_ok());
+        ok.tls_cert = Some("cert.pem".into());
+        ok.tls_key = Some("key.pem".into());
+        let tls = Config::new(ok).unwrap().tls().cloned();
+        assert_eq!(
+            tls,
+            Some(TlsFiles {
+                cert: "cert.pem".into(),
+                key: "key.pem".into()
+            })
+        );
     }
 }

@@ -1,10 +1,11 @@
 //! Listeners and their accept loops: the proxy and the admin endpoint, served by hyper (HTTP/1.1
-//! and h2c from clients) until the shutdown future completes, then drained.
+//! and h2c from clients, or both over TLS on the proxy's listener when it has a certificate) until
+//! the shutdown future completes, then drained.
 //!
 //! Each listener holds its connections to [`ConnLimits`]: a cap on how many are open (at the cap
 //! the listener stops accepting, so the rest wait in the kernel's backlog instead of using a file
-//! descriptor each), a deadline from accept to the first complete request head, and an idle
-//! timeout once requests are done. The admin listener has its own small cap, so `/healthz` and
+//! descriptor each), a deadline from accept to the first complete request head (the TLS
+//! handshake included), and an idle timeout once requests are done. The admin listener has its own small cap, so `/healthz` and
 //! `/metrics` keep answering while the proxy's listener is full.
 
 use std::convert::Infallible;
@@ -28,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
 use tracing::Instrument;
 
 use crate::admin::Admin;
@@ -39,6 +41,7 @@ use crate::store::breaker::Breaker;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisSettings, RedisSetupError, RedisStore};
 use crate::store::SessionStore;
+use crate::tls::Tls;
 
 /// Time in-flight requests get to finish once shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,8 +75,8 @@ const MAX_UNSENT_BYTES: u64 = 8 * 1024;
 pub struct ConnLimits {
     /// Most connections open at once; at the cap the listener stops accepting.
     pub max_connections: usize,
-    /// Time from accept to a complete first request head (h2's preface included); past it the
-    /// connection is closed. hyper's own header timeout only starts once the first byte has
+    /// Time from accept to a complete first request head (the TLS handshake and h2's preface
+    /// included); past it the connection is closed. hyper's own header timeout only starts once the first byte has
     /// arrived, so a connection that never sends one would otherwise be held for ever.
     pub header_read_timeout: Duration,
     /// Time a connection stays open without a request in flight once it has served one:
@@ -142,12 +145,13 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Redis
     })
 }
 
-/// Runs the proxy on `listener` and the admin endpoint on `admin_listener` until `shutdown`
-/// completes, then lets in-flight requests finish.
+/// Runs the proxy on `listener` (over TLS with `tls`) and the admin endpoint on `admin_listener`
+/// until `shutdown` completes, then lets in-flight requests finish.
 pub async fn serve_proxy(
     config: Config,
     store: Arc<dyn SessionStore>,
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
@@ -168,6 +172,7 @@ pub async fn serve_proxy(
     };
     let proxy_server = serve_http_with(
         listener,
+        tls,
         proxy_limits,
         Some(proxy_open),
         move |req, peer| {
@@ -178,6 +183,7 @@ pub async fn serve_proxy(
     );
     let admin_server = serve_http_with(
         admin_listener,
+        None,
         admin_limits,
         Some(admin_open),
         move |req, _| {
@@ -202,14 +208,24 @@ pub async fn serve_http<F, Fut, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    serve_http_with(listener, ConnLimits::default(), None, handler, shutdown).await;
+    serve_http_with(
+        listener,
+        None,
+        ConnLimits::default(),
+        None,
+        handler,
+        shutdown,
+    )
+    .await;
 }
 
 /// Accepts connections on `listener` within `limits` and serves each with `handler` until
-/// `shutdown` completes, then gives open connections `DRAIN_TIMEOUT` (10 s) to finish. `open`, when
-/// given, follows the number of open connections.
+/// `shutdown` completes, then gives open connections `DRAIN_TIMEOUT` (10 s) to finish. With `tls`,
+/// each connection starts with a TLS handshake, which holds a slot under the cap and must end
+/// within `limits.header_read_timeout`. `open`, when given, follows the number of open connections.
 pub async fn serve_http_with<F, Fut, B>(
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     limits: ConnLimits,
     open: Option<IntGauge>,
     handler: F,
@@ -293,19 +309,32 @@ pub async fn serve_http_with<F, Fut, B>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(Counted::new(stream, permit, open.clone()));
-        let conn = serve_connection(
+        let accepted = Instant::now();
+        let stream = Counted::new(stream, permit, open.clone());
+        let (builder, handler, stop, tls) = (
             builder.clone(),
-            io,
             handler.clone(),
-            peer,
-            limits,
             stop_rx.clone(),
+            tls.clone(),
         );
         let done = done_tx.clone();
         tokio::spawn(
             async move {
-                conn.await;
+                match tls {
+                    None => {
+                        let io = TokioIo::new(stream);
+                        serve_connection(builder, io, handler, peer, limits, accepted, stop).await;
+                    }
+                    Some(tls) => {
+                        let deadline = accepted + limits.header_read_timeout;
+                        let handshake = handshake(&tls, stream, deadline, stop.clone());
+                        if let Some(stream) = handshake.await {
+                            let io = TokioIo::new(stream);
+                            serve_connection(builder, io, handler, peer, limits, accepted, stop)
+                                .await;
+                        }
+                    }
+                }
                 drop(done);
             }
             .instrument(tracing::debug_span!("conn", %peer)),
@@ -442,23 +471,49 @@ impl<B: Body> Body for Tracked<B> {
     }
 }
 
-/// Serves one connection until it ends, it misses a deadline of `limits`, or `stop` turns true
-/// (then it gets [`DRAIN_TIMEOUT`] to finish what is in flight).
-async fn serve_connection<F, Fut, B>(
+/// The TLS handshake of an accepted connection, by `deadline` (the first request's, which the
+/// handshake counts against) and abandoned at shutdown. `None` when it fails: there is no one to
+/// answer, and a scanner's failed handshakes are worth no more than a debug line.
+async fn handshake(
+    tls: &Tls,
+    stream: Counted,
+    deadline: Instant,
+    mut stop: watch::Receiver<bool>,
+) -> Option<TlsStream<Counted>> {
+    tokio::select! {
+        done = tokio::time::timeout_at(deadline, tls.accept(stream)) => match done {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!("no TLS handshake in time; closing");
+                None
+            }
+        },
+        _ = stop.wait_for(|s| *s) => None,
+    }
+}
+
+/// Serves one connection until it ends, it misses a deadline of `limits` (counted from
+/// `accepted`), or `stop` turns true (then it gets [`DRAIN_TIMEOUT`] to finish what is in flight).
+async fn serve_connection<I, F, Fut, B>(
     builder: Arc<auto::Builder<TokioExecutor>>,
-    io: TokioIo<Counted>,
+    io: TokioIo<I>,
     handler: F,
     peer: SocketAddr,
     limits: ConnLimits,
+    accepted: Instant,
     mut stop: watch::Receiver<bool>,
 ) where
+    I: Socket,
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let accepted = Instant::now();
     let (activity, mut changes) = watch::channel(Activity {
         started: false,
         in_flight: 0,
@@ -466,7 +521,7 @@ async fn serve_connection<F, Fut, B>(
     });
     let activity = Arc::new(activity);
     let tracker = activity.clone();
-    let backlog = io.inner().backlog.clone();
+    let backlog = io.inner().backlog();
     let service = service_fn(move |req: Request<Incoming>| {
         let in_flight = InFlight::start(&tracker);
         let handler = handler.clone();
@@ -529,6 +584,25 @@ async fn serve_connection<F, Fut, B>(
         tracing::debug!("connection did not close in time; dropped");
     }
     drop(activity);
+}
+
+/// A client connection as hyper serves it: the counted socket, plain or inside TLS.
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// What the socket itself has taken of the responses, under TLS too: the body waits for the
+    /// client, not for rustls' buffer, which then never holds more than the backlog allows.
+    fn backlog(&self) -> Arc<Backlog>;
+}
+
+impl Socket for Counted {
+    fn backlog(&self) -> Arc<Backlog> {
+        self.backlog.clone()
+    }
+}
+
+impl Socket for TlsStream<Counted> {
+    fn backlog(&self) -> Arc<Backlog> {
+        self.get_ref().0.backlog.clone()
+    }
 }
 
 /// An accepted client connection, holding its slot under the listener's cap for as long as the

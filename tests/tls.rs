@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::io::Read;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -455,7 +456,7 @@ fn startup_errors_exit_2_and_name_the_flag() {
         for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("STICKLESS_")) {
             command.env_remove(k);
         }
-        let out = command
+        let mut child = command
             .args([
                 "serve",
                 "--listen",
@@ -467,10 +468,26 @@ fn startup_errors_exit_2_and_name_the_flag() {
             .args(*args)
             .env_remove("REDIS_URL")
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+        let mut stderr = String::new();
+        let mut pipe = child.stderr.take().unwrap();
+        // A process that starts despite the bad flag is killed, and the test fails below.
+        let end = std::time::Instant::now() + STEP;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > end {
+                let _ = child.kill();
+                break child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        pipe.read_to_string(&mut stderr).unwrap();
+        assert_eq!(status.code(), Some(2), "{what}: {stderr}");
         assert!(
             stderr.contains(&format!("'{flag}'")),
             "{what}: does not name {flag}: {stderr}"

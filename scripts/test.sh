@@ -145,7 +145,7 @@ ensure_redis_server
 ensure_python_flask
 ensure_valkey_server
 ensure_example_toolchains
-# openssl makes the throw-away CA for the rediss:// (TLS) test.
+# openssl makes the throw-away CA for the TLS tests (rediss://, and --tls-cert in tests/tls.rs).
 if ! command -v openssl >/dev/null 2>&1; then
   log "openssl not found: installing it"
   apt_install openssl

@@ -176,8 +176,8 @@ pub struct ServeArgs {
     #[arg(long, env = "STICKLESS_ON_STORE_ERROR", default_value = "fail-closed", value_name = "MODE", value_parser = OnStoreError::parse)]
     pub on_store_error: OnStoreError,
     /// PEM file with the certificate chain (the server's certificate first, then intermediates):
-    /// serves HTTPS (h2 and HTTP/1.1, TLS 1.2 and 1.3) on --listen instead of plain HTTP. With
-    /// --tls-key. Both files are read again on SIGHUP.
+    /// serves HTTPS (h2 and HTTP/1.1, TLS 1.2 and 1.3) on --listen instead of plain HTTP; needs
+    /// --tls-key too. Both files are read again on SIGHUP.
     #[arg(long, env = "STICKLESS_TLS_CERT", value_name = "PATH")]
     pub tls_cert: Option<PathBuf>,
     /// PEM file with the private key of --tls-cert (PKCS#8, RSA or EC).

@@ -5,8 +5,8 @@
 //! Each listener holds its connections to [`ConnLimits`]: a cap on how many are open (at the cap
 //! the listener stops accepting, so the rest wait in the kernel's backlog instead of using a file
 //! descriptor each), a deadline from accept to the first complete request head (the TLS
-//! handshake included), and an idle timeout once requests are done. The admin listener has its own small cap, so `/healthz` and
-//! `/metrics` keep answering while the proxy's listener is full.
+//! handshake included), and an idle timeout once requests are done. The admin listener has its
+//! own small cap, so `/healthz` and `/metrics` keep answering while the proxy's listener is full.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -76,8 +76,9 @@ pub struct ConnLimits {
     /// Most connections open at once; at the cap the listener stops accepting.
     pub max_connections: usize,
     /// Time from accept to a complete first request head (the TLS handshake and h2's preface
-    /// included); past it the connection is closed. hyper's own header timeout only starts once the first byte has
-    /// arrived, so a connection that never sends one would otherwise be held for ever.
+    /// included); past it the connection is closed. hyper's own header timeout only starts once
+    /// the first byte has arrived, so a connection that never sends one would otherwise be held
+    /// for ever.
     pub header_read_timeout: Duration,
     /// Time a connection stays open without a request in flight once it has served one:
     /// HTTP/1.1 keep-alive, and h2 with no open stream (hyper keeps those open for as long as the

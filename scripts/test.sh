@@ -216,7 +216,7 @@ ensure_deploy_linters
 ensure_promtool
 ensure_valkey_server
 ensure_example_toolchains
-# openssl makes the throw-away CA for the rediss:// (TLS) test.
+# openssl makes the throw-away CA for the TLS tests (rediss://, and --tls-cert in tests/tls.rs).
 if ! command -v openssl >/dev/null 2>&1; then
   log "openssl not found: installing it"
   apt_install openssl

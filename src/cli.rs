@@ -4,6 +4,7 @@
 //! `STICKLESS_<FLAG>`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -209,6 +210,14 @@ pub struct ServeArgs {
     /// flight get to finish; past it they are dropped and stickless exits.
     #[arg(long, env = "STICKLESS_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub shutdown_timeout: Duration,
+    /// PEM file with the certificate chain (the server's certificate first, then intermediates):
+    /// serves HTTPS (h2 and HTTP/1.1, TLS 1.2 and 1.3) on --listen instead of plain HTTP; needs
+    /// --tls-key too. Both files are read again on SIGHUP.
+    #[arg(long, env = "STICKLESS_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file with the private key of --tls-cert (PKCS#8, RSA or EC).
+    #[arg(long, env = "STICKLESS_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ServeArgs {
@@ -338,6 +347,8 @@ impl ServeArgs {
         settings.on_store_error = self.on_store_error;
         settings.drain_delay = self.drain_delay;
         settings.shutdown_timeout = self.shutdown_timeout;
+        settings.tls_cert = self.tls_cert;
+        settings.tls_key = self.tls_key;
         Config::new(settings).map_err(|e| {
             let hint = match e {
                 config::ConfigError::KeysRequired => {

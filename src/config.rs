@@ -9,6 +9,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Deref;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cookie::{CookieConfig, SameSite, SecureMode, SigningKeys};
@@ -62,6 +63,20 @@ pub struct Settings {
     /// Once the listeners are closed, how long requests and upgraded tunnels in flight get to
     /// finish before they are dropped.
     pub shutdown_timeout: Duration,
+    /// PEM file of the certificate chain for TLS on the proxy's listener; with `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file of the private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+}
+
+/// The certificate chain and private key that TLS on the proxy's listener serves (read by
+/// [`crate::tls`] at startup and again on every reload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificates: the server's first, then the intermediates.
+    pub cert: PathBuf,
+    /// The PEM private key of the first certificate.
+    pub key: PathBuf,
 }
 
 /// The default [`Settings::drain_delay`].
@@ -111,6 +126,8 @@ impl Settings {
             on_store_error: OnStoreError::default(),
             drain_delay: DEFAULT_DRAIN_DELAY,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -122,6 +139,7 @@ pub struct Config {
     settings: Settings,
     keys: SigningKeys,
     connection_cap: usize,
+    tls: Option<TlsFiles>,
 }
 
 impl Deref for Config {
@@ -220,6 +238,14 @@ pub enum ConfigError {
     /// IAM authentication with a password as well.
     #[error("the password is a token stickless signs: leave it out of --redis-url (rediss://USER-ID@HOST:PORT)")]
     IamWithPassword,
+    /// One of the TLS certificate and key without the other.
+    #[error("required with --{given}: TLS needs both the certificate chain (--tls-cert) and its private key (--tls-key), as PEM files")]
+    TlsHalfGiven {
+        /// The setting that was given.
+        given: &'static str,
+        /// The setting that is missing.
+        missing: &'static str,
+    },
 }
 
 impl ConfigError {
@@ -242,6 +268,7 @@ impl ConfigError {
             | ConfigError::IamWithSentinel
             | ConfigError::IamNeedsUser
             | ConfigError::IamWithPassword => "redis-iam",
+            ConfigError::TlsHalfGiven { missing, .. } => missing,
         }
     }
 }
@@ -420,6 +447,25 @@ impl Config {
                 })
             }
         };
+        let tls = match (&settings.tls_cert, &settings.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::TlsHalfGiven {
+                    given: "tls-cert",
+                    missing: "tls-key",
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::TlsHalfGiven {
+                    given: "tls-key",
+                    missing: "tls-cert",
+                })
+            }
+        };
         let keys = match (&settings.keys, &settings.store) {
             (Some(keys), _) => keys.clone(),
             (None, StoreConfig::Memory) => SigningKeys::random(),
@@ -429,6 +475,7 @@ impl Config {
             settings,
             keys,
             connection_cap,
+            tls,
         })
     }
 
@@ -441,6 +488,11 @@ impl Config {
     /// default for the file-descriptor limit.
     pub fn connection_cap(&self) -> usize {
         self.connection_cap
+    }
+
+    /// The certificate and key of TLS on the proxy's listener; `None` for plain HTTP.
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
     }
 }
 
@@ -1205,9 +1257,23 @@ mod tests {
             Config::new(no_delay).is_ok(),
             "a drain delay of zero is allowed"
         );
+        let e = refused(&|s| s.tls_cert = Some("cert.pem".into()));
+        assert_eq!(e.setting(), "tls-key");
+        let e = refused(&|s| s.tls_key = Some("key.pem".into()));
+        assert_eq!(e.setting(), "tls-cert");
         let mut ok = settings();
         ok.keys = Some(SigningKeys::random());
         ok.store = redis();
-        assert!(Config::new(ok).is_ok());
+        assert!(Config::new(ok.clone()).is_ok());
+        ok.tls_cert = Some("cert.pem".into());
+        ok.tls_key = Some("key.pem".into());
+        let tls = Config::new(ok).unwrap().tls().cloned();
+        assert_eq!(
+            tls,
+            Some(TlsFiles {
+                cert: "cert.pem".into(),
+                key: "key.pem".into()
+            })
+        );
     }
 }

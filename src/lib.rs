@@ -19,11 +19,12 @@
 //!    leaves one line in the [`access_log`] once its response is done.
 //!
 //! Around that path: [`server`] bounds client connections (a cap, a deadline to the first request,
-//! an idle timeout, a cap on unsent response bytes), [`upstream`] opens the backend's connections,
-//! [`hop`] handles hop-by-hop headers and upgrades (with [`tunnel`] carrying upgraded connections),
-//! [`body`] wraps the streamed bodies, and [`log_limit`] keeps client-triggered warnings from
-//! flooding the log. [`shutdown`] runs a graceful stop (drain, close, cut) and [`notify`] tells
-//! systemd when stickless is ready and when it stops.
+//! an idle timeout, a cap on unsent response bytes) and terminates TLS with [`tls`] when given a
+//! certificate, [`upstream`] opens the backend's connections, [`hop`] handles hop-by-hop headers
+//! and upgrades (with [`tunnel`] carrying upgraded connections), [`body`] wraps the streamed
+//! bodies, and [`log_limit`] keeps client-triggered warnings from flooding the log. [`shutdown`]
+//! runs a graceful stop (drain, close, cut) and [`notify`] tells systemd when stickless is ready
+//! and when it stops.
 //!
 //! [`config`] holds the typed configuration: [`config::Settings`] checked into a
 //! [`config::Config`] (the binary's flags are turned into settings; [`value`] is the error of a bad
@@ -48,6 +49,7 @@ pub mod request_id;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod tls;
 pub mod tunnel;
 pub mod upstream;
 pub mod value;

@@ -8,6 +8,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
@@ -15,6 +16,7 @@ use tokio::net::TcpListener;
 
 use cli::{Cli, Command, DemoArgs, ServeArgs};
 use stickless::config::{AccessLog, Config, LogFormat, StoreConfig, Upstream};
+use stickless::tls::Tls;
 
 fn main() -> ExitCode {
     // Purge freed memory back to the system in the background (after jemalloc's dirty decay),
@@ -118,8 +120,30 @@ async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr} (set by {flag}); is another process using it? choose another address with {flag}"))
 }
 
+/// Reads the TLS certificate and key when the configuration has them, exiting with status 2 and
+/// the flag's name when they cannot be used.
+fn tls_or_exit(config: &Config) -> Option<Arc<Tls>> {
+    let files = config.tls()?;
+    match Tls::load(files) {
+        Ok(tls) => {
+            let cert = tls.summary();
+            tracing::info!(
+                fingerprint_sha256 = %cert.fingerprint,
+                chain = cert.chain_len,
+                "TLS on the proxy's listener; SIGHUP reloads the certificate"
+            );
+            Some(Arc::new(tls))
+        }
+        Err(e) => {
+            eprintln!("error: invalid value for '--{}': {e}", e.setting());
+            std::process::exit(2);
+        }
+    }
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = config_or_exit(args);
+    let tls = tls_or_exit(&config);
     let listener = bind(config.listen, "--listen").await?;
     let admin = bind(config.admin_listen, "--admin-listen").await?;
     let store = match stickless::server::build_store(&config).await {
@@ -145,12 +169,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         upstream = %config.upstream.authority,
         store = kind,
         max_connections = config.connection_cap(),
+        tls = tls.is_some(),
         "stickless ready"
     );
+    tokio::spawn(stickless::tls::reload_on_hangup(tls.clone()));
     stickless::server::serve_proxy(
         config,
         store,
         listener,
+        tls,
         admin,
         stickless::shutdown::Shutdown::on_signals(),
     )
@@ -186,6 +213,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         config,
         store,
         listener,
+        None,
         admin,
         stickless::shutdown::Shutdown::on_signals(),
     )

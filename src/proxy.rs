@@ -215,6 +215,8 @@ pub struct Proxy {
     upstream: Upstream,
     upstream_timeout: Duration,
     on_store_error: OnStoreError,
+    /// Whether the listener serves TLS itself: every request then came over HTTPS.
+    tls: bool,
     /// Pooled connections to the backend.
     client: Client<Connector, UpstreamBody>,
     /// Fresh connections only, for a retry.
@@ -256,6 +258,7 @@ impl Proxy {
             upstream: config.upstream.clone(),
             upstream_timeout: config.upstream_timeout,
             on_store_error: config.on_store_error,
+            tls: config.tls().is_some(),
             client,
             fresh,
             metrics,
@@ -316,10 +319,13 @@ impl Proxy {
         log: &mut AccessRecord,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         check_host(&req)?;
-        let https = req
-            .headers()
-            .get(&X_FORWARDED_PROTO)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+        // Over stickless's own TLS the request is HTTPS whatever it says; otherwise the load
+        // balancer in front says.
+        let https = self.tls
+            || req
+                .headers()
+                .get(&X_FORWARDED_PROTO)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
         let upgrade = Upgrade::requested(&mut req);
         // The client's hop-by-hop headers go first: a `Connection` header naming a header could
         // otherwise remove one that stickless injects below.
@@ -796,7 +802,8 @@ impl Proxy {
         }
         // A load balancer in front (an ELB) already says how the client connected: keep its word.
         if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+            let proto = if self.tls { "https" } else { "http" };
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
         }
         if !headers.contains_key(&X_FORWARDED_HOST) {
             if let Some(host) = headers.get(header::HOST).cloned() {

@@ -1,12 +1,13 @@
 //! Listeners and their accept loops: the proxy and the admin endpoint, served by hyper (HTTP/1.1
-//! and h2c from clients) until they are told to stop, then drained as [`crate::shutdown`]
+//! and h2c from clients, or both over TLS on the proxy's listener when it has a certificate) until they are told to stop, then drained as [`crate::shutdown`]
 //! describes: connections are asked to close as their responses end while the listener still
 //! accepts, then the listener closes and what is in flight (upgraded tunnels included) gets the
 //! shutdown timeout to finish.
 //!
 //! Each listener holds its connections to [`ConnLimits`]: a cap on how many are open (at the cap
 //! the listener stops accepting, so the rest wait in the kernel's backlog instead of using a file
-//! descriptor each), a deadline from accept to the first complete request head, and an idle
+//! descriptor each), a deadline from accept to the first complete request head (the TLS
+//! handshake included), and an idle
 //! timeout once requests are done. The admin listener has its own small cap, so `/healthz` and
 //! `/metrics` keep answering while the proxy's listener is full.
 
@@ -31,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
 use tracing::Instrument;
 
 use crate::admin::Admin;
@@ -44,6 +46,7 @@ use crate::store::breaker::Breaker;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisSettings, RedisSetupError, RedisStore};
 use crate::store::SessionStore;
+use crate::tls::Tls;
 
 /// Time in-flight requests get to finish once [`serve_http`]'s shutdown completes.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,9 +80,10 @@ const MAX_UNSENT_BYTES: u64 = 8 * 1024;
 pub struct ConnLimits {
     /// Most connections open at once; at the cap the listener stops accepting.
     pub max_connections: usize,
-    /// Time from accept to a complete first request head (h2's preface included); past it the
-    /// connection is closed. hyper's own header timeout only starts once the first byte has
-    /// arrived, so a connection that never sends one would otherwise be held for ever.
+    /// Time from accept to a complete first request head (the TLS handshake and h2's preface
+    /// included); past it the connection is closed. hyper's own header timeout only starts once
+    /// the first byte has arrived, so a connection that never sends one would otherwise be held
+    /// for ever.
     pub header_read_timeout: Duration,
     /// Time a connection stays open without a request in flight once it has served one:
     /// HTTP/1.1 keep-alive, and h2 with no open stream (hyper keeps those open for as long as the
@@ -157,6 +161,7 @@ pub async fn serve_proxy(
     config: Config,
     store: Arc<dyn SessionStore>,
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     admin_listener: TcpListener,
     shutdown: Shutdown,
 ) {
@@ -178,6 +183,7 @@ pub async fn serve_proxy(
     ));
     let proxy_server = serve_http_with(
         listener,
+        tls,
         proxy_limits,
         Some(proxy_open),
         move |req, peer| {
@@ -188,6 +194,7 @@ pub async fn serve_proxy(
     );
     let admin_server = serve_http_with(
         admin_listener,
+        None,
         admin_limits,
         Some(admin_open),
         move |req, _| {
@@ -215,7 +222,7 @@ pub async fn serve_http<F, Fut, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (control, drain) = Drain::new();
-    let server = serve_http_with(listener, ConnLimits::default(), None, handler, drain);
+    let server = serve_http_with(listener, None, ConnLimits::default(), None, handler, drain);
     tokio::pin!(server);
     let stop = async {
         shutdown.await;
@@ -235,9 +242,12 @@ pub async fn serve_http<F, Fut, B>(
 /// say `Connection: close`, h2 connections get a GOAWAY) while the listener still accepts; at
 /// [`Phase::Closing`] the listener closes and this waits for every connection, upgraded ones
 /// included, to end; at [`Phase::Cut`] it returns, and connections still open are dropped.
-/// `open`, when given, follows the number of open connections.
+/// With `tls`, each connection starts with a TLS handshake, which holds a slot under the cap and
+/// must end within `limits.header_read_timeout`. `open`, when given, follows the number of open
+/// connections.
 pub async fn serve_http_with<F, Fut, B>(
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     limits: ConnLimits,
     open: Option<IntGauge>,
     handler: F,
@@ -325,17 +335,38 @@ pub async fn serve_http_with<F, Fut, B>(
             () = &mut closing => break,
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(Counted::new(stream, permit, open.clone()));
-        let conn = serve_connection(
+        let accepted = Instant::now();
+        let stream = Counted::new(stream, permit, open.clone());
+        let (builder, handler, drain, cut, tls) = (
             builder.clone(),
-            io,
             handler.clone(),
-            peer,
-            limits,
             drain.clone(),
             cut_rx.clone(),
+            tls.clone(),
         );
-        tokio::spawn(conn.instrument(tracing::debug_span!("conn", %peer)));
+        tokio::spawn(
+            async move {
+                match tls {
+                    None => {
+                        let io = TokioIo::new(stream);
+                        serve_connection(builder, io, handler, peer, limits, accepted, drain, cut)
+                            .await;
+                    }
+                    Some(tls) => {
+                        let deadline = accepted + limits.header_read_timeout;
+                        let handshake = handshake(&tls, stream, deadline, drain.clone());
+                        if let Some(stream) = handshake.await {
+                            let io = TokioIo::new(stream);
+                            serve_connection(
+                                builder, io, handler, peer, limits, accepted, drain, cut,
+                            )
+                            .await;
+                        }
+                    }
+                }
+            }
+            .instrument(tracing::debug_span!("conn", %peer)),
+        );
     }
     drop(listener);
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
@@ -481,25 +512,53 @@ impl<B: Body> Body for Tracked<B> {
     }
 }
 
+/// The TLS handshake of an accepted connection, by `deadline` (the first request's, which the
+/// handshake counts against) and abandoned once the listener closes at shutdown. `None` when it
+/// fails: there is no one to answer, and a scanner's failed handshakes are worth no more than a
+/// debug line.
+async fn handshake(
+    tls: &Tls,
+    stream: Counted,
+    deadline: Instant,
+    mut drain: Drain,
+) -> Option<TlsStream<Counted>> {
+    tokio::select! {
+        done = tokio::time::timeout_at(deadline, tls.accept(stream)) => match done {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!("no TLS handshake in time; closing");
+                None
+            }
+        },
+        () = drain.reached(Phase::Closing) => None,
+    }
+}
+
 /// Serves one connection until it ends or misses a deadline of `limits`, following `drain`: while
 /// draining it is asked to close once its requests are answered, once the listener is closing a
 /// connection that has asked nothing is closed, and once `cut` turns true it is dropped.
-async fn serve_connection<F, Fut, B>(
+#[allow(clippy::too_many_arguments)]
+async fn serve_connection<I, F, Fut, B>(
     builder: Arc<auto::Builder<TokioExecutor>>,
-    io: TokioIo<Counted>,
+    io: TokioIo<I>,
     handler: F,
     peer: SocketAddr,
     limits: ConnLimits,
+    accepted: Instant,
     mut drain: Drain,
     mut cut: watch::Receiver<bool>,
 ) where
+    I: Socket,
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let accepted = Instant::now();
     let (activity, mut changes) = watch::channel(Activity {
         started: false,
         in_flight: 0,
@@ -507,7 +566,7 @@ async fn serve_connection<F, Fut, B>(
     });
     let activity = Arc::new(activity);
     let tracker = activity.clone();
-    let backlog = io.inner().backlog.clone();
+    let backlog = io.inner().backlog();
     let draining = drain.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let in_flight = InFlight::start(&tracker);
@@ -603,6 +662,25 @@ async fn serve_connection<F, Fut, B>(
         tracing::debug!("connection did not close in time; dropped");
     }
     drop(activity);
+}
+
+/// A client connection as hyper serves it: the counted socket, plain or inside TLS.
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// What the socket itself has taken of the responses, under TLS too: the body waits for the
+    /// client, not for rustls' buffer, which then never holds more than the backlog allows.
+    fn backlog(&self) -> Arc<Backlog>;
+}
+
+impl Socket for Counted {
+    fn backlog(&self) -> Arc<Backlog> {
+        self.backlog.clone()
+    }
+}
+
+impl Socket for TlsStream<Counted> {
+    fn backlog(&self) -> Arc<Backlog> {
+        self.get_ref().0.backlog.clone()
+    }
 }
 
 /// An accepted client connection, holding its slot under the listener's cap for as long as the

@@ -4,6 +4,11 @@
 
 #![allow(dead_code)]
 
+mod certs;
+// Used by the TLS tests only; every test file compiles this module.
+#[allow(unused_imports)]
+pub use certs::Certs;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};

@@ -180,8 +180,8 @@ pub async fn signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! {
-        () = ctrl_c => tracing::info!("interrupted"),
-        () = term => tracing::info!("terminated"),
+        () = ctrl_c => tracing::info!("interrupted; shutting down"),
+        () = term => tracing::info!("terminated; shutting down"),
     }
 }
 

@@ -59,6 +59,14 @@ fn verify(unit_text: &str) -> (bool, String) {
         .unwrap();
     assert!(copied.success(), "cannot copy {}", system_units.display());
     std::fs::copy(env!("CARGO_BIN_EXE_stickless"), bin.join("stickless")).unwrap();
+    // ExecReload's `/bin/kill` (procps), which every Debian and Ubuntu system has.
+    let kill = ["/bin/kill", "/usr/bin/kill"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.is_file())
+        .expect("/bin/kill (Debian's procps package)");
+    std::fs::create_dir_all(root.path.join("bin")).unwrap();
+    std::fs::copy(kill, root.path.join("bin/kill")).unwrap();
     let installed = etc.join("stickless.service");
     std::fs::write(&installed, unit_text).unwrap();
     let out = Command::new(systemd_analyze())

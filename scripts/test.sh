@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. On a fresh Debian/Ubuntu machine it first installs
 # what is missing: redis-server, python3 + flask, the example apps' toolchains
-# (Node + npm, Go, PHP, a JDK), promtool (Debian's prometheus package), a C
+# (Node + npm, Go, PHP, a JDK), the deployment checkers (cfn-lint and
+# kubernetes-validate from PyPI into target/deploy-lint, promtool unpacked from
+# Debian's prometheus package into target/promtool, systemd-analyze), a C
 # toolchain, Rust (rustup).
 #
 #   bash scripts/test.sh                 # everything

@@ -3,7 +3,7 @@
 //! end, failed, or abandoned by the client), so that its duration is the whole exchange.
 //!
 //! A line holds the peer, the method, the path without its query (which may carry tokens) and cut
-//! to [`MAX_LOGGED_PATH`], the HTTP version, the status, the times (to the response head, to the
+//! to [`MAX_LOGGED_PATH`] with anything but visible ASCII escaped, the HTTP version, the status, the times (to the response head, to the
 //! end of the body, and the backend's to its response head), the body bytes sent, how the body
 //! ended, what happened to the session ([`SessionState`]) and the request id. Never a cookie, a
 //! session id, a field name or value, or a header value other than the request id.
@@ -178,16 +178,29 @@ fn millis(d: Duration) -> f64 {
     d.as_micros() as f64 / 1000.0
 }
 
-/// The path cut to [`MAX_LOGGED_PATH`] bytes (on a character boundary), marked when cut.
+/// The path as one plain token: every byte outside visible ASCII (spaces, control bytes, UTF-8,
+/// which a log viewer may show as a line break or a blank) and `"` written as `%XX`, so that a
+/// request cannot fake a field or a line of the text log; cut to [`MAX_LOGGED_PATH`] bytes
+/// (never inside an escape) and marked when cut.
 fn loggable_path(path: &str) -> String {
-    if path.len() <= MAX_LOGGED_PATH {
-        return path.to_owned();
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(path.len().min(MAX_LOGGED_PATH + 3));
+    for &b in path.as_bytes() {
+        let escaped = !(0x21..0x7f).contains(&b) || b == b'"';
+        let width = if escaped { 3 } else { 1 };
+        if out.len() + width > MAX_LOGGED_PATH {
+            out.push_str("...");
+            break;
+        }
+        if escaped {
+            out.push('%');
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 15)] as char);
+        } else {
+            out.push(b as char);
+        }
     }
-    let mut end = MAX_LOGGED_PATH;
-    while !path.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &path[..end])
+    out
 }
 
 pin_project! {
@@ -258,7 +271,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn long_paths_are_cut_on_a_character_boundary() {
+    fn long_paths_are_cut_whole() {
         assert_eq!(loggable_path("/a/b"), "/a/b");
         let exact = "/".repeat(MAX_LOGGED_PATH);
         assert_eq!(loggable_path(&exact), exact);
@@ -266,12 +279,27 @@ mod tests {
         let cut = loggable_path(&long);
         assert_eq!(cut.len(), MAX_LOGGED_PATH + 3);
         assert!(cut.ends_with("..."));
-        // A two-byte character straddling the bound is left out whole.
-        let straddling = format!("{}é", "x".repeat(MAX_LOGGED_PATH - 1));
+        // An escape straddling the bound is left out whole.
+        let straddling = format!("{}é", "x".repeat(MAX_LOGGED_PATH - 4));
         assert_eq!(
             loggable_path(&straddling),
-            format!("{}...", "x".repeat(MAX_LOGGED_PATH - 1))
+            format!("{}%C3...", "x".repeat(MAX_LOGGED_PATH - 4))
         );
+    }
+
+    #[test]
+    fn paths_cannot_fake_fields_or_lines() {
+        assert_eq!(
+            loggable_path("/x\u{2028}status=200"),
+            "/x%E2%80%A8status=200"
+        );
+        assert_eq!(
+            loggable_path("/x\u{a0}session=none \"a\""),
+            "/x%C2%A0session=none%20%22a%22"
+        );
+        assert_eq!(loggable_path("/a\r\nb\x7f"), "/a%0D%0Ab%7F");
+        assert_eq!(loggable_path("/cart?"), "/cart?");
+        assert_eq!(loggable_path("/caf%C3%A9"), "/caf%C3%A9");
     }
 
     #[test]

@@ -142,6 +142,10 @@ fn tls_or_exit(config: &Config) -> Option<Arc<Tls>> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // SIGHUP is taken over before anything that can take time (TLS files, IAM credentials, the
+    // first Redis connection): by default it would end the process.
+    let hangups = stickless::tls::hangups();
+    stickless::notify::starting();
     let config = config_or_exit(args);
     let tls = tls_or_exit(&config);
     let listener = bind(config.listen, "--listen").await?;
@@ -172,7 +176,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls = tls.is_some(),
         "stickless ready"
     );
-    tokio::spawn(stickless::tls::reload_on_hangup(tls.clone()));
+    tokio::spawn(stickless::tls::reload_on_hangup(hangups, tls.clone()));
     stickless::server::serve_proxy(
         config,
         store,

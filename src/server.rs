@@ -173,7 +173,7 @@ pub async fn serve_proxy(
     let (control, drain) = Drain::new();
     let proxy = Arc::new(Proxy::new(&config, store.clone(), metrics.clone()));
     let admin = Arc::new(Admin::new(store.clone(), metrics, drain.clone()));
-    let ready = tokio::spawn(notify::ready_when_store_answers(store));
+    let ready = tokio::spawn(notify::ready_when_store_answers(store, drain.clone()));
     let stop = tokio::spawn(shutdown::run(
         shutdown,
         control,

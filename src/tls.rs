@@ -194,17 +194,25 @@ impl Tls {
     }
 }
 
-/// Reloads `tls` on every SIGHUP until the process ends, logging the outcome. Without TLS, a SIGHUP
-/// is logged and otherwise ignored (rather than ending the process, its default).
-pub async fn reload_on_hangup(tls: Option<Arc<Tls>>) {
+/// Takes over SIGHUP, whose default would end the process (and systemd counts a death by SIGHUP
+/// as a clean exit, so it would not restart it): call it first thing, before anything that can
+/// take time, and hand the result to [`reload_on_hangup`]. `None` (logged) when the signal cannot
+/// be taken over.
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut hangups = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!(error = %e, "cannot listen for SIGHUP: the TLS certificate will not be reloaded");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Reloads `tls` on every SIGHUP from [`hangups`] until the process ends, logging the outcome.
+/// Without TLS, a SIGHUP is logged and otherwise ignored.
+pub async fn reload_on_hangup(hangups: Option<tokio::signal::unix::Signal>, tls: Option<Arc<Tls>>) {
+    let Some(mut hangups) = hangups else { return };
     while hangups.recv().await.is_some() {
         let Some(tls) = tls.clone() else {
             tracing::info!("SIGHUP: no TLS certificate to reload (no --tls-cert)");

@@ -285,3 +285,78 @@ async fn systemd_hears_ready_only_once_the_store_answers() {
     let _redis = RedisServer::start_on(port);
     notify.expect("READY=1", Duration::from_secs(15));
 }
+
+/// A SIGHUP that arrives while stickless is still starting (here: waiting for a Redis that does
+/// not answer yet) does not end it: its default action would, and systemd counts a death by
+/// SIGHUP as a clean exit, so `Restart=on-failure` would leave the service down.
+#[test]
+fn a_sighup_during_start_up_does_not_end_the_process() {
+    let nothing_there = free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stickless"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--upstream", "http://127.0.0.1:9"])
+        .args(["--redis-url", &format!("redis://127.0.0.1:{nothing_there}")])
+        .args(["--secret-keys", TEST_KEY])
+        .env_remove("REDIS_URL")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("stickless starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    // The first warning about Redis: start-up has begun and is waiting (about 2 s) for it.
+    let mut log = Vec::new();
+    let waiting = loop {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) => {
+                let ready = line.contains("stickless ready");
+                let redis = line.contains("redis connection error");
+                log.push(line);
+                if ready || redis {
+                    break redis;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    assert!(
+        waiting,
+        "no Redis warning before ready:\n{}",
+        log.join("\n")
+    );
+    signal(child.id(), "HUP");
+    let ready = loop {
+        match rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(line) => {
+                let ready = line.contains("stickless ready");
+                log.push(line);
+                if ready {
+                    break true;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    let alive = matches!(child.try_wait(), Ok(None));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        ready && alive,
+        "stickless did not survive a SIGHUP during start-up:\n{}",
+        log.join("\n")
+    );
+}

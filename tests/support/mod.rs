@@ -361,7 +361,8 @@ impl Drop for RedisServer {
     }
 }
 
-fn signal(pid: u32, sig: &str) {
+/// Sends `sig` (`TERM`, `HUP`...) to `pid` with `kill`.
+pub fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill")
         .args([&format!("-{sig}"), &pid.to_string()])
         .status();

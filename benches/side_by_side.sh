@@ -8,7 +8,8 @@
 # CONNS=32 THREADS=2, SESSIONS=100000 (Zipf workload), ZIPF_S=1.0, WRITE_PCT=5, IDLE_CONNS=10000,
 # DEADLINE=90m (the whole run), REPORT_NAME=side-by-side-<date>, NOTE="text put at the top of the report".
 set -euo pipefail
-cd "$(dirname "$0")/.."
+SELF=$(readlink -f "$0")
+cd "$(dirname "$SELF")/.."
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 
@@ -17,7 +18,7 @@ DEADLINE=${DEADLINE:-90m}
 # process group; the EXIT trap then stops every server).
 if [ -z "${SIDE_BY_SIDE_BOUNDED:-}" ]; then
   export SIDE_BY_SIDE_BOUNDED=1
-  exec timeout --kill-after=30s "$DEADLINE" bash "$0" "$@"
+  exec timeout --kill-after=30s "$DEADLINE" bash "$SELF" "$@"
 fi
 
 ROUNDS=${ROUNDS:-3}
@@ -139,10 +140,10 @@ start_nginx() {
   mkdir -p "$dir/logs"
   cat >"$dir/nginx.conf" <<EOF
 worker_processes auto;
-worker_rlimit_nofile 65536;
+worker_rlimit_nofile $NOFILE;
 pid $dir/nginx.pid;
 error_log $dir/logs/error.log warn;
-events { worker_connections 20000; }
+events { worker_connections $NOFILE; }
 http {
   access_log off;
   keepalive_timeout 75s;
@@ -195,11 +196,12 @@ start_all() {
   for t in sl-redis sl-redis-log sl-mem sl-mem-log; do
     PORT[$t]=$(free_port)
     PORT[$t-admin]=$(free_port)
+    local access_log=off
+    case $t in *-log) access_log=on ;; esac
     local args=(--listen "127.0.0.1:${PORT[$t]}" --admin-listen "127.0.0.1:${PORT[$t-admin]}"
       --upstream "http://127.0.0.1:${PORT[backend]}" --secret-keys "$KEY"
-      --max-connections 20000 --access-log off)
+      --max-connections "$MAX_CONNS" --access-log "$access_log")
     case $t in sl-redis*) args+=(--redis-url "redis://127.0.0.1:${PORT[redis]}") ;; esac
-    case $t in *-log) args[-1]=on ;; esac
     # The access log (on stderr) goes to a file, as nginx's does.
     "$BIN" "${args[@]}" >"$TMP/$t.log" 2>&1 &
     PID[$t]=$!
@@ -349,7 +351,7 @@ latency_run() { # TARGET WORKLOAD PCT RATE
   url="http://127.0.0.1:$(port_for "$t")$path"
   [ "$w" = no-cookie ] || headers=(-H "Cookie: sid=$(cookie_for "$t")")
   if [ -n "$OHA" ]; then
-    "$OHA" -z "${LAT_SECS}s" -c "$CONNS" -q "$rate" --latency-correction --no-tui \
+    "$OHA" -z "${LAT_SECS}s" -c "$CONNS" -q "$rate" --latency-correction -w --no-tui \
       --output-format json "${headers[@]}" "$url" >"$TMP/oha.json"
     "$PY" benches/side_by_side/helper.py oha-json "$TMP/oha.json" "$t" "$w" "$pct" >>"$RESULTS"
   else
@@ -369,7 +371,13 @@ latency_run() { # TARGET WORKLOAD PCT RATE
 # ---------------------------------------------------------------- the run
 
 install_tools
-ulimit -n 65536 || die "cannot raise the open-file limit to 65536 (needed for $IDLE_CONNS connections)"
+# Open files for IDLE_CONNS connections in one process: 65536, or the hard limit when lower.
+NOFILE=$(ulimit -Hn)
+if [ "$NOFILE" = unlimited ] || [ "$NOFILE" -gt 65536 ]; then NOFILE=65536; fi
+[ "$NOFILE" -ge $((IDLE_CONNS + 1000)) ] ||
+  die "the open-file limit (hard: $NOFILE) is too low for IDLE_CONNS=$IDLE_CONNS connections"
+ulimit -n "$NOFILE"
+MAX_CONNS=$((IDLE_CONNS + 1000))
 HZ=$(getconf CLK_TCK)
 TMP=$(mktemp -d /tmp/stickless-side-by-side.XXXXXX)
 RESULTS=$TMP/results.tsv
@@ -518,7 +526,7 @@ meta = {
         "- Backend: nginx `return 200 \"ok\"` (`/incr` adds `X-Session-Incr-n: 1`). nginx proxy: "
         "`proxy_pass` to an `upstream { keepalive 64; }`, `proxy_http_version 1.1`, "
         "`proxy_set_header Connection \"\"`, `worker_processes auto`. stickless: release build, "
-        "default settings, `--max-connections 20000`; its access log (when on) goes to a file.",
+        "default settings, `--max-connections IDLE_CONNS+1000`; its access log (when on) goes to a file.",
         "- Workloads: `no-cookie`; `read`: one session of 5 fields read on every request; `read-write`: "
         "the same session plus an increment on every request; `zipf`: "
         f"{e['SESSIONS']} sessions drawn from a Zipf distribution (s={e['ZIPF_S']}), "

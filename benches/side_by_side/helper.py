@@ -129,7 +129,8 @@ def oha_json(path, t, w, pct):
     for name, v in (("p50_us", p["p50"]), ("p99_us", p["p99"]), ("p999_us", p["p99.9"])):
         print(f"lat\t{t}\t{w}\t{pct}\t{name}\t{(v or 0) * 1e6:.0f}")
     print(f"lat\t{t}\t{w}\t{pct}\trps\t{d['summary']['requestsPerSec']:.0f}")
-    print(f"lat\t{t}\t{w}\t{pct}\tnon200\t{sum(n for c, n in codes.items() if c != '200')}")
+    bad = sum(n for c, n in codes.items() if c != "200") + sum(d.get("errorDistribution", {}).values())
+    print(f"lat\t{t}\t{w}\t{pct}\terrors\t{bad}")
 
 
 def report(tsv, meta_json, out_md, out_png):
@@ -181,21 +182,32 @@ def report(tsv, meta_json, out_md, out_png):
             cells.append(c)
         md.append(f"| {labels[t]} | " + " | ".join(cells) + " |")
     errs = [(k, sum(v)) for k, v in data.items() if k[4] in ("errors", "non2xx") and sum(v) > 0]
-    md += ["", "Errors or non-2xx responses: " + ("none." if not errs else ", ".join(
-        f"{labels.get(k[1], k[1])} {k[2]} {k[4]}={int(n)}" for k, n in errs))]
+    errs_note = ", ".join(f"{labels.get(k[1], k[1])} {k[2]}{'' if k[3] == '-' else ' at ' + k[3] + '%'} "
+                          f"{k[4]}={int(n)}" for k, n in errs)
+    md += ["", "Errors or non-2xx responses (throughput and latency runs): " + (errs_note or "none.")]
 
     md += ["", "## Latency at fixed rates (µs)", "", meta["latency_note"], ""]
     md.append("| workload | rate | target | p50 | p99 | p99.9 | achieved req/s |")
     md.append("|---|---|---|---|---|---|---|")
     rates = meta.get("rates", {})
+    generator_short = set()
     for w in meta["latency_workloads"]:
         for pct, rate in rates.items():
             for t in meta["latency_targets"]:
                 k = ("lat", t, w, pct)
                 if not data.get(k + ("p50_us",)):
                     continue
+                achieved = med(k + ("rps",))
+                short = achieved is not None and achieved < 0.95 * float(rate)
+                if short and t == "direct":
+                    generator_short.add(f"{w} at {pct}%")
                 md.append(f"| {w} | {pct}% ({rate}/s) | {labels[t]} | " + " | ".join(
-                    cell(k + (m,)) for m in ("p50_us", "p99_us", "p999_us", "rps")) + " |")
+                    cell(k + (m,)) for m in ("p50_us", "p99_us", "p999_us", "rps"))
+                    + (" (short of the rate)" if short else "") + " |")
+    if generator_short:
+        md += ["", f"**Direct to the backend fell short of the rate in {', '.join(sorted(generator_short))}**: "
+               "there the load generator (or the machine) is the limit, not the target, and the "
+               "latencies of every target at that rate say little about the proxies."]
 
     md += ["", "## Redis per request (stickless on Redis, access log off)", "",
            "From `INFO commandstats` and `INFO stats` before and after each throughput run, divided by "
@@ -235,10 +247,13 @@ def report(tsv, meta_json, out_md, out_png):
     open(out_md, "w").write("\n".join(md))
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    palette = plt.get_cmap("tab10").colors
+    colors = {t: palette[i % len(palette)] for i, t in enumerate(targets)}
     width = 0.8 / len(targets)
     for i, t in enumerate(targets):
         vals = [med(("tput", t, w, "-", "rps")) or 0 for w in workloads]
-        ax1.bar([j + i * width for j in range(len(workloads))], vals, width, label=labels[t])
+        ax1.bar([j + i * width for j in range(len(workloads))], vals, width, label=labels[t],
+                color=colors[t])
     ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(workloads))], workloads)
     ax1.set_ylabel("requests/s (median)")
     ax1.set_title(f"Throughput, {meta['connections']} connections")
@@ -250,7 +265,7 @@ def report(tsv, meta_json, out_md, out_png):
     width = 0.8 / max(1, len(lt))
     for i, t in enumerate(lt):
         vals = [(med(("lat", t, w0, mid, p)) or 0) / 1000 for p in pcts]
-        ax2.bar([j + i * width for j in range(3)], vals, width, label=labels[t])
+        ax2.bar([j + i * width for j in range(3)], vals, width, label=labels[t], color=colors[t])
     ax2.set_xticks([j + 0.4 - width / 2 for j in range(3)], ["p50", "p99", "p99.9"])
     ax2.set_yscale("log")
     ax2.set_ylabel("ms (median of rounds, log scale)")

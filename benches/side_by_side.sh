@@ -111,7 +111,7 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 143' INT TERM
+trap 'log "stopped by a signal (DEADLINE=$DEADLINE reached, or interrupted)"; exit 143' INT TERM
 
 free_port() { "$PY" benches/side_by_side/helper.py free-port; }
 

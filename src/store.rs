@@ -16,6 +16,7 @@
 //! [`SessionStore::restore`].
 
 pub mod breaker;
+pub mod cache;
 pub mod iam;
 pub mod memory;
 pub mod redis;

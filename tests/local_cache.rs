@@ -231,6 +231,61 @@ async fn a_cached_read_costs_no_command_in_redis() {
     assert_eq!(monitor.drain().await, ["evalsha", "evalsha"]);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn cached_reads_keep_the_session_alive_with_few_renewals() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    // Copies live, and the TTL may fall, an eighth of this: 500 ms.
+    let proxy = Stickless::on_redis(
+        &backend.url(),
+        &redis,
+        &["--local-cache", "1000", "--idle-timeout", "4s"],
+    );
+    let mut http = Http::with_jar();
+    http.get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    read_until_cached(&mut http, &proxy, "user").await;
+
+    let mut monitor = Monitor::start(&redis).await;
+    let end = Instant::now() + Duration::from_secs(6);
+    let watch = tokio::spawn(async move {
+        // Renewals (PEXPIRE inside the load script) until the reads end.
+        let mut renewals = 0;
+        let stop = tokio::time::Instant::from_std(end + Duration::from_millis(500));
+        loop {
+            let mut line = String::new();
+            match tokio::time::timeout_at(stop, monitor.lines.read_line(&mut line)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    if line.contains("[0 lua]") && line.to_ascii_lowercase().contains("\"pexpire\"")
+                    {
+                        renewals += 1;
+                    }
+                }
+                _ => return renewals,
+            }
+        }
+    });
+    // Reads for longer than the idle timeout, one every 100 ms.
+    let mut reads = 0;
+    while Instant::now() < end {
+        let r = http.get(&proxy.url("/")).await;
+        assert_eq!(
+            field(&r, "user").as_deref(),
+            Some("alice"),
+            "the session expired while in use"
+        );
+        reads += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let renewals = watch.await.expect("monitor");
+    // One renewal per 500 ms at most (the read that finds the copy too old and the TTL more
+    // than 500 ms short), not one per read.
+    assert!(
+        (1..=6 * 2 + 2).contains(&renewals) && renewals < reads,
+        "{renewals} renewals for {reads} reads"
+    );
+}
+
 /// Users write through A and read through B as fast as they can. A read through B that misses
 /// the write A acknowledged just before is stale: the invalidation had not reached B yet. Every
 /// stale read must catch up within a bounded wait; how many there were and how long they took

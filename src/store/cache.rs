@@ -3,7 +3,7 @@
 //!
 //! A cached copy is only as good as the invalidations that would have removed it, so the cache
 //! trusts nothing it cannot vouch for:
-//! - it answers only while its invalidation channel is known to be up ([`LocalCache::set_live`]),
+//! - it answers only while its invalidation channel is known to be up ([`LocalCache::go_live`], [`LocalCache::set_down`]),
 //!   and is emptied whenever that channel may have missed a message (a reconnection, a failover,
 //!   a lagging receiver, a failed health check) — [`LocalCache::flush`];
 //! - a load fills it through a [`Fill`] taken *before* the read is sent: an invalidation or a
@@ -93,7 +93,7 @@ impl Slots {
 
 impl LocalCache {
     /// A cache of at most `capacity` sessions under `ttl`; it answers nothing until
-    /// [`LocalCache::set_live`] says its invalidation channel is up.
+    /// [`LocalCache::go_live`], [`LocalCache::set_down`] says its invalidation channel is up.
     pub fn new(capacity: usize, ttl: TtlPolicy) -> Self {
         LocalCache {
             slots: Mutex::new(Slots::default()),
@@ -217,8 +217,8 @@ impl LocalCache {
 
     /// Drops everything, and every fill in flight.
     pub fn flush(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
         let mut slots = self.lock();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         slots.map.clear();
         slots.order.clear();
         drop(slots);
@@ -227,13 +227,39 @@ impl LocalCache {
         }
     }
 
-    /// Whether the invalidation channel is up. Going down or coming up empties the cache: what
-    /// it held may have missed invalidations in between.
-    pub fn set_live(&self, live: bool) {
-        let was = self.live.swap(live, Ordering::AcqRel);
-        if was != live || !live {
-            self.flush();
+    /// The invalidation channel is down, or may have missed messages: nothing is served or kept
+    /// until [`LocalCache::go_live`], and everything held is dropped.
+    pub fn set_down(&self) {
+        let mut slots = self.lock();
+        let was_live = self.live.swap(false, Ordering::AcqRel);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        slots.map.clear();
+        slots.order.clear();
+        drop(slots);
+        if was_live {
+            if let Some(m) = self.metrics.get() {
+                m.local_cache_flushed();
+            }
         }
+    }
+
+    /// The moment to pass to [`LocalCache::go_live`], taken before tracking is turned on.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Tracking was turned on: the cache answers from now on, starting empty, unless the channel
+    /// went down (or the cache was flushed) since `since`, when the caller must try again.
+    pub fn go_live(&self, since: u64) -> bool {
+        let mut slots = self.lock();
+        if self.epoch.load(Ordering::Acquire) != since {
+            return false;
+        }
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        slots.map.clear();
+        slots.order.clear();
+        self.live.store(true, Ordering::Release);
+        true
     }
 
     /// Whether the cache answers now.
@@ -275,7 +301,7 @@ mod tests {
                 ..TtlPolicy::default()
             },
         );
-        c.set_live(true);
+        assert!(c.go_live(c.epoch()));
         c
     }
 
@@ -332,13 +358,25 @@ mod tests {
         let c = cache(10);
         fill(&c, "k", "a");
         let f = c.begin_fill("j").expect("live");
-        c.set_live(false);
+        c.set_down();
         assert!(c.get("k").is_none());
         assert!(c.begin_fill("k").is_none());
         c.finish_fill(f, Some(session("b")));
-        c.set_live(true);
+        assert!(c.go_live(c.epoch()));
         assert!(c.get("k").is_none(), "a reconnection empties the cache");
         assert!(c.get("j").is_none());
+    }
+
+    #[test]
+    fn a_channel_that_went_down_while_tracking_was_turned_on_stays_down() {
+        let c = cache(10);
+        c.set_down();
+        let since = c.epoch();
+        // The store reconnects (a failover) while CLIENT TRACKING is on its way.
+        c.set_down();
+        assert!(!c.go_live(since));
+        assert!(!c.is_live());
+        assert!(c.go_live(c.epoch()));
     }
 
     #[test]
@@ -366,7 +404,7 @@ mod tests {
                 ..TtlPolicy::default()
             },
         );
-        c.set_live(true);
+        assert!(c.go_live(c.epoch()));
         fill(&c, "k", "a");
         assert!(c.get_at("k", Instant::now(), now_ms() + 59_000).is_some());
         assert!(c.get_at("k", Instant::now(), now_ms() + 61_000).is_none());

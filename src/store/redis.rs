@@ -426,14 +426,14 @@ fn follow_invalidations(
     let on_reconnect = Arc::downgrade(cache);
     client.on_reconnect(move |_| {
         if let Some(cache) = on_reconnect.upgrade() {
-            cache.set_live(false);
+            cache.set_down();
         }
         async { Ok(()) }
     });
     let on_error = Arc::downgrade(cache);
     client.on_error(move |_| {
         if let Some(cache) = on_error.upgrade() {
-            cache.set_live(false);
+            cache.set_down();
         }
         async { Ok(()) }
     });
@@ -457,7 +457,7 @@ fn follow_invalidations(
                 // Messages were dropped: any entry may be stale.
                 Err(RecvError::Lagged(_)) => cache.flush(),
                 Err(RecvError::Closed) => {
-                    cache.set_live(false);
+                    cache.set_down();
                     return;
                 }
             }
@@ -498,17 +498,19 @@ async fn keep_tracking(
                 tracing::warn!(
                     "the redis invalidation channel did not answer; local cache dropped"
                 );
-                cache.set_live(false);
+                cache.set_down();
             }
             TRACKING_CHECK
         } else {
+            let since = cache.epoch();
             match tokio::time::timeout(timeout, enable_tracking(&client, &prefix)).await {
+                // Went down again meanwhile (a reconnection): the next turn tries again.
+                Ok(Ok(())) if !cache.go_live(since) => TRACKING_RETRY,
                 Ok(Ok(())) => {
                     if failing {
                         tracing::info!("redis invalidations followed again; local cache on");
                     }
                     failing = false;
-                    cache.set_live(true);
                     TRACKING_CHECK
                 }
                 result => {
@@ -804,7 +806,7 @@ impl RedisStore {
             // Maybe a new primary, which the invalidation channel may not be connected to yet:
             // the cache is dropped until the channel is checked and tracking enabled again.
             if let Some(cache) = &reconnected {
-                cache.set_live(false);
+                cache.set_down();
             }
             // Only a flag: measuring here would need the client inside its own callback.
             on_connect.stale.store(true, Ordering::Relaxed);

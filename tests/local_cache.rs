@@ -9,6 +9,8 @@
 mod scrape;
 mod support;
 
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use scrape::Scrape;
@@ -155,6 +157,108 @@ async fn a_restarted_redis_empties_the_cache() {
         .value("stickless_local_cache_flushes_total")
         .unwrap_or(0.0);
     assert!(flushes >= 1.0);
+}
+
+async fn cmd<T: redis::FromRedisValue>(redis: &RedisServer, args: &[&str]) -> T {
+    let mut c = redis.conn().await;
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(&mut c).await.expect("redis command")
+}
+
+/// A TCP forwarder standing in for ElastiCache's primary endpoint (a DNS name): new connections
+/// go to the current target, connections already made stay where they are.
+struct Endpoint {
+    port: u16,
+    target: Arc<Mutex<SocketAddr>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Endpoint {
+    fn start(target: SocketAddr) -> Self {
+        let reserved = ReservedPort::new();
+        let port = reserved.port;
+        let listener = reserved.listen();
+        let target = Arc::new(Mutex::new(target));
+        let current = target.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let to = *current.lock().unwrap();
+                tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Endpoint { port, target, task }
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn addr(redis: &RedisServer) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], redis.port))
+}
+
+/// A failover done the ElastiCache way (the replica promoted, the old primary made its replica,
+/// the endpoint moved): a change written on the new primary afterwards, as another instance
+/// would, is seen; the cache does not keep serving what it held from the old primary. (Here the
+/// demoted node, now a replica, still sends the invalidation of the replicated change on the
+/// tracking connection that stayed on it; the flush on reconnection is tested with a restart.)
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_failover_changes_on_the_new_primary_are_seen() {
+    let no_delay = ["--repl-diskless-sync-delay", "0"];
+    let primary = RedisServer::start_with(&no_delay);
+    let port = primary.port.to_string();
+    let replica =
+        RedisServer::start_with(&[&no_delay[..], &["--replicaof", "127.0.0.1", &port]].concat());
+    eventually("the replica in sync", Duration::from_secs(15), || async {
+        let info: String = cmd(&replica, &["INFO", "replication"]).await;
+        info.contains("master_link_status:up").then_some(())
+    })
+    .await;
+    let endpoint = Endpoint::start(addr(&primary));
+    let backend = TestBackend::start().await;
+    let url = format!("redis://127.0.0.1:{}", endpoint.port);
+    let proxy = Stickless::on_redis_url(&backend.url(), &url, CACHE);
+    let mut http = Http::with_jar();
+    http.get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    let key = format!("stickless:{}", id_of(http.sid.as_ref().unwrap()));
+    read_until_cached(&mut http, &proxy, "user").await;
+    let synced: i64 = cmd(&primary, &["WAIT", "1", "2000"]).await;
+    assert_eq!(synced, 1);
+
+    let replicaof = private_name("REPLICAOF");
+    let _: String = cmd(&replica, &[&replicaof, "NO", "ONE"]).await;
+    let _: String = cmd(
+        &primary,
+        &[&replicaof, "127.0.0.1", &replica.port.to_string()],
+    )
+    .await;
+    *endpoint.target.lock().unwrap() = addr(&replica);
+    let _: i64 = cmd(&replica, &["HSET", &key, "user", "bob"]).await;
+
+    eventually(
+        "the change on the new primary seen through the cache",
+        Duration::from_secs(10),
+        || {
+            let mut http = http.clone();
+            let proxy = &proxy;
+            async move {
+                (field(&http.get(&proxy.url("/")).await, "user").as_deref() == Some("bob"))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
 }
 
 /// Top-level commands that clients sent, as seen by MONITOR.

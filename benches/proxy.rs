@@ -3,7 +3,8 @@
 //!
 //! Run with `cargo bench --bench proxy` (needs `redis-server`; `bash scripts/test.sh` installs
 //! it). Results are printed as a Markdown table; BENCHMARKS.md records them.
-//! `STICKLESS_TEST_BENCH_N` sets the number of sequential requests per scenario (default 5000).
+//! `STICKLESS_TEST_BENCH_N` sets the number of sequential requests per scenario (default 5000);
+//! `STICKLESS_TEST_BENCH_ARGS` adds flags to stickless (`--local-cache 1000`), split on spaces.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -82,7 +83,9 @@ fn main() {
     rt.block_on(async move {
         let redis = RedisServer::start();
         let backend = TestBackend::start().await;
-        let proxy = Stickless::on_redis(&backend.url(), &redis, &[]);
+        let extra = std::env::var("STICKLESS_TEST_BENCH_ARGS").unwrap_or_default();
+        let extra: Vec<&str> = extra.split_whitespace().collect();
+        let proxy = Stickless::on_redis(&backend.url(), &redis, &extra);
         let client: C = Client::builder(TokioExecutor::new()).build_http();
         let rss_idle = proc_status_kib(proxy.pid(), "VmRSS:");
 
@@ -102,10 +105,28 @@ fn main() {
         )
         .await;
 
-        // Throughput: 64 concurrent clients, each incrementing the same session's counter.
         let tasks = 64;
         let per = (n / 10).max(50);
         let client = Arc::new(client);
+        // Read throughput: 64 concurrent clients, each reading the same session.
+        let started = Instant::now();
+        let mut handles = Vec::new();
+        for _ in 0..tasks {
+            let client = client.clone();
+            let url = proxy.url("/");
+            let cookie = cookie.clone();
+            handles.push(tokio::spawn(async move {
+                for _ in 0..per {
+                    one(&client, &url, &[("cookie", &cookie)]).await;
+                }
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+        let read_elapsed = started.elapsed();
+
+        // Throughput: 64 concurrent clients, each incrementing the same session's counter.
         let started = Instant::now();
         let mut handles = Vec::new();
         for _ in 0..tasks {
@@ -127,7 +148,7 @@ fn main() {
         let stored = support::hgetall(&redis, &key).await;
         assert_eq!(stored.get("hits").map(String::as_str), Some(total.to_string().as_str()), "no lost increment");
 
-        println!("\nstickless proxy benchmark: {n} sequential keep-alive requests per row, loopback, Redis {}", redis.url());
+        println!("\nstickless proxy benchmark: {n} sequential keep-alive requests per row, loopback, Redis {}, stickless flags {extra:?}", redis.url());
         println!("\n| scenario | p50 µs | p90 µs | p99 µs | mean µs |");
         println!("|---|---|---|---|---|");
         for (name, s) in [
@@ -145,7 +166,12 @@ fn main() {
             write.p50 - direct.p50
         );
         println!(
-            "\nthroughput: {total} requests (session read + HINCRBY) from {tasks} concurrent clients in {:.2} s = {:.0} req/s; counter in Redis = {total} (no lost update)",
+            "\nread throughput: {total} session reads from {tasks} concurrent clients in {:.2} s = {:.0} req/s",
+            read_elapsed.as_secs_f64(),
+            total as f64 / read_elapsed.as_secs_f64()
+        );
+        println!(
+            "throughput: {total} requests (session read + HINCRBY) from {tasks} concurrent clients in {:.2} s = {:.0} req/s; counter in Redis = {total} (no lost update)",
             elapsed.as_secs_f64(),
             total as f64 / elapsed.as_secs_f64()
         );

@@ -150,6 +150,10 @@ pub struct ServeArgs {
     /// replica, WAIT 1, so that a failover cannot erase it; 503 when no replica confirms in time).
     #[arg(long, env = "STICKLESS_DURABILITY", default_value = "acknowledged", value_parser = Durability::parse)]
     pub durability: Durability,
+    /// Sessions kept in this process's local cache in front of Redis (0: off). Redis tells every
+    /// instance when a session changes (client-side caching); a hit costs no round trip.
+    #[arg(long, env = "STICKLESS_LOCAL_CACHE", default_value_t = 0)]
+    pub local_cache: usize,
     /// Bound on every Redis call; past it the request is answered 503.
     #[arg(long, env = "STICKLESS_REDIS_TIMEOUT", default_value = "1s", value_parser = duration)]
     pub redis_timeout: Duration,
@@ -294,6 +298,7 @@ impl ServeArgs {
                 timeout: self.redis_timeout,
                 durability: self.durability,
                 iam,
+                local_cache: self.local_cache,
             },
         };
         let keys = match &self.secret_keys {

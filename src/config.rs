@@ -238,6 +238,9 @@ pub enum ConfigError {
     /// IAM authentication with a password as well.
     #[error("the password is a token stickless signs: leave it out of --redis-url (rediss://USER-ID@HOST:PORT)")]
     IamWithPassword,
+    /// A local cache in front of a Redis cluster, whose invalidations it cannot follow yet.
+    #[error("is not supported with a Redis cluster (redis-cluster://) yet: leave it at 0")]
+    LocalCacheWithCluster,
     /// One of the TLS certificate and key without the other.
     #[error("required with --{given}: TLS needs both the certificate chain (--tls-cert) and its private key (--tls-key), as PEM files")]
     TlsHalfGiven {
@@ -269,6 +272,7 @@ impl ConfigError {
             | ConfigError::IamNeedsUser
             | ConfigError::IamWithPassword => "redis-iam",
             ConfigError::TlsHalfGiven { missing, .. } => missing,
+            ConfigError::LocalCacheWithCluster => "local-cache",
         }
     }
 }
@@ -289,6 +293,8 @@ const REDIS_SCHEMES: [&str; 6] = [
 /// Most fields a session may hold, as a setting: bounded so that one change always fits in one
 /// script call.
 pub const MAX_FIELDS_LIMIT: usize = 1000;
+/// The most sessions `--local-cache` may hold.
+pub const MAX_LOCAL_CACHE: usize = 10_000_000;
 
 /// Most consecutive failures a setting may ask the breaker to wait for: past a few dozen, every
 /// one of them is a client waiting out the store timeout for nothing.
@@ -388,6 +394,7 @@ impl Config {
             url,
             key_prefix,
             iam,
+            local_cache,
             ..
         } = &settings.store
         {
@@ -397,6 +404,19 @@ impl Config {
             }) else {
                 return Err(ConfigError::RedisUrl);
             };
+            if *local_cache > MAX_LOCAL_CACHE {
+                return Err(ConfigError::OutOfRange {
+                    setting: "local-cache",
+                    value: *local_cache,
+                    min: 0,
+                    max: MAX_LOCAL_CACHE,
+                });
+            }
+            // The cache follows invalidations on one connection (BCAST); a cluster sends each
+            // node's on that node's connections.
+            if *local_cache > 0 && scheme.contains("cluster") {
+                return Err(ConfigError::LocalCacheWithCluster);
+            }
             if let Some(iam) = iam {
                 if !valid_cache_name(&iam.cache_name) {
                     return Err(ConfigError::IamCacheName);
@@ -560,6 +580,8 @@ pub enum StoreConfig {
         durability: Durability,
         /// ElastiCache IAM authentication instead of a password; the user is the URL's username.
         iam: Option<IamAuth>,
+        /// Sessions kept in the local cache (`--local-cache`); 0 for none.
+        local_cache: usize,
     },
 }
 
@@ -611,6 +633,7 @@ impl fmt::Debug for StoreConfig {
                 timeout,
                 durability,
                 iam,
+                local_cache,
                 ..
             } => f
                 .debug_struct("Redis")
@@ -619,6 +642,7 @@ impl fmt::Debug for StoreConfig {
                 .field("timeout", timeout)
                 .field("durability", durability)
                 .field("iam", iam)
+                .field("local_cache", local_cache)
                 .finish(),
         }
     }
@@ -982,6 +1006,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             durability: Durability::Acknowledged,
             iam: None,
+            local_cache: 0,
         }
     }
 
@@ -1016,6 +1041,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 durability: Durability::Acknowledged,
                 iam: None,
+                local_cache: 0,
             };
             Config::new(s)
         };
@@ -1058,6 +1084,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 durability: Durability::Acknowledged,
                 iam: Some(iam),
+                local_cache: 0,
             };
             Config::new(s)
         };
@@ -1163,6 +1190,7 @@ mod tests {
                 region: None,
                 serverless: false,
             }),
+            local_cache: 0,
         };
         let shown = format!("{store:?}");
         assert!(
@@ -1207,6 +1235,7 @@ mod tests {
                 timeout: Duration::from_secs(2),
                 durability: Durability::Acknowledged,
                 iam: None,
+                local_cache: 0,
             };
             s.ttl.rotation_grace = Duration::from_secs(3);
         });
@@ -1221,6 +1250,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 durability: Durability::Acknowledged,
                 iam: None,
+                local_cache: 0,
             };
         });
         assert_eq!(e.setting(), "redis-url");
@@ -1232,9 +1262,27 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 durability: Durability::Acknowledged,
                 iam: None,
+                local_cache: 0,
             };
         });
         assert_eq!(e.setting(), "key-prefix");
+        for (url, size) in [
+            ("redis-cluster://h", 10),
+            ("redis://h", MAX_LOCAL_CACHE + 1),
+        ] {
+            let e = refused(&|s| {
+                s.keys = Some(SigningKeys::random());
+                s.store = StoreConfig::Redis {
+                    url: url.into(),
+                    key_prefix: "k:".into(),
+                    timeout: Duration::from_secs(1),
+                    durability: Durability::Acknowledged,
+                    iam: None,
+                    local_cache: size,
+                };
+            });
+            assert_eq!(e.setting(), "local-cache");
+        }
         let e = refused(&|s| s.max_connections = Some(0));
         assert_eq!(e.setting(), "max-connections");
         let e = refused(&|s| s.header_read_timeout = Duration::ZERO);

@@ -197,6 +197,9 @@ pub struct Metrics {
     store_topology_errors: IntCounter,
     store_retries: IntCounter,
     store_failovers: IntCounter,
+    local_cache_lookups: Vec<IntCounter>,
+    local_cache_invalidations: IntCounter,
+    local_cache_flushes: IntCounter,
 }
 
 impl Metrics {
@@ -356,6 +359,20 @@ impl Metrics {
                 "stickless_store_failovers_total",
                 "Failovers seen: a new primary (a new replication id) after a reconnection.",
             ),
+            local_cache_lookups: counters(
+                "stickless_local_cache_lookups_total",
+                "Session loads looked up in the local cache (--local-cache), by result: a hit costs no round trip to Redis.",
+                "result",
+                &["hit", "miss"],
+            ),
+            local_cache_invalidations: counter(
+                "stickless_local_cache_invalidations_total",
+                "Sessions dropped from the local cache by an invalidation from Redis or a change made by this instance.",
+            ),
+            local_cache_flushes: counter(
+                "stickless_local_cache_flushes_total",
+                "Times the whole local cache was dropped (a reconnection, a failover, a lost invalidation channel).",
+            ),
             registry,
             families: Vec::new(),
         };
@@ -441,6 +458,21 @@ impl Metrics {
         self.store_failovers.inc();
     }
 
+    /// Counts a lookup in the local cache (`--local-cache`).
+    pub fn local_cache_lookup(&self, hit: bool) {
+        self.local_cache_lookups[usize::from(!hit)].inc();
+    }
+
+    /// Counts a session dropped from the local cache by an invalidation.
+    pub fn local_cache_invalidated(&self) {
+        self.local_cache_invalidations.inc();
+    }
+
+    /// Counts a flush of the whole local cache.
+    pub fn local_cache_flushed(&self) {
+        self.local_cache_flushes.inc();
+    }
+
     /// Everything in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -499,7 +531,10 @@ mod tests {
             | "stickless_store_reconnections_total"
             | "stickless_store_topology_errors_total"
             | "stickless_store_retries_total"
-            | "stickless_store_failovers_total" => None,
+            | "stickless_store_failovers_total"
+            | "stickless_local_cache_invalidations_total"
+            | "stickless_local_cache_flushes_total" => None,
+            "stickless_local_cache_lookups_total" => Some(("result", vec!["hit", "miss"])),
             other => panic!("say which series {other} exports from the start"),
         }
     }

@@ -137,6 +137,7 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Redis
             timeout,
             durability,
             iam,
+            local_cache,
         } => {
             let redis = RedisStore::connect(RedisSettings {
                 url: url.clone(),
@@ -146,6 +147,7 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Redis
                 limits: config.protocol.clone(),
                 durability: *durability,
                 iam: iam.clone(),
+                local_cache: *local_cache,
             })
             .await?;
             Arc::new(Breaker::new(Arc::new(redis), config.breaker))

@@ -2,7 +2,8 @@
 //! implementations, Redis (ElastiCache, Valkey) in [`redis`] and the embedded in-memory default in
 //! [`memory`]. Redis sits behind the circuit breaker of [`breaker`], which fails calls at once
 //! while the store is known to be down, and can authenticate to ElastiCache with IAM tokens
-//! ([`iam`]) instead of a password.
+//! ([`iam`]) instead of a password, and may keep hot sessions in a local cache ([`cache`]) that
+//! Redis invalidates.
 //!
 //! A session is a set of fields plus its creation time. Every operation is atomic in the store:
 //! a load renews the sliding TTL in the same step, and a change applies field by field, all or
@@ -16,6 +17,7 @@
 //! [`SessionStore::restore`].
 
 pub mod breaker;
+pub mod cache;
 pub mod iam;
 pub mod memory;
 pub mod redis;

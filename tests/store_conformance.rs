@@ -68,6 +68,7 @@ async fn redis_store(
         limits,
         durability: Default::default(),
         iam: None,
+        local_cache: 0,
     })
     .await
     .expect("a valid Redis URL")

@@ -32,6 +32,7 @@ use fred::types::config::{ReconnectError, UnresponsiveConfig};
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand, Value};
 
+use super::cache::LocalCache;
 use super::iam::{IamCredentials, IamSetupError};
 use super::{
     now_ms, Applied, Loaded, Session, SessionStore, StoreError, Target, CREATED_FIELD,
@@ -59,7 +60,10 @@ if deadline > 0 and clock > deadline then return {'late', string.format('%d', cl
 
 /// Reads a session and renews its TTL, cut short by the absolute timeout. A tombstone is left
 /// as it is: its TTL is the rotation grace, counted from the rotation.
-/// ARGV: deadline, now_ms, idle_ms, absolute_ms (0 for none).
+/// With a slack (the local cache), the TTL is renewed only when it has fallen more than the slack
+/// below what it would be set to: a renewal is a write, and every write invalidates the session
+/// in every instance's cache.
+/// ARGV: deadline, now_ms, idle_ms, absolute_ms (0 for none), slack_ms (0: always renew).
 /// Reply: `{'absent'}`, `{'rotated'}` or `{'live', name, value, ...}` (the hash, `_created`
 /// included).
 const LOAD: &str = concat!(
@@ -82,7 +86,13 @@ if abs > 0 and created then
   end
   if left < ttl then ttl = left end
 end
-redis.call('PEXPIRE', KEYS[1], ttl)
+local slack = tonumber(ARGV[5])
+local renew = true
+if slack > 0 then
+  local pttl = redis.call('PTTL', KEYS[1])
+  renew = pttl < 0 or pttl > ttl or pttl < ttl - slack
+end
+if renew then redis.call('PEXPIRE', KEYS[1], ttl) end
 table.insert(h, 1, 'live')
 return h
 "#
@@ -258,6 +268,8 @@ pub struct RedisSettings {
     pub durability: Durability,
     /// ElastiCache IAM authentication: a signed token instead of a password, as the URL's user.
     pub iam: Option<IamAuth>,
+    /// Sessions kept in the local cache (`--local-cache`); 0 for none.
+    pub local_cache: usize,
 }
 
 /// Errors whose call provably did not run: the server refused it (a demoted primary, a server
@@ -372,6 +384,181 @@ async fn notice_failover(
     *seen = Some(state.replid);
 }
 
+/// Keeps `cache` consistent with Redis: a connection of its own, in RESP3, with
+/// `CLIENT TRACKING ON BCAST PREFIX <key-prefix>`, so that Redis sends it the name of every
+/// session key that changes, expires or is deleted, whoever changed it. The cache answers only
+/// while that channel is known to be up, and is emptied whenever it may have missed a message.
+///
+/// Why broadcast mode and a connection of its own rather than default tracking on the reading
+/// connection: default mode tracks the keys each connection read (Redis 7 does track keys read
+/// inside a script, checked with redis-server 7.0), but it would make the data connection RESP3
+/// and would need tracking enabled again on every new data connection before its first read,
+/// with invalidations arriving among the replies of requests. Broadcast mode does not depend on
+/// which connection read what. Its cost: every instance receives the name of every changed
+/// session, read by it or not (one short message per write per instance).
+fn follow_invalidations(
+    mut config: Config,
+    settings: &RedisSettings,
+    cache: &Arc<LocalCache>,
+) -> Result<(), RedisSetupError> {
+    config.version = fred::types::RespVersion::RESP3;
+    let timeout = settings.timeout;
+    let client = Builder::from_config(config)
+        .with_performance_config(|p| p.default_command_timeout = timeout)
+        .with_connection_config(|c| {
+            c.connection_timeout = timeout.max(Duration::from_secs(2));
+            c.internal_command_timeout = timeout.max(Duration::from_secs(2));
+            c.reconnect_on_auth_error = true;
+            c.tcp = TcpConfig {
+                nodelay: Some(true),
+                keepalive: Some(
+                    fred::socket2::TcpKeepalive::new()
+                        .with_time(Duration::from_secs(5))
+                        .with_interval(Duration::from_secs(2)),
+                ),
+                ..Default::default()
+            };
+        })
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
+        .build()
+        .map_err(RedisSetupError::Client)?;
+    // A new connection has no tracking yet, and the old one may have lost messages.
+    let on_reconnect = Arc::downgrade(cache);
+    client.on_reconnect(move |_| {
+        if let Some(cache) = on_reconnect.upgrade() {
+            cache.set_down();
+        }
+        async { Ok(()) }
+    });
+    let on_error = Arc::downgrade(cache);
+    client.on_error(move |_| {
+        if let Some(cache) = on_error.upgrade() {
+            cache.set_down();
+        }
+        async { Ok(()) }
+    });
+    let mut invalidations = client.invalidation_rx();
+    let receiver = Arc::downgrade(cache);
+    tokio::spawn(async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let received = invalidations.recv().await;
+            let Some(cache) = receiver.upgrade() else {
+                return;
+            };
+            match received {
+                // No key: everything (FLUSHALL, FLUSHDB).
+                Ok(message) if message.keys.is_empty() => cache.flush(),
+                Ok(message) => {
+                    for key in message.keys.iter().filter_map(|k| k.as_str()) {
+                        cache.invalidate(key);
+                    }
+                }
+                // Messages were dropped: any entry may be stale.
+                Err(RecvError::Lagged(_)) => cache.flush(),
+                Err(RecvError::Closed) => {
+                    cache.set_down();
+                    return;
+                }
+            }
+        }
+    });
+    client.connect();
+    tokio::spawn(keep_tracking(
+        client,
+        Arc::downgrade(cache),
+        settings.key_prefix.clone(),
+        timeout,
+    ));
+    Ok(())
+}
+
+/// How often the invalidation channel is checked while the cache is live, and how often
+/// tracking is tried again while it is not.
+const TRACKING_CHECK: Duration = Duration::from_millis(500);
+const TRACKING_RETRY: Duration = Duration::from_millis(100);
+
+/// Turns tracking on whenever the cache is not live (at start, after a reconnection or a failed
+/// check), and checks the channel while it is: a connection that stopped answering may have
+/// stopped delivering invalidations too.
+async fn keep_tracking(
+    client: Client,
+    cache: std::sync::Weak<LocalCache>,
+    prefix: String,
+    timeout: Duration,
+) {
+    let mut failing = false;
+    loop {
+        let Some(cache) = cache.upgrade() else {
+            return;
+        };
+        let pause = if cache.is_live() {
+            let answered = tokio::time::timeout(timeout, client.ping::<Value>(None)).await;
+            if !matches!(answered, Ok(Ok(_))) {
+                tracing::warn!(
+                    "the redis invalidation channel did not answer; local cache dropped"
+                );
+                cache.set_down();
+            }
+            TRACKING_CHECK
+        } else {
+            let since = cache.epoch();
+            match tokio::time::timeout(timeout, enable_tracking(&client, &prefix)).await {
+                // Went down again meanwhile (a reconnection): the next turn tries again.
+                Ok(Ok(())) if !cache.go_live(since) => TRACKING_RETRY,
+                Ok(Ok(())) => {
+                    if failing {
+                        tracing::info!("redis invalidations followed again; local cache on");
+                    }
+                    failing = false;
+                    TRACKING_CHECK
+                }
+                result => {
+                    if !failing {
+                        match result {
+                            Ok(Err(e)) => tracing::warn!(error = %e, "could not turn on redis client tracking; local cache off until it can"),
+                            _ => tracing::warn!("redis did not answer CLIENT TRACKING in time; local cache off until it does"),
+                        }
+                    }
+                    failing = true;
+                    TRACKING_RETRY
+                }
+            }
+        };
+        drop(cache);
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Broadcast tracking of the session keys on the invalidation connection, which must be on the
+/// primary: a demoted node is made to reconnect (and so to find the new primary) first.
+async fn enable_tracking(client: &Client, prefix: &str) -> Result<(), fred::error::Error> {
+    if let Some(state) = replication_state(client).await? {
+        if state.role != "master" {
+            let _ = client.force_reconnection().await;
+            return Err(fred::error::Error::new(
+                fred::error::ErrorKind::IO,
+                "the invalidation connection is not on the primary",
+            ));
+        }
+    }
+    // Off first: Redis refuses a prefix that overlaps one the connection already tracks.
+    let _: Value = client
+        .client_tracking(
+            "off",
+            None,
+            Vec::<String>::new(),
+            false,
+            false,
+            false,
+            false,
+        )
+        .await?;
+    client
+        .start_tracking(prefix.to_owned(), true, false, false, false)
+        .await
+}
+
 /// Where the client's connection events go: the metrics, once the server hands them over.
 #[derive(Default)]
 struct Events {
@@ -404,6 +591,8 @@ pub struct RedisStore {
     restore: Script,
     destroy: Script,
     apply: Script,
+    /// The local cache (`--local-cache`), kept consistent by [`follow_invalidations`].
+    cache: Option<Arc<LocalCache>>,
 }
 
 /// What is known of Redis's clock: its offset from this machine's wall clock.
@@ -550,6 +739,11 @@ impl RedisStore {
             config.credential_provider = Some(Arc::new(credentials));
         }
         let timeout = settings.timeout;
+        let cache = (settings.local_cache > 0)
+            .then(|| Arc::new(LocalCache::new(settings.local_cache, settings.ttl)));
+        if let Some(cache) = &cache {
+            follow_invalidations(config.clone(), &settings, cache)?;
+        }
         let client = Builder::from_config(config)
             .with_performance_config(|p| p.default_command_timeout = timeout)
             .with_connection_config(|c| {
@@ -607,7 +801,13 @@ impl RedisStore {
         });
         let on_connect = clock.clone();
         let connections = events.clone();
+        let reconnected = cache.clone();
         client.on_reconnect(move |server| {
+            // Maybe a new primary, which the invalidation channel may not be connected to yet:
+            // the cache is dropped until the channel is checked and tracking enabled again.
+            if let Some(cache) = &reconnected {
+                cache.set_down();
+            }
             // Only a flag: measuring here would need the client inside its own callback.
             on_connect.stale.store(true, Ordering::Relaxed);
             // The first connection is not a reconnection.
@@ -672,7 +872,41 @@ impl RedisStore {
             destroy: Script::from_lua(DESTROY),
             apply: Script::from_lua(APPLY),
             settings,
+            cache,
         })
+    }
+
+    /// Reads a session from Redis, renewing its TTL.
+    async fn load_from_redis(&self, key: String) -> Result<Loaded, StoreError> {
+        let mut args = vec![Self::deadline_placeholder()];
+        args.extend(self.ttl_args(now_ms()));
+        let slack = self
+            .cache
+            .as_ref()
+            .map_or(0, |c| c.max_age().as_millis() as i64);
+        args.push(Value::Integer(slack));
+        let reply = self.eval(&self.load, key, args, Writes::No).await?;
+        if reply.first().and_then(text).as_deref() == Some("rotated") {
+            return Ok(Loaded::Rotated);
+        }
+        Ok(session_from_reply(reply, "live")?.map_or(Loaded::Absent, Loaded::Live))
+    }
+
+    /// Runs a change of the session under `id`, dropping it from the local cache before and
+    /// after: this instance's next read sees the change without waiting for the invalidation,
+    /// and a read that raced with the change cannot keep the old copy.
+    async fn changing<F, T>(&self, id: &SessionId, change: impl FnOnce(String) -> F) -> T
+    where
+        F: std::future::Future<Output = T>,
+    {
+        let key = self.key(id);
+        let Some(cache) = &self.cache else {
+            return change(key).await;
+        };
+        cache.invalidate(&key);
+        let result = change(key.clone()).await;
+        cache.invalidate(&key);
+        result
     }
 
     fn key(&self, id: &SessionId) -> String {
@@ -943,15 +1177,24 @@ fn text(v: &Value) -> Option<String> {
 #[async_trait]
 impl SessionStore for RedisStore {
     async fn load(&self, id: &SessionId) -> Result<Loaded, StoreError> {
-        let mut args = vec![Self::deadline_placeholder()];
-        args.extend(self.ttl_args(now_ms()));
-        let reply = self
-            .eval(&self.load, self.key(id), args, Writes::No)
-            .await?;
-        if reply.first().and_then(text).as_deref() == Some("rotated") {
-            return Ok(Loaded::Rotated);
+        let key = self.key(id);
+        let Some(cache) = &self.cache else {
+            return self.load_from_redis(key).await;
+        };
+        if let Some(session) = cache.get(&key) {
+            return Ok(Loaded::Live(session));
         }
-        Ok(session_from_reply(reply, "live")?.map_or(Loaded::Absent, Loaded::Live))
+        // Reserved before the read is sent: an invalidation that arrives meanwhile cancels it.
+        let fill = cache.begin_fill(&key);
+        let loaded = self.load_from_redis(key).await;
+        if let Some(fill) = fill {
+            let live = match &loaded {
+                Ok(Loaded::Live(session)) => Some(session.clone()),
+                _ => None,
+            };
+            cache.finish_fill(fill, live);
+        }
+        loaded
     }
 
     async fn apply(
@@ -1001,7 +1244,7 @@ impl SessionStore for RedisStore {
             args.push(Value::Integer(*by));
         }
         let reply = self
-            .eval(&self.apply, self.key(id), args, Writes::Yes)
+            .changing(id, |key| self.eval(&self.apply, key, args, Writes::Yes))
             .await?;
         let words: Vec<String> = reply.iter().filter_map(text).collect();
         let number = |i: usize| words.get(i).and_then(|s| s.parse::<u64>().ok());
@@ -1033,7 +1276,7 @@ impl SessionStore for RedisStore {
             Value::Integer(now_ms() as i64),
         ];
         let reply = self
-            .eval(&self.take, self.key(id), args, Writes::Yes)
+            .changing(id, |key| self.eval(&self.take, key, args, Writes::Yes))
             .await?;
         session_from_reply(reply, "taken")
     }
@@ -1042,7 +1285,7 @@ impl SessionStore for RedisStore {
         let mut args = vec![Self::deadline_placeholder()];
         args.extend(self.ttl_args(now_ms()));
         let reply = self
-            .eval(&self.restore, self.key(id), args, Writes::Yes)
+            .changing(id, |key| self.eval(&self.restore, key, args, Writes::Yes))
             .await?;
         let words: Vec<String> = reply.iter().filter_map(text).collect();
         match words.first().map(String::as_str) {
@@ -1059,7 +1302,7 @@ impl SessionStore for RedisStore {
 
     async fn destroy(&self, id: &SessionId) -> Result<(), StoreError> {
         let args = vec![Self::deadline_placeholder()];
-        self.eval(&self.destroy, self.key(id), args, Writes::Yes)
+        self.changing(id, |key| self.eval(&self.destroy, key, args, Writes::Yes))
             .await
             .map(|_| ())
     }
@@ -1071,6 +1314,9 @@ impl SessionStore for RedisStore {
     }
 
     fn record_into(&self, metrics: &Metrics) {
+        if let Some(cache) = &self.cache {
+            cache.record_into(metrics);
+        }
         let _ = self.events.metrics.set(metrics.clone());
     }
 }

@@ -1,0 +1,432 @@
+//! The local cache (`--local-cache`): sessions loaded from Redis, kept in this process so that a
+//! read of a hot session costs no round trip.
+//!
+//! A cached copy is only as good as the invalidations that would have removed it, so the cache
+//! trusts nothing it cannot vouch for:
+//! - it answers only while its invalidation channel is known to be up ([`LocalCache::go_live`], [`LocalCache::set_down`]),
+//!   and is emptied whenever that channel may have missed a message (a reconnection, a failover,
+//!   a lagging receiver, a failed health check) — [`LocalCache::flush`];
+//! - a load fills it through a [`Fill`] taken *before* the read is sent: an invalidation or a
+//!   flush that arrives while the read is in flight cancels the fill, so a reply that raced with
+//!   a change elsewhere is never kept;
+//! - an entry lives at most [`LocalCache::max_age`] (an eighth of the idle timeout), so that
+//!   even a missed invalidation cannot serve stale data for long, and a session read only from
+//!   the cache still has its idle TTL renewed in Redis by the load that follows;
+//! - it never serves a session past its absolute timeout.
+//!
+//! Keys are the Redis keys (`<prefix><id>`): that is what invalidation messages carry. Neither
+//! keys nor values ever reach a log line or a `Debug` output.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use super::{now_ms, ttl_now, Session};
+use crate::config::TtlPolicy;
+use crate::metrics::Metrics;
+
+/// A bounded map of loaded sessions, invalidated by Redis.
+pub struct LocalCache {
+    slots: Mutex<Slots>,
+    capacity: usize,
+    max_age: Duration,
+    ttl: TtlPolicy,
+    /// Whether the invalidation channel is up: without it, no lookup hits and no fill is kept.
+    live: AtomicBool,
+    /// Moves on every flush: a fill taken before a flush is not kept after it.
+    epoch: AtomicU64,
+    next_token: AtomicU64,
+    metrics: OnceLock<Metrics>,
+}
+
+/// The right to store the result of one load, taken before the load is sent.
+#[must_use = "a fill that is not finished leaves a placeholder in the cache"]
+pub struct Fill {
+    key: String,
+    token: u64,
+    epoch: u64,
+    started: Instant,
+}
+
+#[derive(Default)]
+struct Slots {
+    map: HashMap<String, Slot>,
+    /// Insertion order, for eviction: `(key, token)`; an item whose token is no longer the key's
+    /// is stale and skipped.
+    order: VecDeque<(String, u64)>,
+}
+
+enum Slot {
+    /// A load is in flight; its [`Fill`] holds this token.
+    Filling(u64),
+    Ready {
+        token: u64,
+        session: Session,
+        loaded: Instant,
+    },
+}
+
+impl Slot {
+    fn token(&self) -> u64 {
+        match self {
+            Slot::Filling(t) | Slot::Ready { token: t, .. } => *t,
+        }
+    }
+}
+
+impl Slots {
+    fn remove(&mut self, key: &str) -> bool {
+        self.map.remove(key).is_some()
+    }
+
+    /// Drops stale order items once they outnumber the live ones, so that the order stays
+    /// bounded by twice the capacity.
+    fn compact(&mut self, capacity: usize) {
+        if self.order.len() > 2 * capacity + 16 {
+            let map = &self.map;
+            self.order
+                .retain(|(k, t)| map.get(k).is_some_and(|s| s.token() == *t));
+        }
+    }
+}
+
+impl LocalCache {
+    /// A cache of at most `capacity` sessions under `ttl`; it answers nothing until
+    /// [`LocalCache::go_live`], [`LocalCache::set_down`] says its invalidation channel is up.
+    pub fn new(capacity: usize, ttl: TtlPolicy) -> Self {
+        LocalCache {
+            slots: Mutex::new(Slots::default()),
+            capacity: capacity.max(1),
+            max_age: ttl.idle / 8,
+            ttl,
+            live: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            next_token: AtomicU64::new(0),
+            metrics: OnceLock::new(),
+        }
+    }
+
+    /// How long an entry is served at most.
+    pub fn max_age(&self) -> Duration {
+        self.max_age
+    }
+
+    /// Counts into `metrics` from now on.
+    pub fn record_into(&self, metrics: &Metrics) {
+        let _ = self.metrics.set(metrics.clone());
+    }
+
+    /// The cached session under `key`, if it may be served now.
+    pub fn get(&self, key: &str) -> Option<Session> {
+        self.get_at(key, Instant::now(), now_ms())
+    }
+
+    fn get_at(&self, key: &str, now: Instant, now_ms: u64) -> Option<Session> {
+        let found = if self.live.load(Ordering::Acquire) {
+            let mut slots = self.lock();
+            match slots.map.get(key) {
+                Some(Slot::Ready {
+                    session, loaded, ..
+                }) => {
+                    if now.saturating_duration_since(*loaded) < self.max_age
+                        && ttl_now(&self.ttl, session.created_ms, now_ms).is_some()
+                    {
+                        Some(session.clone())
+                    } else {
+                        slots.remove(key);
+                        None
+                    }
+                }
+                _ => None,
+            }
+        } else {
+            None
+        };
+        if let Some(m) = self.metrics.get() {
+            m.local_cache_lookup(found.is_some());
+        }
+        found
+    }
+
+    /// Reserves `key` for the load about to be sent; `None` while the cache is not live.
+    pub fn begin_fill(&self, key: &str) -> Option<Fill> {
+        if !self.live.load(Ordering::Acquire) {
+            return None;
+        }
+        let fill = Fill {
+            key: key.to_owned(),
+            token: self.next_token.fetch_add(1, Ordering::Relaxed),
+            epoch: self.epoch.load(Ordering::Acquire),
+            started: Instant::now(),
+        };
+        let mut slots = self.lock();
+        if slots.map.len() >= self.capacity && !slots.map.contains_key(key) {
+            while let Some((old, token)) = slots.order.pop_front() {
+                if slots.map.get(&old).is_some_and(|s| s.token() == token) {
+                    slots.map.remove(&old);
+                    break;
+                }
+            }
+        }
+        slots
+            .map
+            .insert(fill.key.clone(), Slot::Filling(fill.token));
+        slots.order.push_back((fill.key.clone(), fill.token));
+        slots.compact(self.capacity);
+        Some(fill)
+    }
+
+    /// Ends a load: keeps `session` unless the key was invalidated or the cache flushed since
+    /// the fill began. `None` (the load failed, or found no live session) just frees the slot.
+    pub fn finish_fill(&self, fill: Fill, session: Option<Session>) {
+        let mut slots = self.lock();
+        let ours = matches!(slots.map.get(&fill.key), Some(Slot::Filling(t)) if *t == fill.token);
+        if !ours {
+            return;
+        }
+        let valid =
+            self.live.load(Ordering::Acquire) && self.epoch.load(Ordering::Acquire) == fill.epoch;
+        match session {
+            Some(session) if valid => {
+                slots.map.insert(
+                    fill.key,
+                    Slot::Ready {
+                        token: fill.token,
+                        session,
+                        // The TTL was renewed when the load ran, after this.
+                        loaded: fill.started,
+                    },
+                );
+            }
+            _ => {
+                slots.map.remove(&fill.key);
+            }
+        }
+    }
+
+    /// Drops `key` (an invalidation message, or a change made by this process).
+    pub fn invalidate(&self, key: &str) {
+        let removed = self.lock().remove(key);
+        if removed {
+            if let Some(m) = self.metrics.get() {
+                m.local_cache_invalidated();
+            }
+        }
+    }
+
+    /// Drops everything, and every fill in flight.
+    pub fn flush(&self) {
+        let mut slots = self.lock();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        slots.map.clear();
+        slots.order.clear();
+        drop(slots);
+        if let Some(m) = self.metrics.get() {
+            m.local_cache_flushed();
+        }
+    }
+
+    /// The invalidation channel is down, or may have missed messages: nothing is served or kept
+    /// until [`LocalCache::go_live`], and everything held is dropped.
+    pub fn set_down(&self) {
+        let mut slots = self.lock();
+        let was_live = self.live.swap(false, Ordering::AcqRel);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        slots.map.clear();
+        slots.order.clear();
+        drop(slots);
+        if was_live {
+            if let Some(m) = self.metrics.get() {
+                m.local_cache_flushed();
+            }
+        }
+    }
+
+    /// The moment to pass to [`LocalCache::go_live`], taken before tracking is turned on.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Tracking was turned on: the cache answers from now on, starting empty, unless the channel
+    /// went down (or the cache was flushed) since `since`, when the caller must try again.
+    pub fn go_live(&self, since: u64) -> bool {
+        let mut slots = self.lock();
+        if self.epoch.load(Ordering::Acquire) != since {
+            return false;
+        }
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        slots.map.clear();
+        slots.order.clear();
+        self.live.store(true, Ordering::Release);
+        true
+    }
+
+    /// Whether the cache answers now.
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        // Nothing panics while the lock is held; a poisoned map is still a valid map.
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Fields;
+
+    fn session(v: &str) -> Session {
+        let mut fields = Fields::new();
+        fields.insert("user".into(), v.into());
+        Session {
+            fields,
+            created_ms: now_ms(),
+        }
+    }
+
+    fn cache(capacity: usize) -> LocalCache {
+        let c = LocalCache::new(
+            capacity,
+            TtlPolicy {
+                idle: Duration::from_secs(400),
+                absolute: None,
+                ..TtlPolicy::default()
+            },
+        );
+        assert!(c.go_live(c.epoch()));
+        c
+    }
+
+    fn fill(c: &LocalCache, key: &str, v: &str) {
+        let f = c.begin_fill(key).expect("live");
+        c.finish_fill(f, Some(session(v)));
+    }
+
+    #[test]
+    fn a_finished_fill_is_served() {
+        let c = cache(10);
+        assert_eq!(c.get("k"), None);
+        fill(&c, "k", "a");
+        assert_eq!(
+            c.get("k").map(|s| s.fields["user"].clone()).as_deref(),
+            Some("a")
+        );
+    }
+
+    #[test]
+    fn an_invalidation_during_the_load_cancels_the_fill() {
+        let c = cache(10);
+        let f = c.begin_fill("k").expect("live");
+        c.invalidate("k");
+        c.finish_fill(f, Some(session("stale")));
+        assert!(c.get("k").is_none());
+    }
+
+    #[test]
+    fn a_flush_during_the_load_cancels_the_fill() {
+        let c = cache(10);
+        let f = c.begin_fill("k").expect("live");
+        c.flush();
+        // A later fill of the same key must not let the earlier one through either.
+        c.finish_fill(f, Some(session("stale")));
+        assert!(c.get("k").is_none());
+    }
+
+    #[test]
+    fn an_older_fill_cannot_overwrite_a_newer_one() {
+        let c = cache(10);
+        let old = c.begin_fill("k").expect("live");
+        let new = c.begin_fill("k").expect("live");
+        c.finish_fill(new, Some(session("new")));
+        c.finish_fill(old, Some(session("old")));
+        assert_eq!(
+            c.get("k").map(|s| s.fields["user"].clone()).as_deref(),
+            Some("new")
+        );
+    }
+
+    #[test]
+    fn nothing_is_served_or_kept_while_the_channel_is_down() {
+        let c = cache(10);
+        fill(&c, "k", "a");
+        let f = c.begin_fill("j").expect("live");
+        c.set_down();
+        assert!(c.get("k").is_none());
+        assert!(c.begin_fill("k").is_none());
+        c.finish_fill(f, Some(session("b")));
+        assert!(c.go_live(c.epoch()));
+        assert!(c.get("k").is_none(), "a reconnection empties the cache");
+        assert!(c.get("j").is_none());
+    }
+
+    #[test]
+    fn a_channel_that_went_down_while_tracking_was_turned_on_stays_down() {
+        let c = cache(10);
+        c.set_down();
+        let since = c.epoch();
+        // The store reconnects (a failover) while CLIENT TRACKING is on its way.
+        c.set_down();
+        assert!(!c.go_live(since));
+        assert!(!c.is_live());
+        assert!(c.go_live(c.epoch()));
+    }
+
+    #[test]
+    fn entries_expire_after_an_eighth_of_the_idle_timeout() {
+        let c = cache(10);
+        assert_eq!(c.max_age(), Duration::from_secs(50));
+        fill(&c, "k", "a");
+        let now = Instant::now();
+        assert!(c
+            .get_at("k", now + Duration::from_secs(49), now_ms())
+            .is_some());
+        assert!(c
+            .get_at("k", now + Duration::from_secs(51), now_ms())
+            .is_none());
+        assert_eq!(c.len(), 0);
+    }
+
+    #[test]
+    fn no_session_is_served_past_its_absolute_timeout() {
+        let c = LocalCache::new(
+            10,
+            TtlPolicy {
+                idle: Duration::from_secs(400),
+                absolute: Some(Duration::from_secs(60)),
+                ..TtlPolicy::default()
+            },
+        );
+        assert!(c.go_live(c.epoch()));
+        fill(&c, "k", "a");
+        assert!(c.get_at("k", Instant::now(), now_ms() + 59_000).is_some());
+        assert!(c.get_at("k", Instant::now(), now_ms() + 61_000).is_none());
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_capacity() {
+        let c = cache(3);
+        for i in 0..1000 {
+            fill(&c, &format!("k{i}"), "a");
+            c.invalidate(&format!("k{}", i / 2));
+        }
+        assert!(c.len() <= 3);
+        assert!(c.lock().order.len() <= 2 * 3 + 16);
+        assert!(c.get("k999").is_some(), "the newest entry is kept");
+    }
+
+    #[test]
+    fn a_failed_load_frees_its_slot() {
+        let c = cache(10);
+        let f = c.begin_fill("k").expect("live");
+        c.finish_fill(f, None);
+        assert_eq!(c.len(), 0);
+    }
+}

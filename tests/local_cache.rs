@@ -1,0 +1,472 @@
+//! The local cache (`--local-cache`) against real redis-server processes: two stickless instances
+//! on one Redis, each with its cache. A change or a logout through one is seen through the other
+//! once Redis's invalidation arrives; a restarted Redis empties the cache; a hit costs no
+//! command at all in Redis; and a drill of users writing through one instance and reading
+//! through the other measures how often, and for how long, a read misses the user's own
+//! acknowledged write.
+
+#[path = "support/scrape.rs"]
+mod scrape;
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use scrape::Scrape;
+use support::*;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const CACHE: &[&str] = &["--local-cache", "1000"];
+
+async fn hits(proxy: &Stickless) -> f64 {
+    Scrape::of(proxy)
+        .await
+        .value(r#"stickless_local_cache_lookups_total{result="hit"}"#)
+        .unwrap_or(0.0)
+}
+
+fn field(r: &Reply, name: &str) -> Option<String> {
+    r.seen().fields().get(name).cloned()
+}
+
+/// Reads through `proxy` until a read is served from its cache (the invalidation channel is up
+/// and the session is cached), and returns the field `name` as that read saw it.
+async fn read_until_cached(http: &mut Http, proxy: &Stickless, name: &str) -> Option<String> {
+    eventually(
+        "a read served from the local cache",
+        Duration::from_secs(10),
+        || {
+            let mut http = http.clone();
+            async move {
+                let before = hits(proxy).await;
+                let r = http.get(&proxy.url("/")).await;
+                (hits(proxy).await > before).then(|| field(&r, name))
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_through_one_instance_is_seen_through_the_other() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let a = Stickless::on_redis(&backend.url(), &redis, CACHE);
+    let b = Stickless::on_redis(&backend.url(), &redis, CACHE);
+    let mut http = Http::with_jar();
+    http.get_replying(&a.url("/"), &["x-session-set-user: alice"])
+        .await;
+    assert_eq!(
+        read_until_cached(&mut http, &b, "user").await.as_deref(),
+        Some("alice")
+    );
+
+    let r = http
+        .get_replying(&a.url("/"), &["x-session-set-user: bob"])
+        .await;
+    assert_eq!(r.status, 200);
+    eventually(
+        "B sees the change made through A",
+        Duration::from_secs(5),
+        || {
+            let mut http = http.clone();
+            let b = &b;
+            async move {
+                (field(&http.get(&b.url("/")).await, "user").as_deref() == Some("bob"))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    // And keeps seeing it from its cache.
+    assert_eq!(
+        read_until_cached(&mut http, &b, "user").await.as_deref(),
+        Some("bob")
+    );
+    let invalidations = Scrape::of(&b)
+        .await
+        .value("stickless_local_cache_invalidations_total")
+        .unwrap_or(0.0);
+    assert!(invalidations >= 1.0, "B counted the invalidation");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_logout_through_one_instance_is_seen_through_the_other() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let a = Stickless::on_redis(&backend.url(), &redis, CACHE);
+    let b = Stickless::on_redis(&backend.url(), &redis, CACHE);
+    let mut http = Http::with_jar();
+    http.get_replying(&a.url("/"), &["x-session-set-user: alice"])
+        .await;
+    let sid = http.sid.clone().expect("a session cookie");
+    read_until_cached(&mut http, &b, "user").await;
+
+    http.get_replying(&a.url("/"), &["x-session-destroy: true"])
+        .await;
+    // The logged-out cookie, replayed against B.
+    let mut replay = Http::with_jar();
+    replay.keep_cookies = true;
+    eventually(
+        "B no longer knows the session destroyed through A",
+        Duration::from_secs(5),
+        || {
+            let mut replay = replay.clone();
+            replay.sid = Some(sid.clone());
+            let b = &b;
+            async move {
+                let r = replay.get(&b.url("/")).await;
+                (r.seen().header("x-session") != Some("active")).then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_redis_empties_the_cache() {
+    let mut redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let a = Stickless::on_redis(&backend.url(), &redis, CACHE);
+    let mut http = Http::with_jar();
+    http.get_replying(&a.url("/"), &["x-session-set-user: alice"])
+        .await;
+    read_until_cached(&mut http, &a, "user").await;
+
+    // A new, empty Redis on the same port: the session is gone, and no invalidation said so.
+    let port = redis.port;
+    redis.kill();
+    let _redis = RedisServer::start_on(port);
+    eventually("the store reconnected", Duration::from_secs(10), || async {
+        let s = Scrape::of(&a).await;
+        (s.value("stickless_store_reconnections_total")
+            .unwrap_or(0.0)
+            >= 1.0)
+            .then_some(())
+    })
+    .await;
+    let r = http.get(&a.url("/")).await;
+    assert_ne!(
+        r.seen().header("x-session"),
+        Some("active"),
+        "a session from before the restart was served from the cache"
+    );
+    let flushes = Scrape::of(&a)
+        .await
+        .value("stickless_local_cache_flushes_total")
+        .unwrap_or(0.0);
+    assert!(flushes >= 1.0);
+}
+
+async fn cmd<T: redis::FromRedisValue>(redis: &RedisServer, args: &[&str]) -> T {
+    let mut c = redis.conn().await;
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(&mut c).await.expect("redis command")
+}
+
+/// A TCP forwarder standing in for ElastiCache's primary endpoint (a DNS name): new connections
+/// go to the current target, connections already made stay where they are.
+struct Endpoint {
+    port: u16,
+    target: Arc<Mutex<SocketAddr>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Endpoint {
+    fn start(target: SocketAddr) -> Self {
+        let reserved = ReservedPort::new();
+        let port = reserved.port;
+        let listener = reserved.listen();
+        let target = Arc::new(Mutex::new(target));
+        let current = target.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let to = *current.lock().unwrap();
+                tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Endpoint { port, target, task }
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn addr(redis: &RedisServer) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], redis.port))
+}
+
+/// A failover done the ElastiCache way (the replica promoted, the old primary made its replica,
+/// the endpoint moved): a change written on the new primary afterwards, as another instance
+/// would, is seen; the cache does not keep serving what it held from the old primary. (Here the
+/// demoted node, now a replica, still sends the invalidation of the replicated change on the
+/// tracking connection that stayed on it; the flush on reconnection is tested with a restart.)
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_failover_changes_on_the_new_primary_are_seen() {
+    let no_delay = ["--repl-diskless-sync-delay", "0"];
+    let primary = RedisServer::start_with(&no_delay);
+    let port = primary.port.to_string();
+    let replica =
+        RedisServer::start_with(&[&no_delay[..], &["--replicaof", "127.0.0.1", &port]].concat());
+    eventually("the replica in sync", Duration::from_secs(15), || async {
+        let info: String = cmd(&replica, &["INFO", "replication"]).await;
+        info.contains("master_link_status:up").then_some(())
+    })
+    .await;
+    let endpoint = Endpoint::start(addr(&primary));
+    let backend = TestBackend::start().await;
+    let url = format!("redis://127.0.0.1:{}", endpoint.port);
+    let proxy = Stickless::on_redis_url(&backend.url(), &url, CACHE);
+    let mut http = Http::with_jar();
+    http.get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    let key = format!("stickless:{}", id_of(http.sid.as_ref().unwrap()));
+    read_until_cached(&mut http, &proxy, "user").await;
+    let synced: i64 = cmd(&primary, &["WAIT", "1", "2000"]).await;
+    assert_eq!(synced, 1);
+
+    let replicaof = private_name("REPLICAOF");
+    let _: String = cmd(&replica, &[&replicaof, "NO", "ONE"]).await;
+    let _: String = cmd(
+        &primary,
+        &[&replicaof, "127.0.0.1", &replica.port.to_string()],
+    )
+    .await;
+    *endpoint.target.lock().unwrap() = addr(&replica);
+    let _: i64 = cmd(&replica, &["HSET", &key, "user", "bob"]).await;
+
+    eventually(
+        "the change on the new primary seen through the cache",
+        Duration::from_secs(10),
+        || {
+            let mut http = http.clone();
+            let proxy = &proxy;
+            async move {
+                (field(&http.get(&proxy.url("/")).await, "user").as_deref() == Some("bob"))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+/// Top-level commands that clients sent, as seen by MONITOR.
+struct Monitor {
+    lines: BufReader<tokio::net::TcpStream>,
+}
+
+impl Monitor {
+    async fn start(redis: &RedisServer) -> Self {
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", redis.port))
+            .await
+            .unwrap();
+        let monitor = format!("{}\r\n", private_name("MONITOR"));
+        conn.write_all(monitor.as_bytes()).await.unwrap();
+        let mut lines = BufReader::new(conn);
+        let mut ok = String::new();
+        lines.read_line(&mut ok).await.unwrap();
+        assert_eq!(ok, "+OK\r\n");
+        Monitor { lines }
+    }
+
+    /// The client commands seen until nothing more arrives for a short while, without the
+    /// invalidation channel's periodic PING and the commands run inside scripts.
+    async fn drain(&mut self) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            let mut line = String::new();
+            match tokio::time::timeout(Duration::from_millis(300), self.lines.read_line(&mut line))
+                .await
+            {
+                Ok(Ok(n)) if n > 0 => {
+                    let name = line
+                        .split('"')
+                        .nth(1)
+                        .unwrap_or_default()
+                        .to_ascii_lowercase();
+                    if !line.contains("[0 lua]") && name != "ping" {
+                        seen.push(name);
+                    }
+                }
+                _ => return seen,
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_read_costs_no_command_in_redis() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(&backend.url(), &redis, CACHE);
+    let mut http = Http::with_jar();
+    http.get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    read_until_cached(&mut http, &proxy, "user").await;
+
+    let mut monitor = Monitor::start(&redis).await;
+    for _ in 0..20 {
+        let r = http.get(&proxy.url("/")).await;
+        assert_eq!(field(&r, "user").as_deref(), Some("alice"));
+    }
+    assert_eq!(
+        monitor.drain().await,
+        Vec::<String>::new(),
+        "cached reads sent commands to Redis"
+    );
+
+    // A change: its read is served from the cache, its write is one script; the write drops this
+    // instance's copy at once, so the next read goes to Redis.
+    http.get_replying(&proxy.url("/"), &["x-session-set-user: bob"])
+        .await;
+    let r = http.get(&proxy.url("/")).await;
+    assert_eq!(field(&r, "user").as_deref(), Some("bob"));
+    assert_eq!(monitor.drain().await, ["evalsha", "evalsha"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cached_reads_keep_the_session_alive_with_few_renewals() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    // Copies live, and the TTL may fall, an eighth of this: 500 ms.
+    let proxy = Stickless::on_redis(
+        &backend.url(),
+        &redis,
+        &["--local-cache", "1000", "--idle-timeout", "4s"],
+    );
+    let mut http = Http::with_jar();
+    http.get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    read_until_cached(&mut http, &proxy, "user").await;
+
+    let mut monitor = Monitor::start(&redis).await;
+    let end = Instant::now() + Duration::from_secs(6);
+    let watch = tokio::spawn(async move {
+        // Renewals (PEXPIRE inside the load script) until the reads end.
+        let mut renewals = 0;
+        let stop = tokio::time::Instant::from_std(end + Duration::from_millis(500));
+        loop {
+            let mut line = String::new();
+            match tokio::time::timeout_at(stop, monitor.lines.read_line(&mut line)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    if line.contains("[0 lua]") && line.to_ascii_lowercase().contains("\"pexpire\"")
+                    {
+                        renewals += 1;
+                    }
+                }
+                _ => return renewals,
+            }
+        }
+    });
+    // Reads for longer than the idle timeout, one every 100 ms.
+    let mut reads = 0;
+    while Instant::now() < end {
+        let r = http.get(&proxy.url("/")).await;
+        assert_eq!(
+            field(&r, "user").as_deref(),
+            Some("alice"),
+            "the session expired while in use"
+        );
+        reads += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let renewals = watch.await.expect("monitor");
+    // One renewal per 500 ms at most (the read that finds the copy too old and the TTL more
+    // than 500 ms short), not one per read.
+    assert!(
+        (1..=6 * 2 + 2).contains(&renewals) && renewals < reads,
+        "{renewals} renewals for {reads} reads"
+    );
+}
+
+/// Users write through A and read through B as fast as they can. A read through B that misses
+/// the write A acknowledged just before is stale: the invalidation had not reached B yet. Every
+/// stale read must catch up within a bounded wait; how many there were and how long they took
+/// is printed (`cargo nextest run --test local_cache drill --no-capture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drill_reads_through_another_instance_catch_up_with_acknowledged_writes() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let a = Stickless::on_redis(&backend.url(), &redis, CACHE);
+    let b = Stickless::on_redis(&backend.url(), &redis, CACHE);
+    let (a_url, b_url) = (a.url("/"), b.url("/"));
+    // B's cache must be live before the drill counts anything.
+    let mut warm = Http::with_jar();
+    warm.get_replying(&a_url, &["x-session-set-user: warm"])
+        .await;
+    read_until_cached(&mut warm, &b, "user").await;
+    let hits_before = hits(&b).await;
+
+    let users = 16;
+    let run_for = Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for _ in 0..users {
+        let (a_url, b_url) = (a_url.clone(), b_url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut http = Http::with_jar();
+            http.get_replying(&a_url, &["x-session-set-n: 0"]).await;
+            let (mut writes, mut reads, mut stale) = (0u64, 0u64, Vec::new());
+            let end = Instant::now() + run_for;
+            while Instant::now() < end {
+                let r = http.get_replying(&a_url, &["x-session-incr-n: 1"]).await;
+                assert_eq!(r.status, 200);
+                writes += 1;
+                // Each read is checked against the last acknowledged write; the second and
+                // third read of an iteration are the ones a cache can answer.
+                for _ in 0..3 {
+                    let r = http.get(&b_url).await;
+                    reads += 1;
+                    let n: u64 = field(&r, "n").and_then(|n| n.parse().ok()).unwrap_or(0);
+                    if n < writes {
+                        let since = Instant::now();
+                        let caught_up = Instant::now() + Duration::from_secs(5);
+                        loop {
+                            let r = http.get(&b_url).await;
+                            let n: u64 =
+                                field(&r, "n").and_then(|n| n.parse().ok()).unwrap_or(0);
+                            if n >= writes {
+                                break;
+                            }
+                            assert!(
+                                Instant::now() < caught_up,
+                                "B still serves {n} five seconds after write {writes} was acknowledged"
+                            );
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        stale.push(since.elapsed());
+                    }
+                }
+            }
+            (writes, reads, stale)
+        }));
+    }
+    let (mut writes, mut reads, mut stale) = (0, 0, Vec::new());
+    for t in tasks {
+        let (w, r, s) = t.await.expect("a drill user");
+        writes += w;
+        reads += r;
+        stale.extend(s);
+    }
+    stale.sort();
+    let cache_hits = hits(&b).await - hits_before;
+    eprintln!(
+        "drill: {users} users, {writes} writes through A, {reads} reads through B ({cache_hits} from its cache), \
+         {} stale reads; time to catch up: max {:?}, median {:?}",
+        stale.len(),
+        stale.last().copied().unwrap_or_default(),
+        stale.get(stale.len() / 2).copied().unwrap_or_default(),
+    );
+    assert!(writes > 0 && reads > 0);
+    assert!(cache_hits > 0.0, "the drill never read from B's cache");
+}

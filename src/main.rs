@@ -16,15 +16,11 @@ use tokio::net::TcpListener;
 
 use cli::{Cli, Command, DemoArgs, ServeArgs};
 use stickless::config::{AccessLog, Config, LogFormat, StoreConfig, Upstream};
+use stickless::log_writer::{batched_stderr, Flusher};
 use stickless::tls::Tls;
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
-
-/// Log lines waiting for the writer thread, at most; a request that logs while the queue is full
-/// waits for room (lines are never dropped), as it waited for stderr before.
-const LOG_QUEUE_LINES: usize = 8192;
 
 /// Keeps the log writer thread running; [`flush_logs`] drops it, which writes out what is queued.
-static LOG_WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+static LOG_WRITER: Mutex<Option<Flusher>> = Mutex::new(None);
 
 fn main() -> ExitCode {
     // Purge freed memory back to the system in the background (after jemalloc's dirty decay),
@@ -85,7 +81,8 @@ fn exit(code: i32, message: std::fmt::Arguments) -> ! {
 /// Logs to stderr (journald, a container's log) in `format`, filtered by `RUST_LOG` (default
 /// `info`); `--access-log off` turns the access lines off whatever `RUST_LOG` says.
 ///
-/// Lines are written by their own thread, off the request path: a request only queues its line.
+/// Lines are written by their own thread, in batches, off the request path: a request only
+/// appends its line to a buffer in memory ([`stickless::log_writer`]).
 fn init_tracing(format: LogFormat, access_log: AccessLog) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -94,11 +91,7 @@ fn init_tracing(format: LogFormat, access_log: AccessLog) {
             filter = filter.add_directive(off);
         }
     }
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .thread_name("stickless-log")
-        .finish(std::io::stderr());
+    let (writer, guard) = batched_stderr();
     if let Ok(mut slot) = LOG_WRITER.lock() {
         *slot = Some(guard);
     }

@@ -42,6 +42,7 @@ pub mod cookie;
 pub mod demo;
 pub mod hop;
 pub mod log_limit;
+pub mod log_writer;
 pub mod metrics;
 pub mod notify;
 pub mod protocol;

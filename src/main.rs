@@ -8,7 +8,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::Parser;
@@ -16,7 +16,11 @@ use tokio::net::TcpListener;
 
 use cli::{Cli, Command, DemoArgs, ServeArgs};
 use stickless::config::{AccessLog, Config, LogFormat, StoreConfig, Upstream};
+use stickless::log_writer::{batched_stderr, Flusher};
 use stickless::tls::Tls;
+
+/// Keeps the log writer thread running; [`flush_logs`] drops it, which writes out what is queued.
+static LOG_WRITER: Mutex<Option<Flusher>> = Mutex::new(None);
 
 fn main() -> ExitCode {
     // Purge freed memory back to the system in the background (after jemalloc's dirty decay),
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
+            flush_logs();
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
@@ -47,6 +52,8 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => runtime.block_on(serve(args)),
         None => runtime.block_on(serve(cli.serve)),
     };
+    drop(runtime);
+    flush_logs();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -56,8 +63,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes out the log lines still queued and stops the writer thread: called once, on the way
+/// out; lines logged afterwards are lost.
+fn flush_logs() {
+    let guard = LOG_WRITER.lock().map(|mut g| g.take()).unwrap_or_default();
+    drop(guard);
+}
+
+/// Exits with `code` once the queued log lines are written, so that they come before the error
+/// message that follows and are not lost with the process.
+fn exit(code: i32, message: std::fmt::Arguments) -> ! {
+    flush_logs();
+    eprintln!("{message}");
+    std::process::exit(code);
+}
+
 /// Logs to stderr (journald, a container's log) in `format`, filtered by `RUST_LOG` (default
 /// `info`); `--access-log off` turns the access lines off whatever `RUST_LOG` says.
+///
+/// Lines are written by their own thread, in batches, off the request path: a request only
+/// appends its line to a buffer in memory ([`stickless::log_writer`]).
 fn init_tracing(format: LogFormat, access_log: AccessLog) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -66,9 +91,13 @@ fn init_tracing(format: LogFormat, access_log: AccessLog) {
             filter = filter.add_directive(off);
         }
     }
+    let (writer, guard) = batched_stderr();
+    if let Ok(mut slot) = LOG_WRITER.lock() {
+        *slot = Some(guard);
+    }
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => logs
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -106,11 +135,13 @@ fn raise_fd_limit() -> Option<u64> {
 fn config_or_exit(args: ServeArgs) -> Config {
     match args.into_config(std::env::var("REDIS_URL").ok(), raise_fd_limit()) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: invalid value for '{}': {}", e.flag, e.message);
-            eprintln!("\nFor more information, try 'stickless --help'.");
-            std::process::exit(2);
-        }
+        Err(e) => exit(
+            2,
+            format_args!(
+                "error: invalid value for '{}': {}\n\nFor more information, try 'stickless --help'.",
+                e.flag, e.message
+            ),
+        ),
     }
 }
 
@@ -134,10 +165,10 @@ fn tls_or_exit(config: &Config) -> Option<Arc<Tls>> {
             );
             Some(Arc::new(tls))
         }
-        Err(e) => {
-            eprintln!("error: invalid value for '--{}': {e}", e.setting());
-            std::process::exit(2);
-        }
+        Err(e) => exit(
+            2,
+            format_args!("error: invalid value for '--{}': {e}", e.setting()),
+        ),
     }
 }
 
@@ -152,10 +183,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin = bind(config.admin_listen, "--admin-listen").await?;
     let store = match stickless::server::build_store(&config).await {
         Ok(store) => store,
-        Err(e) => {
-            eprintln!("error: invalid value for '--{}': {e}", e.setting());
-            std::process::exit(2);
-        }
+        Err(e) => exit(
+            2,
+            format_args!("error: invalid value for '--{}': {e}", e.setting()),
+        ),
     };
     let kind = match &config.store {
         StoreConfig::Memory => {

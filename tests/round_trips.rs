@@ -4,56 +4,7 @@
 
 mod support;
 
-use std::time::Duration;
-
 use support::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-
-/// Top-level commands that clients sent, as seen by MONITOR (commands run inside a script are
-/// shown as `[0 lua]` and are not round trips).
-struct Monitor {
-    lines: BufReader<tokio::net::TcpStream>,
-}
-
-impl Monitor {
-    async fn start(redis: &RedisServer) -> Self {
-        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", redis.port))
-            .await
-            .unwrap();
-        // MONITOR is renamed away on the test servers; the harness knows its private name.
-        let monitor = format!("{}\r\n", private_name("MONITOR"));
-        conn.write_all(monitor.as_bytes()).await.unwrap();
-        let mut lines = BufReader::new(conn);
-        let mut ok = String::new();
-        lines.read_line(&mut ok).await.unwrap();
-        assert_eq!(ok, "+OK\r\n");
-        Monitor { lines }
-    }
-
-    /// The client commands seen until nothing more arrives for a short while.
-    async fn drain(&mut self) -> Vec<String> {
-        let mut seen = Vec::new();
-        loop {
-            let mut line = String::new();
-            match tokio::time::timeout(Duration::from_millis(300), self.lines.read_line(&mut line))
-                .await
-            {
-                Ok(Ok(n)) if n > 0 => {
-                    if !line.contains("[0 lua]") {
-                        // `+<time> [<db> <addr>] "<command>" ...`: keep the command name.
-                        let name = line
-                            .split('"')
-                            .nth(1)
-                            .unwrap_or_default()
-                            .to_ascii_lowercase();
-                        seen.push(name);
-                    }
-                }
-                _ => return seen,
-            }
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_round_trip_to_read_one_more_to_change_none_without_a_session() {

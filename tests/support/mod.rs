@@ -8,6 +8,9 @@ mod certs;
 // Used by the TLS tests only; every test file compiles this module.
 #[allow(unused_imports)]
 pub use certs::Certs;
+mod monitor;
+#[allow(unused_imports)]
+pub use monitor::{command_name, Monitor};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

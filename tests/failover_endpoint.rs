@@ -12,7 +12,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,49 +22,6 @@ const USERS: usize = 20;
 const AFTER: Duration = Duration::from_secs(8);
 /// A request that takes longer than this counts as hung.
 const HUNG: Duration = Duration::from_secs(5);
-
-/// A TCP forwarder on a port of its own that sends each new connection to the current target,
-/// as a DNS name does: connections already made stay where they are when the target changes.
-struct Endpoint {
-    port: u16,
-    target: Arc<Mutex<SocketAddr>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Endpoint {
-    fn start(target: SocketAddr) -> Self {
-        let reserved = ReservedPort::new();
-        let port = reserved.port;
-        let listener = reserved.listen();
-        let target = Arc::new(Mutex::new(target));
-        let current = target.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                let to = *current.lock().unwrap();
-                tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(to).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-            }
-        });
-        Endpoint { port, target, task }
-    }
-
-    fn point_at(&self, to: SocketAddr) {
-        *self.target.lock().unwrap() = to;
-    }
-}
-
-impl Drop for Endpoint {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn addr(redis: &RedisServer) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], redis.port))
-}
 
 async fn cmd<T: redis::FromRedisValue>(redis: &RedisServer, args: &[&str]) -> T {
     let mut c = redis.conn().await;

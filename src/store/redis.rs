@@ -493,12 +493,23 @@ async fn keep_tracking(
             return;
         };
         let pause = if cache.is_live() {
-            let answered = tokio::time::timeout(timeout, client.ping::<Value>(None)).await;
-            if !matches!(answered, Ok(Ok(_))) {
-                tracing::warn!(
-                    "the redis invalidation channel did not answer; local cache dropped"
-                );
-                cache.set_down();
+            // Also a role check: a primary demoted by a failover keeps answering, and its
+            // invalidations stop covering the writes that now go to the new primary.
+            match tokio::time::timeout(timeout, replication_state(&client)).await {
+                Ok(Ok(Some(state))) if state.role != "master" => {
+                    tracing::warn!(
+                        "the redis invalidation channel is on a demoted node; local cache dropped"
+                    );
+                    cache.set_down();
+                    let _ = client.force_reconnection().await;
+                }
+                Ok(Ok(_)) => {}
+                _ => {
+                    tracing::warn!(
+                        "the redis invalidation channel did not answer; local cache dropped"
+                    );
+                    cache.set_down();
+                }
             }
             TRACKING_CHECK
         } else {

@@ -8,7 +8,10 @@ mod certs;
 // Used by the TLS tests only; every test file compiles this module.
 #[allow(unused_imports)]
 pub use certs::Certs;
+mod endpoint;
 mod monitor;
+#[allow(unused_imports)]
+pub use endpoint::{addr, Endpoint};
 #[allow(unused_imports)]
 pub use monitor::{command_name, Monitor};
 

@@ -16,6 +16,31 @@ use support::*;
 /// SIGTERM.
 const LONG: &str = "600s";
 
+/// Waits until the backend has received the one request the test sent.
+async fn backend_has_the_request(backend: &TestBackend) {
+    eventually(
+        "the request to reach the backend",
+        Duration::from_secs(10),
+        || {
+            let hits = backend.hits();
+            async move { (hits == 1).then_some(()) }
+        },
+    )
+    .await;
+}
+
+/// Sends `GET path` through `proxy` and returns once the backend has it (and is slow to answer).
+async fn slow_request_in_flight(
+    proxy: &Stickless,
+    backend: &TestBackend,
+    path: &str,
+) -> tokio::task::JoinHandle<Reply> {
+    let url = proxy.url(path);
+    let slow = tokio::spawn(async move { Http::new().get(&url).await });
+    backend_has_the_request(backend).await;
+    slow
+}
+
 /// The readiness endpoint's status and body.
 async fn readyz(proxy: &Stickless) -> (u16, String) {
     let r = Http::new().get(&proxy.admin_url("/readyz")).await;
@@ -29,19 +54,7 @@ async fn a_slow_request_in_flight_at_sigterm_completes_and_the_process_exits_0()
         &backend.url(),
         &["--drain-delay", "1s", "--shutdown-timeout", "20s"],
     );
-    let slow = tokio::spawn({
-        let url = proxy.url("/slow/1500");
-        async move { Http::new().get(&url).await }
-    });
-    eventually(
-        "the slow request to reach the backend",
-        Duration::from_secs(10),
-        || {
-            let hits = backend.hits();
-            async move { (hits == 1).then_some(()) }
-        },
-    )
-    .await;
+    let slow = slow_request_in_flight(&proxy, &backend, "/slow/1500").await;
     proxy.terminate();
     let r = slow.await.unwrap();
     assert_eq!(r.status, 200);
@@ -127,19 +140,7 @@ async fn after_the_drain_delay_the_listener_closes_while_a_request_is_still_in_f
         &backend.url(),
         &["--drain-delay", "0", "--shutdown-timeout", "30s"],
     );
-    let slow = tokio::spawn({
-        let url = proxy.url("/slow/3000");
-        async move { Http::new().get(&url).await }
-    });
-    eventually(
-        "the slow request to reach the backend",
-        Duration::from_secs(10),
-        || {
-            let hits = backend.hits();
-            async move { (hits == 1).then_some(()) }
-        },
-    )
-    .await;
+    let slow = slow_request_in_flight(&proxy, &backend, "/slow/3000").await;
     proxy.terminate();
     // The listener is closed while the slow request is still being answered.
     eventually("the listener to close", Duration::from_secs(10), || {
@@ -174,15 +175,7 @@ async fn the_shutdown_timeout_cuts_a_request_that_takes_longer_and_the_process_s
                 .await
         }
     });
-    eventually(
-        "the hung request to reach the backend",
-        Duration::from_secs(10),
-        || {
-            let hits = backend.hits();
-            async move { (hits == 1).then_some(()) }
-        },
-    )
-    .await;
+    backend_has_the_request(&backend).await;
     proxy.terminate();
     assert_eq!(proxy.wait_exit(Duration::from_secs(15)).code(), Some(0));
     let cut = hung.await.unwrap();

@@ -21,6 +21,33 @@ use support::{proc_status_kib, Http, RedisServer, Stickless, TestBackend};
 
 type C = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
+/// `tasks` clients at once, each sending `per` requests with `headers` to `url`: the time it took.
+async fn concurrently(
+    client: &Arc<C>,
+    url: String,
+    tasks: usize,
+    per: usize,
+    headers: Vec<(&'static str, String)>,
+) -> Duration {
+    let started = Instant::now();
+    let headers = Arc::new(headers);
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let (client, url, headers) = (client.clone(), url.clone(), headers.clone());
+        handles.push(tokio::spawn(async move {
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            for _ in 0..per {
+                one(&client, &url, &headers).await;
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    started.elapsed()
+}
+
 async fn one(client: &C, url: &str, headers: &[(&str, &str)]) -> Duration {
     let mut req = Request::builder().method(Method::GET).uri(url);
     for (k, v) in headers {
@@ -109,40 +136,16 @@ fn main() {
         let per = (n / 10).max(50);
         let client = Arc::new(client);
         // Read throughput: 64 concurrent clients, each reading the same session.
-        let started = Instant::now();
-        let mut handles = Vec::new();
-        for _ in 0..tasks {
-            let client = client.clone();
-            let url = proxy.url("/");
-            let cookie = cookie.clone();
-            handles.push(tokio::spawn(async move {
-                for _ in 0..per {
-                    one(&client, &url, &[("cookie", &cookie)]).await;
-                }
-            }));
-        }
-        for h in handles {
-            h.await.unwrap();
-        }
-        let read_elapsed = started.elapsed();
-
+        let read_elapsed = concurrently(&client, proxy.url("/"), tasks, per, vec![("cookie", cookie.clone())]).await;
         // Throughput: 64 concurrent clients, each incrementing the same session's counter.
-        let started = Instant::now();
-        let mut handles = Vec::new();
-        for _ in 0..tasks {
-            let client = client.clone();
-            let url = proxy.url("/");
-            let cookie = cookie.clone();
-            handles.push(tokio::spawn(async move {
-                for _ in 0..per {
-                    one(&client, &url, &[("cookie", &cookie), ("x-test-reply", "x-session-incr-hits: 1")]).await;
-                }
-            }));
-        }
-        for h in handles {
-            h.await.unwrap();
-        }
-        let elapsed = started.elapsed();
+        let elapsed = concurrently(
+            &client,
+            proxy.url("/"),
+            tasks,
+            per,
+            vec![("cookie", cookie.clone()), ("x-test-reply", "x-session-incr-hits: 1".to_owned())],
+        )
+        .await;
         let total = tasks * per;
         let key = format!("stickless:{}", support::id_of(cookie.trim_start_matches("sid=")));
         let stored = support::hgetall(&redis, &key).await;

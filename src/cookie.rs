@@ -6,6 +6,14 @@
 //! keep the old one behind it until the idle timeout has passed, then drop it. Tags are compared in
 //! constant time, and a cookie whose tag fails is never looked up in the store.
 //!
+//! Beside it, with a shared cache of sessions (`--local-cache`), the *version cookie*
+//! `<name>_v=<version>.<tag>` carries the version of the session the user's last acknowledged
+//! change wrote, so that no instance serves them a copy older than that. Its tag is HMAC-SHA256
+//! over the id and the version (so it is worthless with any other session), cut to 128 bits. It is
+//! a separate cookie so that a late response can never replace the session cookie a concurrent
+//! login has just set: the worst it can do is lower the version, which only allows a cached copy
+//! that the invalidation is already on its way to remove.
+//!
 //! The cookie's settings ([`CookieConfig`]) live here too: a name and attributes that can only be
 //! built valid, so that writing `Set-Cookie` can never fail.
 
@@ -27,6 +35,11 @@ pub const ID_BYTES: usize = 32;
 /// Length of an id written base64url without padding.
 pub const ID_LEN: usize = 43;
 const TAG_LEN: usize = 43;
+/// Bytes of a version cookie's tag, and their length written base64url.
+const VERSION_TAG_BYTES: usize = 16;
+const VERSION_TAG_LEN: usize = 22;
+/// What the version cookie's name adds to the session cookie's.
+pub const VERSION_COOKIE_SUFFIX: &str = "_v";
 /// Shortest secret key accepted, in bytes.
 pub const MIN_KEY_BYTES: usize = 32;
 
@@ -154,6 +167,49 @@ impl SigningKeys {
         out
     }
 
+    fn version_tag(mac: &HmacSha256, id: &SessionId, version: u64) -> HmacSha256 {
+        let mut mac = mac.clone();
+        // A prefix of its own: no version tag is ever the tag of a session cookie.
+        mac.update(b"stickless version\0");
+        mac.update(id.as_str().as_bytes());
+        mac.update(b"\0");
+        mac.update(&version.to_be_bytes());
+        mac
+    }
+
+    /// The version cookie's value for `version` of the session `id`, signed with the first key.
+    pub fn sign_version(&self, id: &SessionId, version: u64) -> String {
+        let tag = Self::version_tag(&self.keys[0], id, version)
+            .finalize()
+            .into_bytes();
+        let mut out = version.to_string();
+        out.push('.');
+        URL_SAFE_NO_PAD.encode_string(&tag[..VERSION_TAG_BYTES], &mut out);
+        out
+    }
+
+    /// The version in a version cookie's value, if it verifies for the session `id` under any
+    /// key: a cookie of another session, or a forged one, is `None`.
+    pub fn verify_version(&self, id: &SessionId, value: &str) -> Option<u64> {
+        let (version, tag) = value.split_once('.')?;
+        if tag.len() != VERSION_TAG_LEN || version.len() > 20 {
+            return None;
+        }
+        let version: u64 = version.parse().ok()?;
+        let mut tag_bytes = [0u8; VERSION_TAG_BYTES];
+        if URL_SAFE_NO_PAD.decode_slice(tag, &mut tag_bytes) != Ok(VERSION_TAG_BYTES) {
+            return None;
+        }
+        self.keys
+            .iter()
+            .any(|k| {
+                Self::version_tag(k, id, version)
+                    .verify_truncated_left(&tag_bytes)
+                    .is_ok()
+            })
+            .then_some(version)
+    }
+
     /// The session id in a cookie value, if its tag verifies under any key.
     pub fn verify(&self, value: &str) -> Option<SessionId> {
         let (id, tag) = value.split_once('.')?;
@@ -186,6 +242,8 @@ pub fn generate_key() -> String {
 pub struct RequestCookies {
     /// Values of every cookie with the session cookie's name, in order.
     pub session_values: Vec<String>,
+    /// Values of every version cookie (the session cookie's name and `_v`), in order.
+    pub version_values: Vec<String>,
     /// The other cookies, rejoined, or `None` when nothing else is left.
     pub rest: Option<HeaderValue>,
 }
@@ -194,13 +252,15 @@ impl fmt::Debug for RequestCookies {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RequestCookies")
             .field("session_values", &self.session_values.len())
+            .field("version_values", &self.version_values.len())
             .field("rest", &self.rest.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
 
-/// Splits the `Cookie` header values into the session cookie(s) and the rest.
-/// Pairs that cannot be parsed are passed through to the backend unchanged.
+/// Splits the `Cookie` header values into the session cookie(s), the version cookie(s)
+/// (`<name>_v`) and the rest. Pairs that cannot be parsed are passed through to the backend
+/// unchanged.
 pub fn split_cookies<'a>(
     headers: impl Iterator<Item = &'a HeaderValue>,
     name: &str,
@@ -217,13 +277,20 @@ pub fn split_cookies<'a>(
                 Some(i) => (trim_ascii(&pair[..i]), trim_ascii(&pair[i + 1..])),
                 None => (pair, &b""[..]),
             };
-            if k == name.as_bytes() {
+            let ours = if k == name.as_bytes() {
+                Some(&mut out.session_values)
+            } else if k.strip_prefix(name.as_bytes()) == Some(VERSION_COOKIE_SUFFIX.as_bytes()) {
+                Some(&mut out.version_values)
+            } else {
+                None
+            };
+            if let Some(values) = ours {
                 let v = v
                     .strip_prefix(b"\"")
                     .and_then(|v| v.strip_suffix(b"\""))
                     .unwrap_or(v);
                 if let Ok(v) = std::str::from_utf8(v) {
-                    out.session_values.push(v.to_owned());
+                    values.push(v.to_owned());
                 }
             } else {
                 rest.push(pair);
@@ -435,8 +502,30 @@ impl CookieWriter {
 
     /// `Set-Cookie` that removes the session cookie from the browser.
     pub fn clear(&self, https: bool) -> HeaderValue {
+        self.clear_named("", https)
+    }
+
+    /// `Set-Cookie` for the version cookie, with the session cookie's attributes and lifetime.
+    pub fn set_version(&self, value: &str, max_age: Option<u64>, https: bool) -> HeaderValue {
         let mut s = format!(
-            "{}=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT",
+            "{}{VERSION_COOKIE_SUFFIX}={value}",
+            self.config.name.as_str()
+        );
+        if let Some(age) = max_age {
+            s.push_str(&format!("; Max-Age={age}"));
+        }
+        self.attributes(&mut s, https);
+        HeaderValue::from_str(&s).expect("cookie name, value and attributes are validated")
+    }
+
+    /// `Set-Cookie` that removes the version cookie from the browser.
+    pub fn clear_version(&self, https: bool) -> HeaderValue {
+        self.clear_named(VERSION_COOKIE_SUFFIX, https)
+    }
+
+    fn clear_named(&self, suffix: &str, https: bool) -> HeaderValue {
+        let mut s = format!(
+            "{}{suffix}=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT",
             self.config.name.as_str()
         );
         self.attributes(&mut s, https);
@@ -525,6 +614,42 @@ mod tests {
     }
 
     #[test]
+    fn version_cookies_are_bound_to_their_session_and_version() {
+        let keys = SigningKeys::parse(K1).unwrap();
+        let id = SessionId::generate();
+        let v = keys.sign_version(&id, 42);
+        assert!(v.starts_with("42."), "{v}");
+        assert_eq!(keys.verify_version(&id, &v), Some(42));
+        assert_eq!(keys.verify_version(&SessionId::generate(), &v), None);
+        let (_, tag) = v.split_once('.').unwrap();
+        assert_eq!(keys.verify_version(&id, &format!("43.{tag}")), None);
+        // Never the tag of a session cookie, nor the other way round.
+        assert_eq!(keys.verify(&format!("{}.{tag}", id.as_str())), None);
+        let session_tag = keys.sign(&id).split_once('.').unwrap().1.to_owned();
+        assert_eq!(keys.verify_version(&id, &format!("42.{session_tag}")), None);
+        // Key rotation: the old key still verifies.
+        let rotated = SigningKeys::parse(&format!("{K2},{K1}")).unwrap();
+        assert_eq!(rotated.verify_version(&id, &v), Some(42));
+        assert_eq!(
+            SigningKeys::parse(K2).unwrap().verify_version(&id, &v),
+            None
+        );
+        for bad in [
+            "",
+            ".",
+            "42",
+            "42.",
+            "x.abc",
+            &format!("-1.{tag}"),
+            &v[..v.len() - 1],
+        ] {
+            assert_eq!(keys.verify_version(&id, bad), None, "{bad}");
+        }
+        let big = keys.sign_version(&id, u64::MAX);
+        assert_eq!(keys.verify_version(&id, &big), Some(u64::MAX));
+    }
+
+    #[test]
     fn keys_are_validated() {
         assert_eq!(SigningKeys::parse("").unwrap_err(), KeyError::Empty);
         assert_eq!(SigningKeys::parse(" , ").unwrap_err(), KeyError::Empty);
@@ -543,11 +668,12 @@ mod tests {
     fn cookies_are_split() {
         let h = [
             HeaderValue::from_static("a=1; sid=abc.def;b=2"),
-            HeaderValue::from_static("sid=\"q\"; c"),
+            HeaderValue::from_static("sid=\"q\"; c; sid_v=3.t; sid_vv=1; xsid_v=2"),
         ];
         let c = split_cookies(h.iter(), "sid");
         assert_eq!(c.session_values, vec!["abc.def", "q"]);
-        assert_eq!(c.rest.unwrap(), "a=1; b=2; c");
+        assert_eq!(c.version_values, vec!["3.t"]);
+        assert_eq!(c.rest.unwrap(), "a=1; b=2; c; sid_vv=1; xsid_v=2");
         let only = [HeaderValue::from_static("sid=x")];
         let c = split_cookies(only.iter(), "sid");
         assert!(c.rest.is_none());
@@ -588,6 +714,14 @@ mod tests {
             .to_str()
             .unwrap()
             .starts_with("sid=; Max-Age=0;"));
+        assert_eq!(
+            w.set_version("7.t", Some(60), false),
+            "sid_v=7.t; Max-Age=60; Path=/; HttpOnly; SameSite=Lax"
+        );
+        assert_eq!(
+            w.clear_version(false),
+            "sid_v=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Path=/; HttpOnly; SameSite=Lax"
+        );
         let w = CookieWriter::new(CookieConfig {
             domain: Some(CookieAttribute::parse("example.com").unwrap()),
             same_site: SameSite::None,

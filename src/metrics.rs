@@ -77,6 +77,18 @@ labels! {
 }
 
 labels! {
+    /// Outcome of a lookup in the local cache, as the `result` label.
+    CacheLookup {
+        /// Served from the cache: no round trip to Redis.
+        Hit => "hit",
+        /// Not cached (or the cache is not live): read from Redis.
+        Miss => "miss",
+        /// Cached, but older than the version the user's cookie names: read from Redis.
+        Outdated => "outdated",
+    }
+}
+
+labels! {
     /// Session events, as the `event` label.
     Event {
         /// A new session was stored.
@@ -361,9 +373,9 @@ impl Metrics {
             ),
             local_cache_lookups: counters(
                 "stickless_local_cache_lookups_total",
-                "Session loads looked up in the local cache (--local-cache), by result: a hit costs no round trip to Redis.",
+                "Session loads looked up in the local cache (--local-cache), by result: a hit costs no round trip to Redis; outdated is a copy older than the user's own last change.",
                 "result",
-                &["hit", "miss"],
+                &names(CacheLookup::ALL, CacheLookup::as_str),
             ),
             local_cache_invalidations: counter(
                 "stickless_local_cache_invalidations_total",
@@ -459,8 +471,8 @@ impl Metrics {
     }
 
     /// Counts a lookup in the local cache (`--local-cache`).
-    pub fn local_cache_lookup(&self, hit: bool) {
-        self.local_cache_lookups[usize::from(!hit)].inc();
+    pub fn local_cache_lookup(&self, result: CacheLookup) {
+        self.local_cache_lookups[result as usize].inc();
     }
 
     /// Counts a session dropped from the local cache by an invalidation.
@@ -534,7 +546,9 @@ mod tests {
             | "stickless_store_failovers_total"
             | "stickless_local_cache_invalidations_total"
             | "stickless_local_cache_flushes_total" => None,
-            "stickless_local_cache_lookups_total" => Some(("result", vec!["hit", "miss"])),
+            "stickless_local_cache_lookups_total" => {
+                Some(("result", vec!["hit", "miss", "outdated"]))
+            }
             other => panic!("say which series {other} exports from the start"),
         }
     }

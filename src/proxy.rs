@@ -192,13 +192,21 @@ impl Resolved {
     }
 }
 
-/// What to do with the session cookie in the response.
+/// What to do with the session cookie (and the version cookie) in the response.
 #[derive(Debug)]
 enum CookieAction {
     Keep,
+    /// The session's fields changed: the version cookie says which version this response
+    /// acknowledges (when the store serves copies).
+    Changed {
+        id: SessionId,
+        created_ms: u64,
+        version: u64,
+    },
     Set {
         id: SessionId,
         created_ms: u64,
+        version: u64,
         /// The session was moved from another id, rather than started.
         rotated: bool,
     },
@@ -217,6 +225,9 @@ pub struct Proxy {
     on_store_error: OnStoreError,
     /// Whether the listener serves TLS itself: every request then came over HTTPS.
     tls: bool,
+    /// Whether the store may answer with a copy (a local cache): each change's version then goes
+    /// to the user in the version cookie, and a copy older than it is not served to them.
+    versions: bool,
     /// Pooled connections to the backend.
     client: Client<Connector, UpstreamBody>,
     /// Fresh connections only, for a retry.
@@ -248,6 +259,7 @@ impl Proxy {
             .pool_max_idle_per_host(0)
             .http1_max_buf_size(response_head_limit)
             .build(connector);
+        let versions = store.serves_copies();
         // The status header is the prefix without its last `-`; a `HeaderPrefix` is a header name.
         Proxy {
             store,
@@ -259,6 +271,7 @@ impl Proxy {
             upstream_timeout: config.upstream_timeout,
             on_store_error: config.on_store_error,
             tls: config.tls().is_some(),
+            versions,
             client,
             fresh,
             metrics,
@@ -353,7 +366,7 @@ impl Proxy {
             Resolved::NoSession(_) => self.commit(None, &changes).await?,
         };
         log.session = match action {
-            CookieAction::Keep => log.session,
+            CookieAction::Keep | CookieAction::Changed { .. } => log.session,
             CookieAction::Set { rotated: true, .. } => SessionState::Rotated,
             CookieAction::Set { rotated: false, .. } => SessionState::Created,
             CookieAction::Clear => SessionState::Destroyed,
@@ -433,7 +446,22 @@ impl Proxy {
             }
             return Ok(Resolved::NoSession(SessionState::Invalid));
         };
-        match self.timed(StoreOp::Load, self.store.load(&id)).await {
+        // The version of this session the user's last acknowledged change wrote: no copy older
+        // than that may answer. A version cookie of another session, or a forged one, is 0.
+        let min_version = if self.versions {
+            cookies
+                .version_values
+                .iter()
+                .take(MAX_SESSION_COOKIES)
+                .find_map(|v| self.keys.verify_version(&id, v))
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        match self
+            .timed(StoreOp::Load, self.store.load_since(&id, min_version))
+            .await
+        {
             Ok(Loaded::Live(session)) => {
                 self.metrics.lookup(Lookup::Hit);
                 Ok(Resolved::Live(id, session))
@@ -561,20 +589,52 @@ impl Proxy {
         https: bool,
         tunnel: Option<(OnUpgrade, OnUpgrade)>,
     ) -> Response<ProxyBody> {
-        let cookie = match action {
-            CookieAction::Keep => None,
-            CookieAction::Set { id, created_ms, .. } => {
-                let max_age = self.ttl.absolute.map(|abs| {
-                    let end = created_ms + abs.as_millis() as u64;
-                    end.saturating_sub(now_ms()).div_ceil(1000)
-                });
-                Some(self.cookies.set(&self.keys.sign(&id), max_age, https))
-            }
-            CookieAction::Clear => Some(self.cookies.clear(https)),
+        let max_age = |created_ms: u64| {
+            self.ttl.absolute.map(|abs| {
+                let end = created_ms + abs.as_millis() as u64;
+                end.saturating_sub(now_ms()).div_ceil(1000)
+            })
         };
-        if let Some(cookie) = cookie {
+        let version = |id: &SessionId, created_ms, version| {
+            self.cookies.set_version(
+                &self.keys.sign_version(id, version),
+                max_age(created_ms),
+                https,
+            )
+        };
+        let (cookie, version_cookie) = match action {
+            CookieAction::Keep => (None, None),
+            CookieAction::Changed {
+                id,
+                created_ms,
+                version: v,
+            } => (None, Some(version(&id, created_ms, v))),
+            CookieAction::Set {
+                id,
+                created_ms,
+                version: v,
+                ..
+            } => (
+                Some(
+                    self.cookies
+                        .set(&self.keys.sign(&id), max_age(created_ms), https),
+                ),
+                Some(version(&id, created_ms, v)),
+            ),
+            CookieAction::Clear => (
+                Some(self.cookies.clear(https)),
+                Some(self.cookies.clear_version(https)),
+            ),
+        };
+        let version_cookie = version_cookie.filter(|_| self.versions);
+        if cookie.is_some() || version_cookie.is_some() {
             let h = resp.headers_mut();
-            h.append(header::SET_COOKIE, cookie);
+            h.extend(
+                cookie
+                    .into_iter()
+                    .chain(version_cookie)
+                    .map(|c| (header::SET_COOKIE, c)),
+            );
             // A response that sets a session cookie must never be cached and served to another user.
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         }
@@ -618,10 +678,14 @@ impl Proxy {
             }
             None if changes.destroy => self.create_if_written(&fields, CookieAction::Clear).await,
             Some(old) if changes.rotate => self.rotate(old, &fields).await,
-            Some(id) => {
-                self.change(&id, &fields).await?;
-                Ok(CookieAction::Keep)
-            }
+            Some(id) => match self.change(&id, &fields).await? {
+                Some((created_ms, version)) => Ok(CookieAction::Changed {
+                    id,
+                    created_ms,
+                    version,
+                }),
+                None => Ok(CookieAction::Keep),
+            },
             None => self.create_if_written(&fields, CookieAction::Keep).await,
         }
     }
@@ -651,10 +715,14 @@ impl Proxy {
     /// Applies field changes to the request's session. A session that expired, or was destroyed
     /// or rotated by a concurrent request while the backend worked, is never brought back, and no
     /// new session is started either, whose cookie would replace the one a concurrent login has
-    /// just set: the changes are dropped.
-    async fn change(&self, id: &SessionId, fields: &Changes) -> Result<(), ProxyError> {
+    /// just set: the changes are dropped. The creation time and new version of a stored change.
+    async fn change(
+        &self,
+        id: &SessionId,
+        fields: &Changes,
+    ) -> Result<Option<(u64, u64)>, ProxyError> {
         if fields.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         match self
             .timed(
@@ -663,14 +731,17 @@ impl Proxy {
             )
             .await?
         {
-            Applied::Stored { .. } => Ok(()),
+            Applied::Stored {
+                created_ms,
+                version,
+            } => Ok(Some((created_ms, version))),
             Applied::Rejected(r) => Err(r.into()),
             Applied::Gone => {
                 self.metrics.event(Event::Dropped);
                 tracing::warn!(
                     "session ended while the request was in flight; its changes were dropped"
                 );
-                Ok(())
+                Ok(None)
             }
         }
     }
@@ -701,7 +772,10 @@ impl Proxy {
             .timed(StoreOp::Apply, self.store.apply(&id, target, fields))
             .await?
         {
-            Applied::Stored { created_ms } => {
+            Applied::Stored {
+                created_ms,
+                version,
+            } => {
                 self.metrics.event(if base.is_some() {
                     Event::Rotated
                 } else {
@@ -710,6 +784,7 @@ impl Proxy {
                 Ok(CookieAction::Set {
                     id,
                     created_ms,
+                    version,
                     rotated: base.is_some(),
                 })
             }

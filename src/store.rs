@@ -36,6 +36,11 @@ use crate::protocol::{Changes, Fields, Rejection};
 /// Its `_` keeps it apart from every protocol field name.
 pub const CREATED_FIELD: &str = "_created";
 
+/// The hash field that holds a session's version: 1 when it is created, one more with every
+/// change. A cached copy older than the version a user's cookie names is not served to them.
+/// Sessions written before versions existed have none, which reads as 0.
+pub const VERSION_FIELD: &str = "_v";
+
 /// The hash field that marks a tombstone: a session rotated away from this id. It holds the time
 /// of the rotation in milliseconds since the Unix epoch.
 pub const ROTATED_FIELD: &str = "_rotated";
@@ -69,6 +74,8 @@ pub struct Session {
     pub fields: Fields,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_ms: u64,
+    /// The version: 1 when created, one more with every change ([`VERSION_FIELD`]).
+    pub version: u64,
 }
 
 impl fmt::Debug for Session {
@@ -76,6 +83,7 @@ impl fmt::Debug for Session {
         f.debug_struct("Session")
             .field("fields", &self.fields.keys().collect::<Vec<_>>())
             .field("created_ms", &self.created_ms)
+            .field("version", &self.version)
             .finish()
     }
 }
@@ -100,6 +108,8 @@ pub enum Applied {
     Stored {
         /// Creation time of the session written to.
         created_ms: u64,
+        /// The session's version after the change.
+        version: u64,
     },
     /// The existing session had expired or been deleted: nothing was written.
     Gone,
@@ -141,6 +151,19 @@ pub trait SessionStore: Send + Sync + 'static {
     /// [`Loaded::Absent`] when it does not exist or has reached its absolute timeout,
     /// [`Loaded::Rotated`] for a tombstone (whose TTL is left alone).
     async fn load(&self, id: &SessionId) -> Result<Loaded, StoreError>;
+
+    /// [`SessionStore::load`], for a user who has been told of `min_version` of this session: a
+    /// copy older than that (in a local cache) is not served, the store itself is asked.
+    async fn load_since(&self, id: &SessionId, min_version: u64) -> Result<Loaded, StoreError> {
+        let _ = min_version;
+        self.load(id).await
+    }
+
+    /// Whether a load may answer with a copy older than the store's (a local cache), so that the
+    /// proxy must tell each user the version their changes reached: the version cookie.
+    fn serves_copies(&self) -> bool {
+        false
+    }
 
     /// Applies field changes atomically, checking the limits against what is stored at that
     /// moment, and renews the TTL. A tombstone is [`Applied::Gone`] for [`Target::Existing`].

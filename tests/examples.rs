@@ -597,14 +597,16 @@ fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The hash without stickless' own `_created` field (asserted present).
+/// The hash without stickless' own `_created` and `_v` fields (asserted present).
 async fn stored_fields(redis: &RedisServer, key: &str) -> BTreeMap<String, String> {
     let mut h = hgetall(redis, key).await;
-    let created = h.remove("_created");
-    assert!(
-        created.is_some_and(|c| c.parse::<u64>().is_ok()),
-        "{key} has a numeric _created field"
-    );
+    for own in ["_created", "_v"] {
+        let value = h.remove(own);
+        assert!(
+            value.is_some_and(|c| c.parse::<u64>().is_ok()),
+            "{key} has a numeric {own} field"
+        );
+    }
     h
 }
 

@@ -1,9 +1,10 @@
 //! The local cache (`--local-cache`) against real redis-server processes: two stickless instances
 //! on one Redis, each with its cache. A change or a logout through one is seen through the other
 //! once Redis's invalidation arrives; a restarted Redis empties the cache; a hit costs no
-//! command at all in Redis; and a drill of users writing through one instance and reading
-//! through the other measures how often, and for how long, a read misses the user's own
-//! acknowledged write.
+//! command at all in Redis; a copy older than the version in the user's cookie is never served;
+//! and a drill of users writing through one instance and reading through the other checks that
+//! no read misses the user's own acknowledged write, and measures how long a logout takes to be
+//! seen by the other instance.
 
 #[path = "support/scrape.rs"]
 mod scrape;
@@ -11,7 +12,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::Method;
 use scrape::Scrape;
+use stickless::cookie::SigningKeys;
 use support::*;
 use tokio::io::AsyncBufReadExt;
 
@@ -254,6 +258,136 @@ async fn a_cached_read_costs_no_command_in_redis() {
     );
 }
 
+/// With the cache, every acknowledged change tells the user its version in `sid_v` (same
+/// attributes and lifetime as `sid`); a logout clears it; it never reaches the backend; and
+/// without the cache it is never set.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_version_cookie_follows_changes_only_with_the_cache() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(
+        &backend.url(),
+        &redis,
+        &["--local-cache", "1000", "--absolute-timeout", "1h"],
+    );
+    let mut http = Http::with_jar();
+    let r = http
+        .get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    let (sid, sid_v) = (r.sid().expect("sid"), r.sid_v().expect("sid_v"));
+    assert!(
+        sid_v.starts_with("1."),
+        "a new session is version 1: {sid_v}"
+    );
+    let attributes = |name: &str| {
+        let c = r
+            .set_cookies()
+            .into_iter()
+            .find(|c| c.starts_with(&format!("{name}=")))
+            .unwrap();
+        c.split_once(';').unwrap().1.to_owned()
+    };
+    assert_eq!(attributes("sid"), attributes("sid_v"), "same attributes");
+    assert!(
+        attributes("sid_v").contains("Max-Age="),
+        "{}",
+        attributes("sid_v")
+    );
+
+    let r = http
+        .send(
+            Method::GET,
+            &proxy.url("/"),
+            &[
+                ("cookie", "other=1"),
+                ("x-test-reply", "x-session-incr-n: 1"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    let cookie = r.seen().header("cookie").unwrap_or_default().to_owned();
+    assert!(
+        !cookie.contains("sid") && cookie.contains("other=1"),
+        "the backend got: {cookie}"
+    );
+    assert_eq!(r.sid(), None, "a change keeps the session cookie");
+    assert!(r.sid_v().expect("a new sid_v").starts_with("2."));
+    let r = http.get(&proxy.url("/")).await;
+    assert!(r.set_cookies().is_empty(), "a read sets nothing");
+    let r = http
+        .get_replying(&proxy.url("/"), &["x-session-destroy: true"])
+        .await;
+    assert_eq!(
+        (r.sid().as_deref(), r.sid_v().as_deref()),
+        (Some(""), Some(""))
+    );
+    assert_ne!(sid, "");
+
+    let plain = Stickless::on_redis(&backend.url(), &redis, &[]);
+    let mut http = Http::with_jar();
+    for change in [
+        "x-session-set-user: alice",
+        "x-session-incr-n: 1",
+        "x-session-destroy: true",
+    ] {
+        let r = http.get_replying(&plain.url("/"), &[change]).await;
+        assert_eq!(
+            r.sid_v(),
+            None,
+            "no version cookie without the cache ({change})"
+        );
+    }
+}
+
+/// A cached copy older than the version in the user's cookie is not served: the session is read
+/// from Redis. A version cookie of another session, or a forged one, counts for nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_copy_older_than_the_cookies_version_is_read_again() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(&backend.url(), &redis, CACHE);
+    let keys = SigningKeys::parse(TEST_KEY).unwrap();
+    let mut http = Http::with_jar();
+    http.get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    let id = keys.verify(http.sid.as_deref().unwrap()).unwrap();
+    let mut other = Http::with_jar();
+    other
+        .get_replying(&proxy.url("/"), &["x-session-set-user: bob"])
+        .await;
+    let other_id = keys.verify(other.sid.as_deref().unwrap()).unwrap();
+    read_until_cached(&mut http, &proxy, "user").await;
+
+    let mut monitor = Monitor::start(&redis).await;
+    // Reads alice's session with this version cookie; how many copies were refused as outdated.
+    let read_with = |version: String| {
+        let mut http = http.clone();
+        http.sid_v = Some(version);
+        let proxy = &proxy;
+        async move {
+            let outdated = r#"stickless_local_cache_lookups_total{result="outdated"}"#;
+            let before = proxy.metric(outdated).await;
+            let r = http.get(&proxy.url("/")).await;
+            assert_eq!(field(&r, "user").as_deref(), Some("alice"));
+            proxy.metric(outdated).await - before
+        }
+    };
+    // Version 1 is what the cache holds: served from it.
+    assert_eq!(read_with(keys.sign_version(&id, 1)).await, 0.0);
+    assert_eq!(sent_by_stickless(&mut monitor).await, Vec::<String>::new());
+    // Version 5 of this session (say, written through another instance): read again.
+    assert_eq!(read_with(keys.sign_version(&id, 5)).await, 1.0);
+    assert_eq!(sent_by_stickless(&mut monitor).await, ["evalsha"]);
+    // Another session's version cookie, or a forged one: as if there were none.
+    read_until_cached(&mut http.clone(), &proxy, "user").await;
+    monitor.drain().await;
+    let forged = keys.sign_version(&id, 5).replacen('5', "6", 1);
+    for cookie in [keys.sign_version(&other_id, 5), forged, "9".into()] {
+        assert_eq!(read_with(cookie).await, 0.0);
+    }
+    assert_eq!(sent_by_stickless(&mut monitor).await, Vec::<String>::new());
+}
+
 /// The commands seen by `monitor`, without the invalidation channel's periodic check (`INFO
 /// replication` twice a second).
 async fn sent_by_stickless(monitor: &mut Monitor) -> Vec<String> {
@@ -317,12 +451,15 @@ async fn cached_reads_keep_the_session_alive_with_few_renewals() {
     );
 }
 
-/// Users write through A and read through B as fast as they can. A read through B that misses
-/// the write A acknowledged just before is stale: the invalidation had not reached B yet. Every
-/// stale read must catch up within a bounded wait; how many there were and how long they took
-/// is printed (`cargo nextest run --test local_cache drill --no-capture`).
+/// Users write through A and read through B as fast as they can. The version cookie each write
+/// sets makes B refuse a cached copy older than the user's own last acknowledged write, so no
+/// read through B may miss it, even while the write's invalidation is still on its way to B.
+/// At the end each user logs out through A, and the logged-out cookie is replayed against B
+/// until B no longer knows the session: how long that took is measured and printed, with how
+/// many reads B's cache answered and how many copies it refused as outdated
+/// (`cargo nextest run --test local_cache drill --no-capture`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn drill_reads_through_another_instance_catch_up_with_acknowledged_writes() {
+async fn drill_reads_through_another_instance_never_miss_the_users_own_writes() {
     let redis = RedisServer::start();
     let backend = TestBackend::start().await;
     let a = Stickless::on_redis(&backend.url(), &redis, CACHE);
@@ -334,6 +471,8 @@ async fn drill_reads_through_another_instance_catch_up_with_acknowledged_writes(
         .await;
     read_until_cached(&mut warm, &b, "user").await;
     let hits_before = hits(&b).await;
+    let outdated = r#"stickless_local_cache_lookups_total{result="outdated"}"#;
+    let outdated_before = b.metric(outdated).await;
 
     let users = 16;
     let run_for = Duration::from_secs(3);
@@ -343,57 +482,71 @@ async fn drill_reads_through_another_instance_catch_up_with_acknowledged_writes(
         tasks.push(tokio::spawn(async move {
             let mut http = Http::with_jar();
             http.get_replying(&a_url, &["x-session-set-n: 0"]).await;
-            let (mut writes, mut reads, mut stale) = (0u64, 0u64, Vec::new());
+            let (mut writes, mut reads, mut stale) = (0u64, 0u64, 0u64);
             let end = Instant::now() + run_for;
             while Instant::now() < end {
                 let r = http.get_replying(&a_url, &["x-session-incr-n: 1"]).await;
                 assert_eq!(r.status, 200);
+                assert!(r.sid_v().is_some(), "a write sets the version cookie");
                 writes += 1;
-                // Each read is checked against the last acknowledged write; the second and
-                // third read of an iteration are the ones a cache can answer.
+                // The second and third read of an iteration are the ones a cache can answer.
                 for _ in 0..3 {
                     let r = http.get(&b_url).await;
+                    assert_eq!(r.status, 200);
                     reads += 1;
                     let n: u64 = field(&r, "n").and_then(|n| n.parse().ok()).unwrap_or(0);
                     if n < writes {
-                        let since = Instant::now();
-                        let caught_up = Instant::now() + Duration::from_secs(5);
-                        loop {
-                            let r = http.get(&b_url).await;
-                            let n: u64 =
-                                field(&r, "n").and_then(|n| n.parse().ok()).unwrap_or(0);
-                            if n >= writes {
-                                break;
-                            }
-                            assert!(
-                                Instant::now() < caught_up,
-                                "B still serves {n} five seconds after write {writes} was acknowledged"
-                            );
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                        }
-                        stale.push(since.elapsed());
+                        stale += 1;
                     }
                 }
             }
-            (writes, reads, stale)
+            // Logout through A; the old cookie replayed against B until B forgets it.
+            let old = http.clone();
+            let r = http
+                .get_replying(&a_url, &["x-session-destroy: true"])
+                .await;
+            assert_eq!(
+                r.sid_v().as_deref(),
+                Some(""),
+                "a logout clears the version cookie"
+            );
+            let logged_out = Instant::now();
+            loop {
+                let r = old.clone().get(&b_url).await;
+                if r.seen().header("x-session") != Some("active") {
+                    break;
+                }
+                assert!(
+                    logged_out.elapsed() < Duration::from_secs(5),
+                    "B still serves a session five seconds after its logout through A"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            (writes, reads, stale, logged_out.elapsed())
         }));
     }
-    let (mut writes, mut reads, mut stale) = (0, 0, Vec::new());
+    let (mut writes, mut reads, mut stale, mut logouts) = (0, 0, 0, Vec::new());
     for t in tasks {
-        let (w, r, s) = t.await.expect("a drill user");
+        let (w, r, s, l) = t.await.expect("a drill user");
         writes += w;
         reads += r;
-        stale.extend(s);
+        stale += s;
+        logouts.push(l);
     }
-    stale.sort();
+    logouts.sort();
     let cache_hits = hits(&b).await - hits_before;
+    let refused = b.metric(outdated).await - outdated_before;
     eprintln!(
-        "drill: {users} users, {writes} writes through A, {reads} reads through B ({cache_hits} from its cache), \
-         {} stale reads; time to catch up: max {:?}, median {:?}",
-        stale.len(),
-        stale.last().copied().unwrap_or_default(),
-        stale.get(stale.len() / 2).copied().unwrap_or_default(),
+        "drill: {users} users, {writes} writes through A, {reads} reads through B ({cache_hits} from its cache, \
+         {refused} cached copies refused as older than the user's version), {stale} stale reads; \
+         a logout through A seen by B within: max {:?}, median {:?}",
+        logouts.last().copied().unwrap_or_default(),
+        logouts.get(logouts.len() / 2).copied().unwrap_or_default(),
     );
     assert!(writes > 0 && reads > 0);
     assert!(cache_hits > 0.0, "the drill never read from B's cache");
+    assert_eq!(
+        stale, 0,
+        "reads through B that missed the user's own acknowledged write"
+    );
 }

@@ -90,9 +90,10 @@ fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// A stored hash without its `_created` field.
-fn without_created(mut h: BTreeMap<String, String>) -> BTreeMap<String, String> {
+/// A stored hash without stickless's own fields, `_created` and `_v` (the version).
+fn without_internal(mut h: BTreeMap<String, String>) -> BTreeMap<String, String> {
     h.remove("_created");
+    h.remove("_v");
     h
 }
 
@@ -257,7 +258,7 @@ async fn set_creates_a_session_whose_fields_reach_the_backend() {
         "{before} <= {created} <= {after}"
     );
     assert_eq!(
-        without_created(stored),
+        without_internal(stored),
         map(&[("user", "alice"), ("role", "admin")])
     );
     let ttl = pttl(&redis, &key).await;
@@ -336,7 +337,7 @@ async fn incr_follows_hincrby_semantics() {
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(
-        without_created(hgetall(&redis, &key).await),
+        without_internal(hgetall(&redis, &key).await),
         map(&[("visits", "-1"), ("score", "42"), ("fresh", "-7")])
     );
     assert_eq!(keys(&redis, "*").await, vec![key]);
@@ -374,7 +375,7 @@ async fn delete_removes_the_listed_fields() {
     assert_no_session_headers(&r);
     assert!(r.sid().is_none(), "deleting fields keeps the cookie");
     assert_eq!(
-        without_created(hgetall(&redis, &key).await),
+        without_internal(hgetall(&redis, &key).await),
         map(&[("d", "4"), ("e", "5")])
     );
     let r = http.get(&proxy.url("/")).await;
@@ -535,7 +536,7 @@ async fn rotate_and_set_in_one_response_is_a_login() {
     let stored = hgetall(&redis, &key_of(&logged_in)).await;
     assert_eq!(stored["_created"], created, "_created preserved");
     assert_eq!(
-        without_created(stored),
+        without_internal(stored),
         map(&[("cart", "3"), ("user", "alice")])
     );
     let r = http.get(&proxy.url("/")).await;
@@ -550,7 +551,7 @@ async fn rotate_and_set_in_one_response_is_a_login() {
         .await;
     let bob = r.sid().expect("a session");
     assert_eq!(
-        without_created(hgetall(&redis, &key_of(&bob)).await),
+        without_internal(hgetall(&redis, &key_of(&bob)).await),
         map(&[("user", "bob")])
     );
     assert_eq!(
@@ -602,7 +603,7 @@ async fn destroy_and_set_start_a_fresh_session() {
         created > old_created,
         "a new session, not the old one moved"
     );
-    assert_eq!(without_created(stored), map(&[("user", "bob")]));
+    assert_eq!(without_internal(stored), map(&[("user", "bob")]));
     assert_eq!(keys(&redis, "*").await, vec![key_of(&new)]);
     let r = http.get(&proxy.url("/")).await;
     assert_eq!(r.seen().fields(), map(&[("user", "bob")]));
@@ -635,7 +636,7 @@ async fn changes_apply_in_the_documented_order() {
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(
-        without_created(hgetall(&redis, &key).await),
+        without_internal(hgetall(&redis, &key).await),
         map(&[("user", "bob"), ("n", "1")])
     );
 }
@@ -675,7 +676,7 @@ async fn protocol_headers_never_reach_the_client_and_backend_cookies_pass() {
     assert!(cookies.contains(&format!("sid={sid}; Path=/; HttpOnly; SameSite=Lax")));
     // An echoed field header is not a change.
     assert_eq!(
-        without_created(hgetall(&redis, &key_of(&sid)).await),
+        without_internal(hgetall(&redis, &key_of(&sid)).await),
         map(&[("user", "alice"), ("visits", "1")])
     );
 
@@ -761,7 +762,7 @@ async fn field_names_are_lower_cased() {
     assert_no_session_headers(&r);
     let key = key_of(http.sid.as_ref().expect("a session"));
     assert_eq!(
-        without_created(hgetall(&redis, &key).await),
+        without_internal(hgetall(&redis, &key).await),
         map(&[("username", "Alice"), ("visits", "2")])
     );
 
@@ -781,7 +782,7 @@ async fn field_names_are_lower_cased() {
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(
-        without_created(hgetall(&redis, &key).await),
+        without_internal(hgetall(&redis, &key).await),
         map(&[("visits", "2")])
     );
 }
@@ -843,7 +844,7 @@ async fn client_sent_session_headers_are_stripped() {
     assert_eq!(proxy.metric(SPOOFED).await, 10.0);
     // The spoofed `set` header changed nothing either.
     assert_eq!(
-        without_created(hgetall(&redis, &key_of(http.sid.as_ref().unwrap())).await),
+        without_internal(hgetall(&redis, &key_of(http.sid.as_ref().unwrap())).await),
         map(&[("user", "alice")])
     );
 }
@@ -863,7 +864,7 @@ async fn one_rule_for_field_names_in_every_operation() {
     assert_eq!(r.status, 200);
     let key = key_of(http.sid.as_ref().unwrap());
     assert_eq!(
-        without_created(hgetall(&redis, &key).await),
+        without_internal(hgetall(&redis, &key).await),
         map(&[("my-count", "2"), ("my-field", "1")])
     );
     // The name the backend set the field with deletes it, in either spelling.
@@ -871,7 +872,7 @@ async fn one_rule_for_field_names_in_every_operation() {
         .get_replying(&proxy.url("/"), &["x-session-delete: my_field, my.count"])
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(without_created(hgetall(&redis, &key).await).is_empty());
+    assert!(without_internal(hgetall(&redis, &key).await).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1165,7 +1166,7 @@ async fn responses_breaking_the_protocol_are_502_and_store_nothing() {
         assert_eq!(http.sid.as_ref(), Some(&cookie), "{what}: cookie kept");
     }
     assert_eq!(
-        without_created(hgetall(&redis, &key_of(&cookie)).await),
+        without_internal(hgetall(&redis, &key_of(&cookie)).await),
         map(&[("user", "alice"), ("visits", "1")])
     );
 
@@ -1190,7 +1191,7 @@ async fn responses_breaking_the_protocol_are_502_and_store_nothing() {
     let r = anon.get_replying(&proxy.url("/"), &sixty_four).await;
     assert_eq!(r.status, 200, "64 fields are within the limit");
     let stored = hgetall(&redis, &key_of(anon.sid.as_ref().unwrap())).await;
-    assert_eq!(without_created(stored).len(), 64);
+    assert_eq!(without_internal(stored).len(), 64);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1232,7 +1233,7 @@ async fn session_size_limit_is_enforced() {
         )
         .await;
     assert_eq!(r.status, 200);
-    let stored = without_created(hgetall(&redis, &key).await);
+    let stored = without_internal(hgetall(&redis, &key).await);
     assert_eq!(
         stored.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>(),
         200
@@ -1377,7 +1378,7 @@ async fn cookie_flags_are_reflected_in_set_cookie() {
     let value = cookie_value(&cookies, "app_sid").expect("the app_sid cookie");
     assert_eq!(cookies, vec![format!("app_sid={value}; {attrs}")]);
     assert_eq!(
-        without_created(hgetall(&redis, &key_of(&value)).await),
+        without_internal(hgetall(&redis, &key_of(&value)).await),
         map(&[("user", "alice")])
     );
 
@@ -1448,7 +1449,7 @@ async fn header_prefix_switches_every_header_name() {
     );
     let key = key_of(http.sid.as_ref().expect("a session"));
     assert_eq!(
-        without_created(hgetall(&redis, &key).await),
+        without_internal(hgetall(&redis, &key).await),
         map(&[("user", "alice"), ("n", "2")])
     );
 
@@ -1466,7 +1467,7 @@ async fn header_prefix_switches_every_header_name() {
     let new_key = key_of(http.sid.as_ref().unwrap());
     assert_ne!(new_key, key);
     assert_eq!(
-        without_created(hgetall(&redis, &new_key).await),
+        without_internal(hgetall(&redis, &new_key).await),
         map(&[("user", "alice")])
     );
     let r = http
@@ -1551,7 +1552,7 @@ async fn h2c_prior_knowledge_works() {
     let sid = cookie_value(&[set_cookie], "sid").unwrap();
     assert!(protocol_header_names(&parts.headers, "x-session-").is_empty());
     assert_eq!(
-        without_created(hgetall(&redis, &key_of(&sid)).await),
+        without_internal(hgetall(&redis, &key_of(&sid)).await),
         map(&[("user", "alice")])
     );
 

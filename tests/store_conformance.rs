@@ -23,6 +23,7 @@ use stickless::store::memory::MemoryStore;
 use stickless::store::redis::{RedisSettings, RedisStore};
 use stickless::store::{
     Applied, Loaded, Session, SessionStore, StoreError, Target, CREATED_FIELD, ROTATED_FIELD,
+    VERSION_FIELD,
 };
 use support::*;
 
@@ -110,7 +111,7 @@ fn changes(delete: &[&str], set: &[(&str, &str)], incr: &[(&str, i64)]) -> Chang
 
 fn created_of(applied: Applied) -> u64 {
     match applied {
-        Applied::Stored { created_ms } => created_ms,
+        Applied::Stored { created_ms, .. } => created_ms,
         other => panic!("expected the change to be stored, got {other:?}"),
     }
 }
@@ -177,7 +178,7 @@ impl Fixture {
         &*self.store
     }
 
-    /// Everything stored for `id`, `_created` included (empty when nothing is). For Redis this is
+    /// Everything stored for `id`, `_created` and `_v` included (empty when nothing is). For Redis this is
     /// HGETALL with the independent client; the memory store can only be read through `load`.
     async fn raw(&self, id: &SessionId) -> BTreeMap<String, String> {
         match &self.redis {
@@ -189,6 +190,7 @@ impl Fixture {
                 Loaded::Live(s) => {
                     let mut m = s.fields;
                     m.insert(CREATED_FIELD.into(), s.created_ms.to_string());
+                    m.insert(VERSION_FIELD.into(), s.version.to_string());
                     m
                 }
             },
@@ -350,12 +352,14 @@ async fn creates_and_loads(kind: Kind) {
         .expect("the new session loads");
     assert_eq!(loaded.fields, expected);
     assert_eq!(loaded.created_ms, created_ms);
+    assert_eq!(loaded.version, 1, "a new session is version 1");
     assert!(
-        !loaded.fields.contains_key(CREATED_FIELD),
-        "`_created` is not a field"
+        !loaded.fields.contains_key(CREATED_FIELD) && !loaded.fields.contains_key(VERSION_FIELD),
+        "`_created` and `_v` are not fields"
     );
     let mut raw = expected.clone();
     raw.insert(CREATED_FIELD.into(), created_ms.to_string());
+    raw.insert(VERSION_FIELD.into(), "1".into());
     assert_eq!(f.raw(&id).await, raw, "what is stored");
 
     // An Incr alone creates a session too.
@@ -384,9 +388,17 @@ async fn creates_and_loads(kind: Kind) {
         )
         .await
         .unwrap();
-    assert_eq!(again, Applied::Stored { created_ms });
+    assert_eq!(
+        again,
+        Applied::Stored {
+            created_ms,
+            version: 2
+        },
+        "each change counts the version up"
+    );
     let loaded = s.load(&id).await.unwrap().live().unwrap();
     assert_eq!(loaded.created_ms, created_ms);
+    assert_eq!(loaded.version, 2);
     assert_eq!(loaded.fields["user"], "bob");
     assert_eq!(loaded.fields["visits"], "2");
     assert_eq!(loaded.fields.len(), expected.len());
@@ -717,7 +729,7 @@ async fn delete_set_incr_order(kind: Kind) {
         ])
     );
     let raw = f.raw(&id).await;
-    assert_eq!(raw.len(), 6, "five fields and `_created`: {raw:?}");
+    assert_eq!(raw.len(), 7, "five fields, `_created` and `_v`: {raw:?}");
 }
 
 async fn rejected_changes_change_nothing(kind: Kind) {
@@ -799,8 +811,8 @@ async fn rejected_changes_change_nothing(kind: Kind) {
     ); // n = "10": 100 bytes
     assert_eq!(
         f.raw(&id).await.len(),
-        5,
-        "4 fields (the limit) and `_created`"
+        6,
+        "4 fields (the limit), `_created` and `_v`"
     );
     f.assert_rejected(
         "one byte over",
@@ -932,7 +944,8 @@ async fn take_and_destroy(kind: Kind) {
         taken,
         Session {
             fields: fields(&[("user", "alice"), ("cart", "3")]),
-            created_ms
+            created_ms,
+            version: 1
         }
     );
     assert_eq!(
@@ -1025,6 +1038,7 @@ async fn rotation_leaves_a_tombstone_for_the_grace(kind: Kind) {
         let mut expected = fields(&[("user", "anon"), ("cart", "3")]);
         expected.insert(CREATED_FIELD.into(), created_ms.to_string());
         expected.insert(ROTATED_FIELD.into(), rotated_ms.to_string());
+        expected.insert(VERSION_FIELD.into(), "1".into());
         assert_eq!(raw, expected);
         let p = pttl(r, &key(&old)).await;
         assert!(
@@ -1066,13 +1080,17 @@ async fn restore_undoes_a_take(kind: Kind) {
     s.take(&id).await.unwrap().expect("taken");
     assert_eq!(
         s.restore(&id).await.unwrap(),
-        Applied::Stored { created_ms }
+        Applied::Stored {
+            created_ms,
+            version: 1
+        }
     );
     assert_eq!(
         s.load(&id).await.unwrap(),
         Loaded::Live(Session {
             fields: fields(&[("user", "anon"), ("cart", "3")]),
-            created_ms
+            created_ms,
+            version: 1
         })
     );
     assert_eq!(f.raw(&id).await, before, "restored exactly, marker gone");
@@ -1085,7 +1103,10 @@ async fn restore_undoes_a_take(kind: Kind) {
     // Restoring a live session changes nothing; it can be taken again.
     assert_eq!(
         s.restore(&id).await.unwrap(),
-        Applied::Stored { created_ms }
+        Applied::Stored {
+            created_ms,
+            version: 1
+        }
     );
     assert_eq!(f.raw(&id).await, before);
     assert!(s.take(&id).await.unwrap().is_some());
@@ -1121,15 +1142,19 @@ async fn rotation_keeps_base_fields_and_creation_time(kind: Kind) {
         .unwrap();
     assert_eq!(
         got,
-        Applied::Stored { created_ms },
-        "the rotated session keeps its creation time"
+        Applied::Stored {
+            created_ms,
+            version: 1
+        },
+        "the rotated session keeps its creation time, and starts its versions again"
     );
     let loaded = s.load(&new).await.unwrap().live().expect("rotated session");
     assert_eq!(
         loaded,
         Session {
             fields: fields(&[("user", "alice"), ("role", "admin"), ("visits", "1")]),
-            created_ms
+            created_ms,
+            version: 1
         }
     );
     assert_eq!(s.load(&old).await.unwrap(), Loaded::Rotated);
@@ -1151,7 +1176,10 @@ async fn rotation_keeps_base_fields_and_creation_time(kind: Kind) {
         )
         .await
         .unwrap(),
-        Applied::Stored { created_ms }
+        Applied::Stored {
+            created_ms,
+            version: 1
+        }
     );
     assert_eq!(s.load(&newer).await.unwrap().live(), Some(base));
 
@@ -1159,6 +1187,8 @@ async fn rotation_keeps_base_fields_and_creation_time(kind: Kind) {
     let aged = Session {
         fields: fields(&[("user", "bob")]),
         created_ms: now_ms() - 20_000,
+        // What the new id has once written, whatever the base had.
+        version: 1,
     };
     let id = SessionId::generate();
     assert_eq!(
@@ -1166,7 +1196,8 @@ async fn rotation_keeps_base_fields_and_creation_time(kind: Kind) {
             .await
             .unwrap(),
         Applied::Stored {
-            created_ms: aged.created_ms
+            created_ms: aged.created_ms,
+            version: 1
         }
     );
     assert_eq!(s.load(&id).await.unwrap().live(), Some(aged.clone()));
@@ -1181,6 +1212,7 @@ async fn rotation_keeps_base_fields_and_creation_time(kind: Kind) {
     let expired = Session {
         fields: fields(&[("user", "carol")]),
         created_ms: now_ms() - 40_000,
+        version: 1,
     };
     let id = SessionId::generate();
     assert_eq!(
@@ -1259,7 +1291,11 @@ async fn concurrent_increments_are_atomic(kind: Kind) {
     assert_eq!(raw["counter"], "200", "200 concurrent increments by 1");
     assert_eq!(raw["down"], "-200");
     assert_eq!(raw["user"], "alice");
-    assert_eq!(raw.len(), 4);
+    assert_eq!(
+        raw[VERSION_FIELD], "201",
+        "one version per change, none lost"
+    );
+    assert_eq!(raw.len(), 5);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1367,10 +1403,14 @@ fn random_changes(rng: &mut Lcg) -> Changes {
     c
 }
 
-/// The outcome without the creation time, which differs between two stores by a few ms.
+/// The outcome without the creation time, which differs between two stores by a few ms, and
+/// the version (compared between the stores after each step).
 fn outcome(a: &Applied) -> Applied {
     match a {
-        Applied::Stored { .. } => Applied::Stored { created_ms: 0 },
+        Applied::Stored { .. } => Applied::Stored {
+            created_ms: 0,
+            version: 0,
+        },
         other => other.clone(),
     }
 }
@@ -1433,7 +1473,10 @@ async fn both_stores_apply_changes_like_apply_to_fields() {
         let expected = match (mode, &model) {
             (Mode::Existing, None) => Applied::Gone,
             (_, base) => match apply_to_fields(&base.clone().unwrap_or_default(), &c, &lim) {
-                Ok(_) => Applied::Stored { created_ms: 0 },
+                Ok(_) => Applied::Stored {
+                    created_ms: 0,
+                    version: 0,
+                },
                 Err(r) => Applied::Rejected(r),
             },
         };
@@ -1486,14 +1529,26 @@ async fn both_stores_apply_changes_like_apply_to_fields() {
         }
         model = next_model;
 
+        let mut versions = Vec::new();
         for (name, store) in stores {
+            let loaded = store.load(&id).await.unwrap().live();
+            versions.push(loaded.as_ref().map(|s| s.version));
             assert_eq!(
-                store.load(&id).await.unwrap().live().map(|s| s.fields),
+                loaded.map(|s| s.fields),
                 model,
                 "step {step}: {name} store holds other fields than apply_to_fields gives"
             );
         }
+        assert_eq!(
+            versions[0], versions[1],
+            "step {step}: the stores count versions alike"
+        );
         let mut raw = hgetall(&redis, &key(&id)).await;
+        assert_eq!(
+            raw.remove(VERSION_FIELD).map(|v| v.parse::<u64>().unwrap()),
+            versions[1],
+            "step {step}: `_v`"
+        );
         let created = raw.remove(CREATED_FIELD);
         assert_eq!(
             created.is_some(),
@@ -1584,6 +1639,7 @@ async fn redis_raw_layout_and_ping() {
         ("zero", "007"),
         ("visits", "2"),
         (CREATED_FIELD, &created_ms.to_string()),
+        (VERSION_FIELD, "1"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -1591,7 +1647,7 @@ async fn redis_raw_layout_and_ping() {
     assert_eq!(
         hgetall(&redis, &k).await,
         expected,
-        "values stored decoded, `_created` in ms"
+        "values stored decoded, `_created` in ms, version 1"
     );
     let p = pttl(&redis, &k).await;
     assert!(
@@ -1622,6 +1678,44 @@ async fn redis_raw_layout_and_ping() {
     store2.load(&id2).await.unwrap().live().unwrap();
     let p = pttl(&redis, &key(&id2)).await;
     assert!(p > 5_000 && p <= 10_000, "PTTL {p} after a load");
+}
+
+/// A session stored before versions existed (no `_v`) is version 0, and its next change makes
+/// it version 1: sessions survive an upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_sessions_without_a_version_read_as_version_0() {
+    let redis = RedisServer::start();
+    let store = redis_store(
+        &redis,
+        ttl(60_000, None),
+        ProtocolConfig::default(),
+        Duration::from_secs(2),
+    )
+    .await;
+    let id = SessionId::generate();
+    create(&store, &id, &[("user", "alice")]).await;
+    let mut c = redis.conn().await;
+    let removed: i64 = redis::cmd("HDEL")
+        .arg(key(&id))
+        .arg(VERSION_FIELD)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+    let loaded = store.load(&id).await.unwrap().live().unwrap();
+    assert_eq!(
+        (loaded.version, loaded.fields["user"].as_str()),
+        (0, "alice")
+    );
+    let applied = store
+        .apply(&id, Target::Existing, &changes(&[], &[], &[("n", 1)]))
+        .await
+        .unwrap();
+    assert!(
+        matches!(applied, Applied::Stored { version: 1, .. }),
+        "{applied:?}"
+    );
+    assert_eq!(hgetall(&redis, &key(&id)).await[VERSION_FIELD], "1");
 }
 
 /// Makes a session look `by_ms` old and gives its key a long TTL, with the independent client.

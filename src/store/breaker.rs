@@ -206,6 +206,15 @@ impl SessionStore for Breaker {
         self.guard(self.shared.inner.load(id)).await
     }
 
+    async fn load_since(&self, id: &SessionId, min_version: u64) -> Result<Loaded, StoreError> {
+        self.guard(self.shared.inner.load_since(id, min_version))
+            .await
+    }
+
+    fn serves_copies(&self) -> bool {
+        self.shared.inner.serves_copies()
+    }
+
     async fn apply(
         &self,
         id: &SessionId,

@@ -12,7 +12,10 @@
 //! - an entry lives at most [`LocalCache::max_age`] (an eighth of the idle timeout), so that
 //!   even a missed invalidation cannot serve stale data for long, and a session read only from
 //!   the cache still has its idle TTL renewed in Redis by the load that follows;
-//! - it never serves a session past its absolute timeout.
+//! - it never serves a session past its absolute timeout;
+//! - it never serves a copy older than the version the user's cookie names (their own last
+//!   acknowledged change): such a copy is dropped and the session read from Redis, which
+//!   gives read-your-writes across instances even while an invalidation is still on its way.
 //!
 //! Keys are the Redis keys (`<prefix><id>`): that is what invalidation messages carry. Neither
 //! keys nor values ever reach a log line or a `Debug` output.
@@ -24,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use super::{now_ms, ttl_now, Session};
 use crate::config::TtlPolicy;
-use crate::metrics::Metrics;
+use crate::metrics::{CacheLookup, Metrics};
 
 /// A bounded map of loaded sessions, invalidated by Redis.
 pub struct LocalCache {
@@ -117,34 +120,39 @@ impl LocalCache {
         let _ = self.metrics.set(metrics.clone());
     }
 
-    /// The cached session under `key`, if it may be served now.
-    pub fn get(&self, key: &str) -> Option<Session> {
-        self.get_at(key, Instant::now(), now_ms())
+    /// The cached session under `key`, if it may be served now to a user who has seen
+    /// `min_version` of it.
+    pub fn get(&self, key: &str, min_version: u64) -> Option<Session> {
+        self.get_at(key, min_version, Instant::now(), now_ms())
     }
 
-    fn get_at(&self, key: &str, now: Instant, now_ms: u64) -> Option<Session> {
-        let found = if self.live.load(Ordering::Acquire) {
+    fn get_at(&self, key: &str, min_version: u64, now: Instant, now_ms: u64) -> Option<Session> {
+        let (found, result) = if self.live.load(Ordering::Acquire) {
             let mut slots = self.lock();
             match slots.map.get(key) {
                 Some(Slot::Ready {
                     session, loaded, ..
                 }) => {
-                    if now.saturating_duration_since(*loaded) < self.max_age
-                        && ttl_now(&self.ttl, session.created_ms, now_ms).is_some()
+                    if now.saturating_duration_since(*loaded) >= self.max_age
+                        || ttl_now(&self.ttl, session.created_ms, now_ms).is_none()
                     {
-                        Some(session.clone())
-                    } else {
                         slots.remove(key);
-                        None
+                        (None, CacheLookup::Miss)
+                    } else if session.version < min_version {
+                        // The user's own change is not in it yet: its invalidation is on the way.
+                        slots.remove(key);
+                        (None, CacheLookup::Outdated)
+                    } else {
+                        (Some(session.clone()), CacheLookup::Hit)
                     }
                 }
-                _ => None,
+                _ => (None, CacheLookup::Miss),
             }
         } else {
-            None
+            (None, CacheLookup::Miss)
         };
         if let Some(m) = self.metrics.get() {
-            m.local_cache_lookup(found.is_some());
+            m.local_cache_lookup(result);
         }
         found
     }
@@ -289,6 +297,7 @@ mod tests {
         Session {
             fields,
             created_ms: now_ms(),
+            version: 1,
         }
     }
 
@@ -313,10 +322,10 @@ mod tests {
     #[test]
     fn a_finished_fill_is_served() {
         let c = cache(10);
-        assert_eq!(c.get("k"), None);
+        assert_eq!(c.get("k", 0), None);
         fill(&c, "k", "a");
         assert_eq!(
-            c.get("k").map(|s| s.fields["user"].clone()).as_deref(),
+            c.get("k", 0).map(|s| s.fields["user"].clone()).as_deref(),
             Some("a")
         );
     }
@@ -327,7 +336,7 @@ mod tests {
         let f = c.begin_fill("k").expect("live");
         c.invalidate("k");
         c.finish_fill(f, Some(session("stale")));
-        assert!(c.get("k").is_none());
+        assert!(c.get("k", 0).is_none());
     }
 
     #[test]
@@ -337,7 +346,7 @@ mod tests {
         c.flush();
         // A later fill of the same key must not let the earlier one through either.
         c.finish_fill(f, Some(session("stale")));
-        assert!(c.get("k").is_none());
+        assert!(c.get("k", 0).is_none());
     }
 
     #[test]
@@ -348,7 +357,7 @@ mod tests {
         c.finish_fill(new, Some(session("new")));
         c.finish_fill(old, Some(session("old")));
         assert_eq!(
-            c.get("k").map(|s| s.fields["user"].clone()).as_deref(),
+            c.get("k", 0).map(|s| s.fields["user"].clone()).as_deref(),
             Some("new")
         );
     }
@@ -359,12 +368,12 @@ mod tests {
         fill(&c, "k", "a");
         let f = c.begin_fill("j").expect("live");
         c.set_down();
-        assert!(c.get("k").is_none());
+        assert!(c.get("k", 0).is_none());
         assert!(c.begin_fill("k").is_none());
         c.finish_fill(f, Some(session("b")));
         assert!(c.go_live(c.epoch()));
-        assert!(c.get("k").is_none(), "a reconnection empties the cache");
-        assert!(c.get("j").is_none());
+        assert!(c.get("k", 0).is_none(), "a reconnection empties the cache");
+        assert!(c.get("j", 0).is_none());
     }
 
     #[test]
@@ -386,10 +395,10 @@ mod tests {
         fill(&c, "k", "a");
         let now = Instant::now();
         assert!(c
-            .get_at("k", now + Duration::from_secs(49), now_ms())
+            .get_at("k", 0, now + Duration::from_secs(49), now_ms())
             .is_some());
         assert!(c
-            .get_at("k", now + Duration::from_secs(51), now_ms())
+            .get_at("k", 0, now + Duration::from_secs(51), now_ms())
             .is_none());
         assert_eq!(c.len(), 0);
     }
@@ -406,8 +415,12 @@ mod tests {
         );
         assert!(c.go_live(c.epoch()));
         fill(&c, "k", "a");
-        assert!(c.get_at("k", Instant::now(), now_ms() + 59_000).is_some());
-        assert!(c.get_at("k", Instant::now(), now_ms() + 61_000).is_none());
+        assert!(c
+            .get_at("k", 0, Instant::now(), now_ms() + 59_000)
+            .is_some());
+        assert!(c
+            .get_at("k", 0, Instant::now(), now_ms() + 61_000)
+            .is_none());
     }
 
     #[test]
@@ -419,7 +432,7 @@ mod tests {
         }
         assert!(c.len() <= 3);
         assert!(c.lock().order.len() <= 2 * 3 + 16);
-        assert!(c.get("k999").is_some(), "the newest entry is kept");
+        assert!(c.get("k999", 0).is_some(), "the newest entry is kept");
     }
 
     #[test]
@@ -428,5 +441,15 @@ mod tests {
         let f = c.begin_fill("k").expect("live");
         c.finish_fill(f, None);
         assert_eq!(c.len(), 0);
+    }
+
+    #[test]
+    fn a_copy_older_than_the_users_version_is_not_served() {
+        let c = cache(10);
+        fill(&c, "k", "a");
+        assert!(c.get("k", 1).is_some(), "the copy has version 1");
+        assert!(c.get("k", 2).is_none(), "the user saw version 2");
+        assert_eq!(c.len(), 0, "and the old copy is dropped");
+        assert!(c.get("k", 0).is_none());
     }
 }

@@ -136,10 +136,15 @@ impl SessionStore for MemoryStore {
                 Some(e) if !e.rotated => e.session.clone(),
                 _ => return Ok(Applied::Gone),
             },
-            Target::New { base } => base.cloned().unwrap_or_else(|| Session {
-                fields: Default::default(),
-                created_ms: now,
-            }),
+            // A new id starts at version 0 (so 1 once written), whatever the moved session had.
+            Target::New { base } => Session {
+                version: 0,
+                ..base.cloned().unwrap_or_else(|| Session {
+                    fields: Default::default(),
+                    created_ms: now,
+                    version: 0,
+                })
+            },
         };
         let Some(ttl) = ttl_now(&self.ttl, base.created_ms, now) else {
             map.remove(id);
@@ -149,16 +154,23 @@ impl SessionStore for MemoryStore {
             Ok(f) => f,
             Err(r) => return Ok(Applied::Rejected(r)),
         };
-        let created_ms = base.created_ms;
+        let (created_ms, version) = (base.created_ms, base.version + 1);
         map.insert(
             id.clone(),
             Entry {
-                session: Session { fields, created_ms },
+                session: Session {
+                    fields,
+                    created_ms,
+                    version,
+                },
                 expires_ms: now + ttl.as_millis() as u64,
                 rotated: false,
             },
         );
-        Ok(Applied::Stored { created_ms })
+        Ok(Applied::Stored {
+            created_ms,
+            version,
+        })
     }
 
     async fn take(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
@@ -180,15 +192,21 @@ impl SessionStore for MemoryStore {
         let Some(entry) = Self::live(&mut map, id, now) else {
             return Ok(Applied::Gone);
         };
-        let created_ms = entry.session.created_ms;
+        let (created_ms, version) = (entry.session.created_ms, entry.session.version);
         if !entry.rotated {
-            return Ok(Applied::Stored { created_ms });
+            return Ok(Applied::Stored {
+                created_ms,
+                version,
+            });
         }
         match ttl_now(&self.ttl, created_ms, now) {
             Some(ttl) => {
                 entry.rotated = false;
                 entry.expires_ms = now + ttl.as_millis() as u64;
-                Ok(Applied::Stored { created_ms })
+                Ok(Applied::Stored {
+                    created_ms,
+                    version,
+                })
             }
             None => {
                 map.remove(id);
@@ -260,7 +278,8 @@ mod tests {
         assert_eq!(
             applied,
             Applied::Stored {
-                created_ms: clock.now_ms()
+                created_ms: clock.now_ms(),
+                version: 1
             }
         );
         id
@@ -319,7 +338,10 @@ mod tests {
             s.apply(&id, Target::Existing, &set("x", "1"))
                 .await
                 .unwrap(),
-            Applied::Stored { created_ms: START }
+            Applied::Stored {
+                created_ms: START,
+                version: 2
+            }
         );
         clock.advance(SECOND);
         assert_eq!(s.load(&id).await.unwrap(), Loaded::Absent, "at 150 s");
@@ -334,6 +356,7 @@ mod tests {
         let old = Session {
             fields: Default::default(),
             created_ms: clock.now_ms() - 150 * SECOND,
+            version: 3,
         };
         let new = SessionId::generate();
         assert_eq!(
@@ -367,7 +390,10 @@ mod tests {
         let created_ms = START + 60 * SECOND;
         assert_eq!(
             s.restore(&id).await.unwrap(),
-            Applied::Stored { created_ms }
+            Applied::Stored {
+                created_ms,
+                version: 1
+            }
         );
         clock.advance(109 * SECOND);
         assert!(is_live(s.load(&id).await.unwrap()));

@@ -36,7 +36,7 @@ use super::cache::LocalCache;
 use super::iam::{IamCredentials, IamSetupError};
 use super::{
     now_ms, Applied, Loaded, Session, SessionStore, StoreError, Target, CREATED_FIELD,
-    ROTATED_FIELD,
+    ROTATED_FIELD, VERSION_FIELD,
 };
 use crate::config::{Durability, IamAuth, ProtocolConfig, TtlPolicy};
 use crate::cookie::SessionId;
@@ -120,7 +120,8 @@ return h
 
 /// Undoes a take: a tombstone becomes a live session again, with its TTL renewed (cut short by
 /// the absolute timeout, past which it is deleted instead). A live session is left as it is.
-/// ARGV: deadline, now_ms, idle_ms, absolute_ms. Reply: `{'ok', created_ms}` or `{'gone'}`.
+/// ARGV: deadline, now_ms, idle_ms, absolute_ms. Reply: `{'ok', created_ms, version}` or
+/// `{'gone'}`.
 const RESTORE: &str = concat!(
     deadline_check!(),
     r#"
@@ -128,12 +129,14 @@ local h = redis.call('HGETALL', KEYS[1])
 if #h == 0 then return {'gone'} end
 local now = tonumber(ARGV[2])
 local created, rotated
+local version = '0'
 for i = 1, #h, 2 do
   if h[i] == '_created' then created = tonumber(h[i + 1])
+  elseif h[i] == '_v' then version = h[i + 1]
   elseif h[i] == '_rotated' then rotated = true end
 end
 created = created or now
-if not rotated then return {'ok', string.format('%d', created)} end
+if not rotated then return {'ok', string.format('%d', created), version} end
 local ttl = tonumber(ARGV[3])
 local abs = tonumber(ARGV[4])
 if abs > 0 then
@@ -146,7 +149,7 @@ if abs > 0 then
 end
 redis.call('HDEL', KEYS[1], '_rotated')
 redis.call('PEXPIRE', KEYS[1], ttl)
-return {'ok', string.format('%d', created)}
+return {'ok', string.format('%d', created), version}
 "#
 );
 
@@ -160,8 +163,9 @@ return {'ok'}
 );
 
 /// Applies changes all or nothing: first works out the resulting session and checks it, then
-/// writes field by field (HDEL, HSET, HINCRBY) and renews the TTL. It mirrors
-/// `protocol::apply_to_fields`, which the memory store runs.
+/// writes field by field (HDEL, HSET, HINCRBY), counts the version (`_v`) up and renews the TTL.
+/// It mirrors `protocol::apply_to_fields`, which the memory store runs. Reply:
+/// `{'ok', created_ms, version}`, `{'gone'}`, or the limit broken.
 /// ARGV: deadline, mode ('existing' | 'new'), now_ms, idle_ms, absolute_ms, max_fields,
 /// max_bytes, created_ms (new sessions; '' for now), then counted lists: base pairs, deletes,
 /// set pairs, incr pairs.
@@ -184,7 +188,7 @@ if existing then
   for i = 1, #h, 2 do
     if h[i] == '_created' then created = tonumber(h[i + 1])
     elseif h[i] == '_rotated' then return {'gone'}
-    else cur[h[i]] = h[i + 1] end
+    elseif h[i] ~= '_v' then cur[h[i]] = h[i + 1] end
   end
   created = created or now
 else
@@ -245,8 +249,9 @@ end
 if #dels > 0 then redis.call('HDEL', key, unpack(dels)) end
 if #sets > 0 then redis.call('HSET', key, unpack(sets)) end
 for j = 1, #incrs, 2 do redis.call('HINCRBY', key, incrs[j], incrs[j + 1]) end
+local version = redis.call('HINCRBY', key, '_v', 1)
 redis.call('PEXPIRE', key, ttl)
-return {'ok', string.format('%d', created)}
+return {'ok', string.format('%d', created), string.format('%d', version)}
 "#
 );
 
@@ -1162,17 +1167,24 @@ fn session_from_reply(
     }
     let mut fields = Fields::new();
     let mut created_ms = now_ms();
+    let mut version = 0;
     let mut it = reply.into_iter();
     while let (Some(k), Some(v)) = (it.next(), it.next()) {
         let k = text(&k).ok_or(StoreError::Unexpected("non-string hash field"))?;
         let v = text(&v).ok_or(StoreError::Unexpected("non-string hash value"))?;
         if k == CREATED_FIELD {
             created_ms = v.parse().unwrap_or(created_ms);
+        } else if k == VERSION_FIELD {
+            version = v.parse().unwrap_or(0);
         } else if k != ROTATED_FIELD {
             fields.insert(k, v);
         }
     }
-    Ok(Some(Session { fields, created_ms }))
+    Ok(Some(Session {
+        fields,
+        created_ms,
+        version,
+    }))
 }
 
 fn text(v: &Value) -> Option<String> {
@@ -1188,11 +1200,15 @@ fn text(v: &Value) -> Option<String> {
 #[async_trait]
 impl SessionStore for RedisStore {
     async fn load(&self, id: &SessionId) -> Result<Loaded, StoreError> {
+        self.load_since(id, 0).await
+    }
+
+    async fn load_since(&self, id: &SessionId, min_version: u64) -> Result<Loaded, StoreError> {
         let key = self.key(id);
         let Some(cache) = &self.cache else {
             return self.load_from_redis(key).await;
         };
-        if let Some(session) = cache.get(&key) {
+        if let Some(session) = cache.get(&key, min_version) {
             return Ok(Loaded::Live(session));
         }
         // Reserved before the read is sent: an invalidation that arrives meanwhile cancels it.
@@ -1263,6 +1279,7 @@ impl SessionStore for RedisStore {
             Some("ok") => Ok(Applied::Stored {
                 created_ms: number(1)
                     .ok_or(StoreError::Unexpected("apply without creation time"))?,
+                version: number(2).ok_or(StoreError::Unexpected("apply without version"))?,
             }),
             Some("gone") => Ok(Applied::Gone),
             Some("counter") => Ok(Applied::Rejected(Rejection::NotACounter {
@@ -1305,6 +1322,7 @@ impl SessionStore for RedisStore {
                     .get(1)
                     .and_then(|s| s.parse().ok())
                     .ok_or(StoreError::Unexpected("restore without creation time"))?,
+                version: words.get(2).and_then(|s| s.parse().ok()).unwrap_or(0),
             }),
             Some("gone") => Ok(Applied::Gone),
             _ => Err(StoreError::Unexpected("unknown restore result")),
@@ -1322,6 +1340,10 @@ impl SessionStore for RedisStore {
     /// that deadlines are computed with.
     async fn ping(&self) -> Result<(), StoreError> {
         self.bounded(self.clock.measure(&self.client)).await
+    }
+
+    fn serves_copies(&self) -> bool {
+        self.cache.is_some()
     }
 
     fn record_into(&self, metrics: &Metrics) {

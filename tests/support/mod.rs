@@ -850,18 +850,30 @@ impl Reply {
 
     /// The `sid` cookie set by this response: `Some("")` when it clears it.
     pub fn sid(&self) -> Option<String> {
+        self.cookie("sid")
+    }
+
+    /// The `sid_v` (version) cookie set by this response: `Some("")` when it clears it.
+    pub fn sid_v(&self) -> Option<String> {
+        self.cookie("sid_v")
+    }
+
+    /// The cookie `name` set by this response: `Some("")` when it clears it.
+    pub fn cookie(&self, name: &str) -> Option<String> {
         self.set_cookies().iter().find_map(|c| {
             let (pair, _) = c.split_once(';').unwrap_or((c, ""));
-            pair.strip_prefix("sid=").map(str::to_owned)
+            let (k, v) = pair.split_once('=')?;
+            (k == name).then(|| v.to_owned())
         })
     }
 }
 
-/// A small HTTP/1.1 client with a one-cookie jar for `sid`.
+/// A small HTTP/1.1 client with a jar for `sid` and its version cookie `sid_v`.
 #[derive(Clone)]
 pub struct Http {
     client: Client<HttpConnector, Full<Bytes>>,
     pub sid: Option<String>,
+    pub sid_v: Option<String>,
     pub keep_cookies: bool,
 }
 
@@ -877,11 +889,12 @@ impl Http {
         Http {
             client: Client::builder(TokioExecutor::new()).build_http(),
             sid: None,
+            sid_v: None,
             keep_cookies: false,
         }
     }
 
-    /// A client that keeps the `sid` cookie like a browser.
+    /// A client that keeps the `sid` and `sid_v` cookies like a browser.
     pub fn with_jar() -> Self {
         Http {
             keep_cookies: true,
@@ -909,8 +922,8 @@ impl Http {
         body: Bytes,
     ) -> Reply {
         let mut req = Request::builder().method(method).uri(url);
-        if let Some(sid) = self.sid.as_ref().filter(|_| self.keep_cookies) {
-            req = req.header("cookie", format!("sid={sid}"));
+        if let Some(cookie) = self.cookie_header() {
+            req = req.header("cookie", cookie);
         }
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -931,12 +944,31 @@ impl Http {
             headers: parts.headers,
             body,
         };
+        self.keep(&reply);
+        reply
+    }
+
+    /// The `Cookie` header the jar sends, if any.
+    fn cookie_header(&self) -> Option<String> {
+        if !self.keep_cookies {
+            return None;
+        }
+        let sid = self.sid.as_ref().map(|v| format!("sid={v}"));
+        let sid_v = self.sid_v.as_ref().map(|v| format!("sid_v={v}"));
+        let both: Vec<String> = sid.into_iter().chain(sid_v).collect();
+        (!both.is_empty()).then(|| both.join("; "))
+    }
+
+    /// Keeps (or drops) the cookies a reply sets, like a browser.
+    fn keep(&mut self, reply: &Reply) {
         if self.keep_cookies {
             if let Some(sid) = reply.sid() {
                 self.sid = (!sid.is_empty()).then_some(sid);
             }
+            if let Some(v) = reply.sid_v() {
+                self.sid_v = (!v.is_empty()).then_some(v);
+            }
         }
-        reply
     }
 }
 
@@ -950,8 +982,8 @@ impl Http {
         limit: Duration,
     ) -> Result<Reply, String> {
         let mut req = Request::builder().method(Method::GET).uri(url);
-        if let Some(sid) = self.sid.as_ref().filter(|_| self.keep_cookies) {
-            req = req.header("cookie", format!("sid={sid}"));
+        if let Some(cookie) = self.cookie_header() {
+            req = req.header("cookie", cookie);
         }
         for r in replies {
             req = req.header("x-test-reply", *r);
@@ -978,11 +1010,7 @@ impl Http {
         let reply = tokio::time::timeout(limit, exchange)
             .await
             .map_err(|_| format!("no answer within {limit:?}"))??;
-        if self.keep_cookies {
-            if let Some(sid) = reply.sid() {
-                self.sid = (!sid.is_empty()).then_some(sid);
-            }
-        }
+        self.keep(&reply);
         Ok(reply)
     }
 }
@@ -1379,8 +1407,8 @@ impl Http {
     /// requests instead of stopping at the first.
     pub async fn get_within(&mut self, url: &str, limit: Duration) -> Option<Reply> {
         let mut req = Request::builder().method(Method::GET).uri(url);
-        if let Some(sid) = self.sid.as_ref().filter(|_| self.keep_cookies) {
-            req = req.header("cookie", format!("sid={sid}"));
+        if let Some(cookie) = self.cookie_header() {
+            req = req.header("cookie", cookie);
         }
         let req = req.body(Full::new(Bytes::new())).expect("valid request");
         let exchange = async {

@@ -6,7 +6,7 @@
 #
 # Settings (environment): ROUNDS=3 SECS=10 (throughput), LAT_ROUNDS=$ROUNDS LAT_SECS=$SECS (latency),
 # CONNS=32 THREADS=2, SESSIONS=100000 (Zipf workload), ZIPF_S=1.0, WRITE_PCT=5, IDLE_CONNS=10000,
-# DEADLINE=90m (the whole run), REPORT_NAME=side-by-side-<date>, NOTE="text put at the top of the report".
+# LOCAL_CACHE=200000 (sessions the cached stickless keeps), DEADLINE=90m (the whole run), REPORT_NAME=side-by-side-<date>, NOTE="text put at the top of the report".
 set -euo pipefail
 SELF=$(readlink -f "$0")
 cd "$(dirname "$SELF")/.."
@@ -35,8 +35,10 @@ NOTE=${NOTE:-}
 REPORT_NAME=${REPORT_NAME:-side-by-side-$(date -u +%F)}
 TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 
-TARGETS=(direct nginx nginx-log sl-redis sl-redis-log sl-mem sl-mem-log)
-LAT_TARGETS=(direct nginx sl-redis sl-mem)
+LOCAL_CACHE=${LOCAL_CACHE:-200000}
+TARGETS=(direct nginx nginx-log sl-redis sl-redis-log sl-cache sl-mem sl-mem-log)
+LAT_TARGETS=(direct nginx sl-redis sl-cache sl-mem)
+STICKLESS=(sl-redis sl-redis-log sl-cache sl-mem sl-mem-log)
 WORKLOADS=(no-cookie read read-write zipf)
 LAT_WORKLOADS=(no-cookie read read-write)
 
@@ -193,7 +195,7 @@ start_all() {
   start_redis
   KEY=$("$BIN" gen-key)
   local t
-  for t in sl-redis sl-redis-log sl-mem sl-mem-log; do
+  for t in "${STICKLESS[@]}"; do
     PORT[$t]=$(free_port)
     PORT[$t-admin]=$(free_port)
     local access_log=off
@@ -201,12 +203,13 @@ start_all() {
     local args=(--listen "127.0.0.1:${PORT[$t]}" --admin-listen "127.0.0.1:${PORT[$t-admin]}"
       --upstream "http://127.0.0.1:${PORT[backend]}" --secret-keys "$KEY"
       --max-connections "$MAX_CONNS" --access-log "$access_log")
-    case $t in sl-redis*) args+=(--redis-url "redis://127.0.0.1:${PORT[redis]}") ;; esac
+    case $t in sl-redis* | sl-cache) args+=(--redis-url "redis://127.0.0.1:${PORT[redis]}") ;; esac
+    [ "$t" = sl-cache ] && args+=(--local-cache "$LOCAL_CACHE")
     # The access log (on stderr) goes to a file, as nginx's does.
     "$BIN" "${args[@]}" >"$TMP/$t.log" 2>&1 &
     PID[$t]=$!
   done
-  for t in sl-redis sl-redis-log sl-mem sl-mem-log; do
+  for t in "${STICKLESS[@]}"; do
     wait_http "http://127.0.0.1:${PORT[$t-admin]}/readyz"
   done
 }
@@ -336,7 +339,7 @@ throughput_run() { # TARGET WORKLOAD
     record tput "$t" "$w" - cpu_redis "$(awk -v c=$((r1 - r0)) -v hz="$HZ" -v r="$req" \
       'BEGIN { printf "%.4f", c / hz / (r / 10000) }')"
   fi
-  if [ "$t" = sl-redis ] && [ "$req" -gt 0 ]; then
+  if { [ "$t" = sl-redis ] || [ "$t" = sl-cache ]; } && [ "$req" -gt 0 ]; then
     local name value
     while read -r name value; do
       record tput "$t" "$w" - "redis:$name" "$value"
@@ -463,7 +466,7 @@ done
 mkdir -p benches/results
 MD=benches/results/$REPORT_NAME.md
 PNG=benches/results/$REPORT_NAME.png
-export NOTE ROUNDS SECS LAT_ROUNDS LAT_SECS CONNS THREADS SESSIONS ZIPF_S WRITE_PCT IDLE_CONNS \
+export LOCAL_CACHE NOTE ROUNDS SECS LAT_ROUNDS LAT_SECS CONNS THREADS SESSIONS ZIPF_S WRITE_PCT IDLE_CONNS \
   LOAD_AT_START OHA PNG DIRECT_MAX
 RATES="${RATE[25]} ${RATE[50]} ${RATE[75]}"
 MACHINE="$(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1), $(uname -sr)"
@@ -478,19 +481,21 @@ rates = e["RATES"].split()
 oha = bool(e.get("OHA"))
 meta = {
     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    "targets": ["direct", "nginx", "nginx-log", "sl-redis", "sl-redis-log", "sl-mem", "sl-mem-log"],
+    "targets": ["direct", "nginx", "nginx-log", "sl-redis", "sl-redis-log", "sl-cache", "sl-mem",
+                "sl-mem-log"],
     "labels": {
         "direct": "direct to the backend",
         "nginx": "nginx (access_log off)",
         "nginx-log": "nginx (access_log buffered 64k)",
         "sl-redis": "stickless, Redis (--access-log off)",
         "sl-redis-log": "stickless, Redis (--access-log on)",
+        "sl-cache": f"stickless, Redis + --local-cache {e['LOCAL_CACHE']} (--access-log off)",
         "sl-mem": "stickless, embedded (--access-log off)",
         "sl-mem-log": "stickless, embedded (--access-log on)",
     },
     "workloads": ["no-cookie", "read", "read-write", "zipf"],
     "latency_workloads": ["no-cookie", "read", "read-write"],
-    "latency_targets": ["direct", "nginx", "sl-redis", "sl-mem"],
+    "latency_targets": ["direct", "nginx", "sl-redis", "sl-cache", "sl-mem"],
     "rates": dict(zip(["25", "50", "75"], rates)),
     "latency_tool": "oha, open loop" if oha else "wrk, CLOSED loop",
     "latency_note": (
@@ -513,11 +518,11 @@ meta = {
         ["nginx-10k", f"nginx proxy RSS with {e['IDLE_CONNS']} open idle connections, kB"],
         ["sl-mem-idle", "stickless (embedded) RSS idle, before seeding, kB"],
         ["sl-mem-per-session", "stickless (embedded) RSS growth per session (5 fields), bytes"],
-        ["redis-per-session", "Redis used_memory per session (5 fields + _created, TTL), bytes"],
+        ["redis-per-session", "Redis used_memory per session (5 fields + _created, TTL; seeded without _v), bytes"],
     ],
     "command": "bash benches/side_by_side.sh  # with " + ", ".join(
         f"{k}={e[k]}" for k in ("ROUNDS", "SECS", "LAT_ROUNDS", "LAT_SECS", "CONNS", "THREADS",
-                                "SESSIONS", "ZIPF_S", "WRITE_PCT", "IDLE_CONNS")),
+                                "SESSIONS", "ZIPF_S", "WRITE_PCT", "IDLE_CONNS", "LOCAL_CACHE")),
     "chart_title": f"stickless side by side ({e['MACHINE']}; everything on one host)",
     "preamble": ([f"> **{e['NOTE']}**", ""] if e.get("NOTE") else []) + [
         f"- Machine: {e['MACHINE']}; load average at start {e['LOAD_AT_START']}. Everything on one host "

@@ -760,8 +760,10 @@ impl RedisStore {
         if let Some(cache) = &cache {
             follow_invalidations(config.clone(), &settings, cache)?;
         }
+        // No command timeout of fred's own: every call on this client is bounded by one timer of
+        // ours (`bounded_until`, or `tokio::time::timeout` around the background checks), not
+        // two. A call given up on is still answered by a script's deadline check in Redis.
         let client = Builder::from_config(config)
-            .with_performance_config(|p| p.default_command_timeout = timeout)
             .with_connection_config(|c| {
                 c.connection_timeout = timeout.max(Duration::from_secs(2));
                 c.internal_command_timeout = timeout.max(Duration::from_secs(2));
@@ -932,8 +934,8 @@ impl RedisStore {
         k
     }
 
-    /// Bounds a call by the store timeout. fred's own command timeout is the same bound, so a
-    /// timeout from either side is reported the same way.
+    /// Bounds a call by the store timeout (the only timer on the call: fred's own command timeout
+    /// is off for this client).
     async fn bounded<T>(
         &self,
         call: impl std::future::Future<Output = Result<T, fred::error::Error>>,
@@ -996,30 +998,26 @@ impl RedisStore {
         }
         let call = || async {
             if replicated {
-                self.script_then_wait(script, &key, &args, deadline)
-                    .await
-                    .map(|(reply, acked)| (reply, Some(acked)))
+                self.bounded_until(
+                    deadline,
+                    self.script_then_wait(script, &key, &args, deadline),
+                )
+                .await
+                .map(|(reply, acked)| (reply, Some(acked)))
             } else {
-                script
-                    .evalsha_with_reload::<Vec<Value>, _, _>(
-                        &self.client,
-                        key.clone(),
-                        args.clone(),
-                    )
+                self.evalsha_until(script, &key, &args, deadline)
                     .await
                     .map(|reply| (reply, None))
             }
         };
-        let (reply, acked) = match self.bounded_until(deadline, call()).await {
+        let (reply, acked) = match call().await {
             Ok(reply) => reply,
             // Refused (a demoted primary, a loading replica) or never sent: it did not run, and
             // the client is reconnecting. Once more on the new connection, within the deadline.
             Err(Some(e)) if did_not_run(&e) => {
                 self.events.record(Metrics::store_retried);
                 tracing::debug!(error = %e, "redis refused a script that did not run; sending it once more");
-                self.bounded_until(deadline, call())
-                    .await
-                    .map_err(|e| self.error(e))?
+                call().await.map_err(|e| self.error(e))?
             }
             Err(e) => return Err(self.error(e)),
         };
@@ -1044,6 +1042,55 @@ impl RedisStore {
             return Err(StoreError::NotReplicated);
         }
         Ok(reply)
+    }
+
+    /// `EVALSHA` of `script` until `deadline`, loading the script first when the server does not
+    /// know it (a restarted or newly promoted server). The bound is fred's own per-command timeout,
+    /// the one timer on the call: a command given up on while it waits for a reconnection is then
+    /// dropped by fred instead of being sent later.
+    async fn evalsha_until(
+        &self,
+        script: &Script,
+        key: &str,
+        args: &[Value],
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<Value>, Option<fred::error::Error>> {
+        let send = || {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let options = fred::types::config::Options {
+                timeout: Some(left),
+                ..Default::default()
+            };
+            // As a custom command: fred's script interface is not one that takes options.
+            let mut eval_args = Vec::with_capacity(args.len() + 3);
+            eval_args.push(Value::from(script.sha1().clone()));
+            eval_args.push(Value::Integer(1));
+            eval_args.push(Value::from(key));
+            eval_args.extend_from_slice(args);
+            let slot = fred::util::redis_keyslot(key.as_bytes());
+            Some(async move {
+                self.client
+                    .with_options(&options)
+                    .custom::<Vec<Value>, _>(
+                        CustomCommand::new_static("EVALSHA", ClusterHash::Custom(slot), false),
+                        eval_args,
+                    )
+                    .await
+            })
+        };
+        let classify =
+            |e: fred::error::Error| (*e.kind() != fred::error::ErrorKind::Timeout).then_some(e);
+        match send().ok_or(None)?.await {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                self.bounded_until(deadline, script.load(&self.client))
+                    .await?;
+                send().ok_or(None)?.await.map_err(classify)
+            }
+            result => result.map_err(classify),
+        }
     }
 
     /// The script and `WAIT 1` in one pipeline, and so on one connection: WAIT counts the

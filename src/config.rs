@@ -238,9 +238,6 @@ pub enum ConfigError {
     /// IAM authentication with a password as well.
     #[error("the password is a token stickless signs: leave it out of --redis-url (rediss://USER-ID@HOST:PORT)")]
     IamWithPassword,
-    /// A local cache in front of a Redis cluster, whose invalidations it cannot follow yet.
-    #[error("is not supported with a Redis cluster (redis-cluster://) yet: leave it at 0")]
-    LocalCacheWithCluster,
     /// One of the TLS certificate and key without the other.
     #[error("required with --{given}: TLS needs both the certificate chain (--tls-cert) and its private key (--tls-key), as PEM files")]
     TlsHalfGiven {
@@ -272,7 +269,6 @@ impl ConfigError {
             | ConfigError::IamNeedsUser
             | ConfigError::IamWithPassword => "redis-iam",
             ConfigError::TlsHalfGiven { missing, .. } => missing,
-            ConfigError::LocalCacheWithCluster => "local-cache",
         }
     }
 }
@@ -411,11 +407,6 @@ impl Config {
                     min: 0,
                     max: MAX_LOCAL_CACHE,
                 });
-            }
-            // The cache follows invalidations on one connection (BCAST); a cluster sends each
-            // node's on that node's connections.
-            if *local_cache > 0 && scheme.contains("cluster") {
-                return Err(ConfigError::LocalCacheWithCluster);
             }
             if let Some(iam) = iam {
                 if !valid_cache_name(&iam.cache_name) {
@@ -1267,7 +1258,7 @@ mod tests {
         });
         assert_eq!(e.setting(), "key-prefix");
         for (url, size) in [
-            ("redis-cluster://h", 10),
+            ("redis-cluster://h", MAX_LOCAL_CACHE + 1),
             ("redis://h", MAX_LOCAL_CACHE + 1),
         ] {
             let e = refused(&|s| {

@@ -123,11 +123,5 @@ async fn cluster_switchover_with_replicated_writes_loses_no_acknowledged_increme
 
 /// `CLUSTER FAILOVER` on the victim's replica, waited for.
 fn switchover(cluster: &mut RedisCluster, victim: u16) {
-    let replica = cluster.replica_of(victim).expect("the primary's replica");
-    let ok: String =
-        query(replica, redis::cmd("CLUSTER").arg("FAILOVER")).expect("CLUSTER FAILOVER");
-    assert_eq!(ok, "OK");
-    wait_for("the switchover", Duration::from_secs(10), || {
-        (!cluster.primaries().contains(&victim)).then_some(())
-    });
+    cluster.switchover(victim);
 }

@@ -161,6 +161,76 @@ async fn a_restarted_redis_empties_the_cache() {
     assert!(flushes >= 1.0);
 }
 
+/// Reads through `proxy` with the user's session cookie only (no version cookie, so that only an
+/// invalidation can make a cached copy go), until the field `name` reads `value`.
+async fn seen_through(http: &Http, proxy: &Stickless, name: &str, value: &str) {
+    eventually(
+        &format!("{name}={value} seen through the other instance"),
+        Duration::from_secs(5),
+        || {
+            let mut http = http.clone();
+            http.sid_v = None;
+            async move {
+                (field(&http.get(&proxy.url("/")).await, name).as_deref() == Some(value))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+/// On a cluster each primary broadcasts the invalidations of its own slots only: sessions on all
+/// three shards, changed through A, are seen through B's cache; after a switchover on one shard
+/// B drops its cache, follows the new primary, and sees changes there too.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_cluster_changes_on_every_shard_are_seen_through_the_other_instance() {
+    let cluster = blocking(RedisCluster::start);
+    let backend = TestBackend::start().await;
+    let a = Stickless::on_redis_url(&backend.url(), &cluster.url(), CACHE);
+    let b = Stickless::on_redis_url(&backend.url(), &cluster.url(), CACHE);
+    let mut users = Vec::new();
+    for i in 0..12 {
+        let mut http = Http::with_jar();
+        http.get_replying(&a.url("/"), &[&format!("x-session-set-user: u{i}")])
+            .await;
+        users.push(http);
+    }
+    let shards = cluster.keys_by_primary("stickless:*");
+    assert_eq!(
+        shards.values().filter(|keys| !keys.is_empty()).count(),
+        3,
+        "sessions on every shard: {shards:?}"
+    );
+
+    let change_all = |round: &'static str| {
+        let (a, b, users) = (&a, &b, users.clone());
+        async move {
+            for (i, mut http) in users.into_iter().enumerate() {
+                assert!(read_until_cached(&mut http, b, "user").await.is_some());
+                let value = format!("{round}{i}");
+                let r = http
+                    .get_replying(&a.url("/"), &[&format!("x-session-set-user: {value}")])
+                    .await;
+                assert_eq!(r.status, 200);
+                seen_through(&http, b, "user", &value).await;
+            }
+        }
+    };
+    change_all("v").await;
+
+    let flushes = r#"stickless_local_cache_flushes_total"#;
+    let before = b.metric(flushes).await;
+    let (&victim, _) = shards.iter().max_by_key(|(_, k)| k.len()).unwrap();
+    blocking(|| cluster.switchover(victim));
+    eventually(
+        "B drops its cache after the switchover",
+        Duration::from_secs(10),
+        || async { (b.metric(flushes).await > before).then_some(()) },
+    )
+    .await;
+    change_all("w").await;
+}
+
 async fn cmd<T: redis::FromRedisValue>(redis: &RedisServer, args: &[&str]) -> T {
     let mut c = redis.conn().await;
     let mut cmd = redis::cmd(args[0]);

@@ -322,8 +322,8 @@ struct ReplicationState {
 }
 
 /// Reads `INFO replication` (allowed on ElastiCache, unlike `CONFIG`).
-async fn replication_state(
-    client: &Client,
+async fn replication_state<C: ServerInterface + Sync>(
+    client: &C,
 ) -> Result<Option<ReplicationState>, fred::error::Error> {
     let info: String = client
         .info(Some(fred::types::InfoKind::Replication))
@@ -493,6 +493,8 @@ async fn keep_tracking(
     timeout: Duration,
 ) {
     let mut failing = false;
+    // The cluster primaries tracking was turned on on (empty for one server).
+    let mut tracked = Vec::new();
     loop {
         let Some(cache) = cache.upgrade() else {
             return;
@@ -500,15 +502,15 @@ async fn keep_tracking(
         let pause = if cache.is_live() {
             // Also a role check: a primary demoted by a failover keeps answering, and its
             // invalidations stop covering the writes that now go to the new primary.
-            match tokio::time::timeout(timeout, replication_state(&client)).await {
-                Ok(Ok(Some(state))) if state.role != "master" => {
+            match tokio::time::timeout(timeout, still_tracking(&client, &tracked)).await {
+                Ok(Ok(false)) => {
                     tracing::warn!(
-                        "the redis invalidation channel is on a demoted node; local cache dropped"
+                        "the redis invalidation channel is on a demoted node, or the cluster's primaries changed; local cache dropped"
                     );
                     cache.set_down();
                     let _ = client.force_reconnection().await;
                 }
-                Ok(Ok(_)) => {}
+                Ok(Ok(true)) => {}
                 _ => {
                     tracing::warn!(
                         "the redis invalidation channel did not answer; local cache dropped"
@@ -521,8 +523,9 @@ async fn keep_tracking(
             let since = cache.epoch();
             match tokio::time::timeout(timeout, enable_tracking(&client, &prefix)).await {
                 // Went down again meanwhile (a reconnection): the next turn tries again.
-                Ok(Ok(())) if !cache.go_live(since) => TRACKING_RETRY,
-                Ok(Ok(())) => {
+                Ok(Ok(_)) if !cache.go_live(since) => TRACKING_RETRY,
+                Ok(Ok(nodes)) => {
+                    tracked = nodes;
                     if failing {
                         tracing::info!("redis invalidations followed again; local cache on");
                     }
@@ -546,9 +549,75 @@ async fn keep_tracking(
     }
 }
 
-/// Broadcast tracking of the session keys on the invalidation connection, which must be on the
-/// primary: a demoted node is made to reconnect (and so to find the new primary) first.
-async fn enable_tracking(client: &Client, prefix: &str) -> Result<(), fred::error::Error> {
+/// A cluster's primaries as the client last read the slot map, in order; empty for one server.
+fn cluster_primaries(client: &Client) -> Vec<fred::types::config::Server> {
+    let mut primaries = if client.is_clustered() {
+        client
+            .cached_cluster_state()
+            .map(|state| state.unique_primary_nodes())
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    primaries.sort_by_key(|s| s.to_string());
+    primaries
+}
+
+/// The nodes the invalidation client follows, each as a client bound to it: every primary of a
+/// cluster (each node broadcasts the invalidations of its own slots only), or the one server.
+fn tracked_nodes(client: &Client) -> Vec<fred::clients::WithOptions<Client>> {
+    if client.is_clustered() {
+        cluster_primaries(client)
+            .into_iter()
+            .map(|server| client.with_cluster_node(server))
+            .collect()
+    } else {
+        vec![client.with_options(&Default::default())]
+    }
+}
+
+/// Whether tracking is still on every primary: a cluster's slot map (read again) still names
+/// the primaries it was turned on on, and every followed node still says it is a primary.
+async fn still_tracking(
+    client: &Client,
+    tracked: &[fred::types::config::Server],
+) -> Result<bool, fred::error::Error> {
+    if client.is_clustered() {
+        client.sync_cluster().await?;
+        if cluster_primaries(client) != tracked {
+            return Ok(false);
+        }
+    }
+    all_primaries(client).await
+}
+
+/// Whether every node the invalidation client follows is still a primary (and answers).
+async fn all_primaries(client: &Client) -> Result<bool, fred::error::Error> {
+    let nodes = tracked_nodes(client);
+    if nodes.is_empty() {
+        return Ok(false);
+    }
+    for node in &nodes {
+        if replication_state(node)
+            .await?
+            .is_some_and(|state| state.role != "master")
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Broadcast tracking of the session keys on the invalidation connection(s), which must be on
+/// the primary (on every primary of a cluster): a demoted node is made to reconnect (and so to
+/// find the new primary) first. Returns the cluster primaries followed (none for one server).
+async fn enable_tracking(
+    client: &Client,
+    prefix: &str,
+) -> Result<Vec<fred::types::config::Server>, fred::error::Error> {
+    if client.is_clustered() {
+        return enable_cluster_tracking(client, prefix).await;
+    }
     if let Some(state) = replication_state(client).await? {
         if state.role != "master" {
             let _ = client.force_reconnection().await;
@@ -572,7 +641,37 @@ async fn enable_tracking(client: &Client, prefix: &str) -> Result<(), fred::erro
         .await?;
     client
         .start_tracking(prefix.to_owned(), true, false, false, false)
-        .await
+        .await?;
+    Ok(Vec::new())
+}
+
+/// [`enable_tracking`] on a cluster: the slot map is read again, then every primary gets
+/// `CLIENT TRACKING ON BCAST PREFIX` on this client's connection to it. (fred's own
+/// `start_tracking` sends broadcast mode to one node only.)
+async fn enable_cluster_tracking(
+    client: &Client,
+    prefix: &str,
+) -> Result<Vec<fred::types::config::Server>, fred::error::Error> {
+    client.sync_cluster().await?;
+    if !all_primaries(client).await? {
+        let _ = client.force_reconnection().await;
+        return Err(fred::error::Error::new(
+            fred::error::ErrorKind::IO,
+            "the invalidation connections are not all on primaries",
+        ));
+    }
+    let tracking = || CustomCommand::new_static("CLIENT", ClusterHash::Random, false);
+    for node in tracked_nodes(client) {
+        // Off first: Redis refuses a prefix that overlaps one the connection already tracks.
+        let _: Value = node.custom(tracking(), vec!["TRACKING", "OFF"]).await?;
+        let _: Value = node
+            .custom(
+                tracking(),
+                vec!["TRACKING", "ON", "BCAST", "PREFIX", prefix],
+            )
+            .await?;
+    }
+    Ok(cluster_primaries(client))
 }
 
 /// Where the client's connection events go: the metrics, once the server hands them over.

@@ -1865,6 +1865,18 @@ impl RedisCluster {
         })
     }
 
+    /// `CLUSTER FAILOVER` on the replica of the primary on `victim`, waited for: the replica
+    /// takes over the shard and the old primary becomes its replica.
+    pub fn switchover(&self, victim: u16) {
+        let replica = self.replica_of(victim).expect("the primary's replica");
+        let ok: String =
+            query(replica, redis::cmd("CLUSTER").arg("FAILOVER")).expect("CLUSTER FAILOVER");
+        assert_eq!(ok, "OK");
+        wait_for("the switchover", Duration::from_secs(10), || {
+            (!self.primaries().contains(&victim)).then_some(())
+        });
+    }
+
     /// The node on `port`.
     pub fn node(&mut self, port: u16) -> &mut RedisServer {
         self.nodes

@@ -140,27 +140,7 @@ async fn sentinel_switchover_with_replicated_writes_loses_no_acknowledged_increm
 
 /// `SENTINEL FAILOVER`, waited for until the old primary is demoted.
 fn sentinel_switchover(group: &mut SentinelGroup) {
-    let ok: String = query(
-        group.sentinels[0].port,
-        redis::cmd("SENTINEL")
-            .arg("FAILOVER")
-            .arg(SentinelGroup::SERVICE),
-    )
-    .expect("SENTINEL FAILOVER");
-    assert_eq!(ok, "OK");
-    let (replica, old) = (group.replica.port, group.primary.port);
-    wait_for("the switchover", Duration::from_secs(15), || {
-        (group.primary_port() == Some(replica)).then_some(())
-    });
-    // The sentinels demote the old primary only after announcing the new one.
-    wait_for(
-        "the old primary's demotion",
-        Duration::from_secs(15),
-        || {
-            (info(old, "replication").get("role").map(String::as_str) == Some("slave"))
-                .then_some(())
-        },
-    );
+    group.switchover();
 }
 
 /// The sentinels and the data nodes may require different passwords, or only the data nodes one:

@@ -231,6 +231,57 @@ async fn on_a_cluster_changes_on_every_shard_are_seen_through_the_other_instance
     change_all("w").await;
 }
 
+/// Behind Sentinel the invalidation client follows the primary the sentinels name: a change
+/// through A is seen through B's cache; after a switchover both drop their caches, follow the new
+/// primary, and changes made there are seen through B's cache again.
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_sentinel_changes_are_seen_through_the_other_instance_across_a_switchover() {
+    let group = blocking(SentinelGroup::start);
+    let backend = TestBackend::start().await;
+    let args = [CACHE, &["--redis-timeout", "1s"]].concat();
+    let a = Stickless::on_redis_url(&backend.url(), &group.url(), &args);
+    let b = Stickless::on_redis_url(&backend.url(), &group.url(), &args);
+    let mut http = Http::with_jar();
+    http.get_replying(&a.url("/"), &["x-session-set-user: alice"])
+        .await;
+    read_until_cached(&mut http, &b, "user").await;
+    http.get_replying(&a.url("/"), &["x-session-set-user: bob"])
+        .await;
+    seen_through(&http, &b, "user", "bob").await;
+    wait_for(
+        "the session on the replica",
+        Duration::from_secs(10),
+        || replicated(group.primary.port, 1).then_some(()),
+    );
+
+    let flushes = "stickless_local_cache_flushes_total";
+    let before = b.metric(flushes).await;
+    blocking(|| group.switchover());
+    eventually(
+        "A writes to the new primary",
+        Duration::from_secs(15),
+        || {
+            let mut http = http.clone();
+            let a = &a;
+            async move {
+                let r = http
+                    .get_replying(&a.url("/"), &["x-session-set-user: carol"])
+                    .await;
+                (r.status == 200).then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(b.metric(flushes).await > before, "B dropped its cache");
+    assert_eq!(
+        read_until_cached(&mut http, &b, "user").await.as_deref(),
+        Some("carol")
+    );
+    http.get_replying(&a.url("/"), &["x-session-set-user: dave"])
+        .await;
+    seen_through(&http, &b, "user", "dave").await;
+}
+
 async fn cmd<T: redis::FromRedisValue>(redis: &RedisServer, args: &[&str]) -> T {
     let mut c = redis.conn().await;
     let mut cmd = redis::cmd(args[0]);

@@ -1,8 +1,10 @@
 //! Connecting to Redis the way ElastiCache is reached in production: with a password (AUTH), with
-//! an ACL user, over TLS (`rediss://`), and with IAM authentication (`--redis-iam`). The
-//! credentials never reach a log line.
+//! an ACL user, over TLS (`rediss://`), and with IAM authentication (`--redis-iam`), the local
+//! cache's invalidation connection included. The credentials never reach a log line.
 
 mod support;
+
+use std::time::Duration;
 
 use support::*;
 
@@ -28,6 +30,50 @@ async fn session_round_trip(proxy: &Stickless, check_url: &str) {
         .await
         .unwrap();
     assert_eq!(user.as_deref(), Some("alice"));
+}
+
+/// The local cache went live over this connection (its invalidation client authenticated and
+/// turned tracking on): reads of a session come from the cache, and a change made with the
+/// independent client at `check_url` is seen through the proxy once Redis's invalidation arrives.
+async fn local_cache_follows_redis(proxy: &Stickless, check_url: &str) {
+    let mut http = Http::with_jar();
+    http.get_replying(&proxy.url("/"), &["x-session-set-user: carol"])
+        .await;
+    let hit = r#"stickless_local_cache_lookups_total{result="hit"}"#;
+    eventually(
+        "a read from the local cache",
+        Duration::from_secs(10),
+        || {
+            let mut http = http.clone();
+            async move {
+                http.get(&proxy.url("/")).await;
+                (proxy.metric(hit).await > 0.0).then_some(())
+            }
+        },
+    )
+    .await;
+    let client = redis::Client::open(check_url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("stickless:{}", id_of(http.sid.as_deref().unwrap()));
+    let _: i64 = redis::cmd("HSET")
+        .arg(&key)
+        .arg("user")
+        .arg("dave")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    eventually(
+        "the change seen through the cache",
+        Duration::from_secs(5),
+        || {
+            let mut http = http.clone();
+            async move {
+                let r = http.get(&proxy.url("/")).await;
+                (r.seen().fields().get("user").map(String::as_str) == Some("dave")).then_some(())
+            }
+        },
+    )
+    .await;
 }
 
 fn assert_secret_not_logged(proxy: &Stickless, secret: &str) {
@@ -141,15 +187,20 @@ async fn rediss_with_a_password_over_tls() {
     // The CA is trusted the way an operator trusts a private CA: through SSL_CERT_FILE.
     let proxy = Stickless::start_with_env(
         &backend.url(),
-        &["--redis-url", &tls_url, "--secret-keys", TEST_KEY],
+        &[
+            "--redis-url",
+            &tls_url,
+            "--secret-keys",
+            TEST_KEY,
+            "--local-cache",
+            "1000",
+        ],
         &[("SSL_CERT_FILE", &ca)],
     );
     assert_eq!(readyz(&proxy).await, 200, "{}", proxy.logs());
-    session_round_trip(
-        &proxy,
-        &format!("redis://:{secret}@127.0.0.1:{}", redis.port),
-    )
-    .await;
+    let plain_url = format!("redis://:{secret}@127.0.0.1:{}", redis.port);
+    session_round_trip(&proxy, &plain_url).await;
+    local_cache_follows_redis(&proxy, &plain_url).await;
     assert_secret_not_logged(&proxy, secret);
 
     // Without trusting the CA, the TLS handshake fails: not ready, never a plain-text fallback.
@@ -261,10 +312,16 @@ async fn iam_authentication_authenticates_as_the_url_user_over_tls() {
         "--redis-timeout",
         "300ms",
     ];
-    let proxy = Stickless::start_with_env(&backend.url(), &args, &aws_environment(&ca, true));
+    let cached: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(["--local-cache", "1000"])
+        .collect();
+    let proxy = Stickless::start_with_env(&backend.url(), &cached, &aws_environment(&ca, true));
     assert_eq!(readyz(&proxy).await, 200, "{}", proxy.logs());
     let admin_url = format!("redis://admin:{admin}@127.0.0.1:{}", redis.port);
     session_round_trip(&proxy, &admin_url).await;
+    local_cache_follows_redis(&proxy, &admin_url).await;
     let client = redis::Client::open(admin_url.as_str()).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
     let clients: String = redis::cmd("CLIENT")

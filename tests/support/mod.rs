@@ -1655,6 +1655,29 @@ impl SentinelGroup {
     /// The service name the sentinels know the primary by.
     pub const SERVICE: &'static str = "mymaster";
 
+    /// `SENTINEL FAILOVER`, waited for until the old primary is demoted.
+    pub fn switchover(&self) {
+        let ok: String = query(
+            self.sentinels[0].port,
+            redis::cmd("SENTINEL").arg("FAILOVER").arg(Self::SERVICE),
+        )
+        .expect("SENTINEL FAILOVER");
+        assert_eq!(ok, "OK");
+        let (replica, old) = (self.replica.port, self.primary.port);
+        wait_for("the switchover", Duration::from_secs(15), || {
+            (self.primary_port() == Some(replica)).then_some(())
+        });
+        // The sentinels demote the old primary only after announcing the new one.
+        wait_for(
+            "the old primary's demotion",
+            Duration::from_secs(15),
+            || {
+                (info(old, "replication").get("role").map(String::as_str) == Some("slave"))
+                    .then_some(())
+            },
+        );
+    }
+
     /// Starts the group and waits until every sentinel knows the replica and the other two
     /// sentinels, so that a failover can happen.
     pub fn start() -> Self {

@@ -1589,13 +1589,7 @@ async fn both_stores_apply_changes_like_apply_to_fields() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_raw_layout_and_ping() {
     let redis = RedisServer::start();
-    let store = redis_store(
-        &redis,
-        ttl(60_000, None),
-        ProtocolConfig::default(),
-        Duration::from_secs(2),
-    )
-    .await;
+    let store = plain_redis_store(&redis).await;
     store.ping().await.expect("ping");
 
     let id = SessionId::generate();
@@ -1680,18 +1674,24 @@ async fn redis_raw_layout_and_ping() {
     assert!(p > 5_000 && p <= 10_000, "PTTL {p} after a load");
 }
 
+/// A store on `redis` with a 60 s idle timeout, no absolute timeout, the default limits and a 2 s
+/// timeout.
+async fn plain_redis_store(redis: &RedisServer) -> RedisStore {
+    redis_store(
+        redis,
+        ttl(60_000, None),
+        ProtocolConfig::default(),
+        Duration::from_secs(2),
+    )
+    .await
+}
+
 /// A session stored before versions existed (no `_v`) is version 0, and its next change makes
 /// it version 1: sessions survive an upgrade.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_sessions_without_a_version_read_as_version_0() {
     let redis = RedisServer::start();
-    let store = redis_store(
-        &redis,
-        ttl(60_000, None),
-        ProtocolConfig::default(),
-        Duration::from_secs(2),
-    )
-    .await;
+    let store = plain_redis_store(&redis).await;
     let id = SessionId::generate();
     create(&store, &id, &[("user", "alice")]).await;
     let mut c = redis.conn().await;

@@ -339,36 +339,38 @@ pub async fn serve_http_with<F, Fut, B>(
         let _ = stream.set_nodelay(true);
         let accepted = Instant::now();
         let stream = Counted::new(stream, permit, open.clone());
-        let (builder, handler, drain, cut, tls) = (
+        let (builder, handler, drain, cut) = (
             builder.clone(),
             handler.clone(),
             drain.clone(),
             cut_rx.clone(),
-            tls.clone(),
         );
-        tokio::spawn(
-            async move {
-                match tls {
-                    None => {
+        let span = tracing::debug_span!("conn", %peer);
+        // Two tasks rather than one with a branch: a task's future is as large as its largest
+        // state, and the TLS one (rustls' connection state, the handshake) is several times the
+        // size of a plain connection's, which would otherwise pay for it too.
+        match tls.clone() {
+            None => {
+                let serve = async move {
+                    let io = TokioIo::new(stream);
+                    serve_connection(builder, io, handler, peer, limits, accepted, drain, cut)
+                        .await;
+                };
+                tokio::spawn(serve.instrument(span));
+            }
+            Some(tls) => {
+                let serve = async move {
+                    let deadline = accepted + limits.header_read_timeout;
+                    let handshake = handshake(&tls, stream, deadline, drain.clone());
+                    if let Some(stream) = handshake.await {
                         let io = TokioIo::new(stream);
                         serve_connection(builder, io, handler, peer, limits, accepted, drain, cut)
                             .await;
                     }
-                    Some(tls) => {
-                        let deadline = accepted + limits.header_read_timeout;
-                        let handshake = handshake(&tls, stream, deadline, drain.clone());
-                        if let Some(stream) = handshake.await {
-                            let io = TokioIo::new(stream);
-                            serve_connection(
-                                builder, io, handler, peer, limits, accepted, drain, cut,
-                            )
-                            .await;
-                        }
-                    }
-                }
+                };
+                tokio::spawn(serve.instrument(span));
             }
-            .instrument(tracing::debug_span!("conn", %peer)),
-        );
+        }
     }
     drop(listener);
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
@@ -576,8 +578,13 @@ async fn serve_connection<I, F, Fut, B>(
         let http1 = req.version() <= http::Version::HTTP_11;
         let backlog = http1.then(|| backlog.clone());
         let draining = draining.clone();
+        // Boxed: hyper keeps the slot for a request's future for as long as the connection is
+        // open, so an unboxed one would hold its full size (a few KiB: the whole request path)
+        // on every idle keep-alive connection. Boxed, it is held only while a request is in
+        // flight.
+        let handling = Box::pin(handler(req, peer));
         async move {
-            let mut resp = handler(req, peer).await;
+            let mut resp = handling.await;
             // Sends the client elsewhere for its next request. (The connection is also asked to
             // close, but that may come after this response's head is out; h2 gets a GOAWAY.)
             if http1

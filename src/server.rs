@@ -573,35 +573,7 @@ async fn serve_connection<I, F, Fut, B>(
     let backlog = io.inner().backlog();
     let draining = drain.clone();
     let service = service_fn(move |req: Request<Incoming>| {
-        let in_flight = InFlight::start(&tracker);
-        let handler = handler.clone();
-        let http1 = req.version() <= http::Version::HTTP_11;
-        let backlog = http1.then(|| backlog.clone());
-        let draining = draining.clone();
-        // Boxed: hyper keeps the slot for a request's future for as long as the connection is
-        // open, so an unboxed one would hold its full size (a few KiB: the whole request path)
-        // on every idle keep-alive connection. Boxed, it is held only while a request is in
-        // flight.
-        let handling = Box::pin(handler(req, peer));
-        async move {
-            let mut resp = handling.await;
-            // Sends the client elsewhere for its next request. (The connection is also asked to
-            // close, but that may come after this response's head is out; h2 gets a GOAWAY.)
-            if http1
-                && draining.is_draining()
-                && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
-            {
-                resp.headers_mut().insert(
-                    http::header::CONNECTION,
-                    http::HeaderValue::from_static("close"),
-                );
-            }
-            Ok::<_, Infallible>(resp.map(|inner| Tracked {
-                inner,
-                in_flight,
-                backlog,
-            }))
-        }
+        respond(req, &handler, peer, &tracker, &backlog, &draining)
     });
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
@@ -671,6 +643,49 @@ async fn serve_connection<I, F, Fut, B>(
         tracing::debug!("connection did not close in time; dropped");
     }
     drop(activity);
+}
+
+/// Answers one request with `handler`: counts it as in flight on `tracker` until its response
+/// is sent, paces an HTTP/1 response's body by the connection's `backlog`, and, while draining,
+/// asks an HTTP/1 client to take its next request elsewhere.
+fn respond<R, F, Fut, B>(
+    req: Request<R>,
+    handler: &F,
+    peer: SocketAddr,
+    tracker: &Arc<watch::Sender<Activity>>,
+    backlog: &Arc<Backlog>,
+    draining: &Drain,
+) -> impl Future<Output = Result<Response<Tracked<B>>, Infallible>> + Send + 'static
+where
+    F: Fn(Request<R>, SocketAddr) -> Fut,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+{
+    let in_flight = InFlight::start(tracker);
+    let http1 = req.version() <= http::Version::HTTP_11;
+    let backlog = http1.then(|| backlog.clone());
+    let draining = draining.clone();
+    // Boxed: hyper keeps the slot for a request's future for as long as the connection is open,
+    // so an unboxed one would hold its full size (a few KiB: the whole request path) on every
+    // idle keep-alive connection. Boxed, it is held only while a request is in flight.
+    let handling = Box::pin(handler(req, peer));
+    async move {
+        let mut resp = handling.await;
+        // Sends the client elsewhere for its next request. (The connection is also asked to
+        // close, but that may come after this response's head is out; h2 gets a GOAWAY.)
+        if http1 && draining.is_draining() && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+        {
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
+        Ok(resp.map(|inner| Tracked {
+            inner,
+            in_flight,
+            backlog,
+        }))
+    }
 }
 
 /// A client connection as hyper serves it: the counted socket, plain or inside TLS.
@@ -768,5 +783,55 @@ impl AsyncWrite for Counted {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// hyper keeps the slot for a request's future for the connection's whole life: what the
+    /// service returns must stay small however large the request path's future is, or every idle
+    /// keep-alive connection holds the request path's size.
+    #[tokio::test]
+    async fn an_idle_connection_does_not_hold_the_request_path() {
+        let handler = |_req: Request<()>, _peer: SocketAddr| async {
+            // A future that holds 16 KiB across an await, as a long request path does.
+            let state = [1u8; 16 * 1024];
+            tokio::task::yield_now().await;
+            Response::new(http_body_util::Full::new(bytes::Bytes::copy_from_slice(
+                &state[..1],
+            )))
+        };
+        let (activity, _changes) = watch::channel(Activity {
+            started: false,
+            in_flight: 0,
+            idle_since: Instant::now(),
+        });
+        let tracker = Arc::new(activity);
+        let (_control, drain) = Drain::new();
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let answering = respond(
+            Request::new(()),
+            &handler,
+            peer,
+            &tracker,
+            &Arc::default(),
+            &drain,
+        );
+        let size = std::mem::size_of_val(&answering);
+        assert!(
+            size < 1024,
+            "a request's future in hyper's slot takes {size} bytes"
+        );
+        let resp = answering.await.unwrap();
+        assert_eq!(resp.status(), http::StatusCode::OK);
+        assert_eq!(
+            tracker.borrow().in_flight,
+            1,
+            "in flight until the body is done"
+        );
+        drop(resp);
+        assert_eq!(tracker.borrow().in_flight, 0);
     }
 }

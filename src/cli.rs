@@ -186,6 +186,11 @@ pub struct ServeArgs {
     /// closes. Default: 10000, or fewer when the file-descriptor limit is lower.
     #[arg(long, env = "STICKLESS_MAX_CONNECTIONS", value_name = "N", value_parser = count)]
     pub max_connections: Option<usize>,
+    /// Threads serving the proxy's port, each with its own listening socket (SO_REUSEPORT) and
+    /// its own single-threaded runtime, so that a request stays on one thread. 1 serves it on one
+    /// runtime shared by all cores. --max-connections counts the connections of all of them.
+    #[arg(long, env = "STICKLESS_WORKERS", default_value = "1", value_name = "N", value_parser = count)]
+    pub workers: usize,
     /// Consecutive Redis timeouts or connection failures after which the circuit breaker opens:
     /// calls then fail at once (503) instead of each waiting --redis-timeout.
     #[arg(long, env = "STICKLESS_BREAKER_FAILURES", default_value = "3", value_name = "N", value_parser = count)]
@@ -345,6 +350,7 @@ impl ServeArgs {
         settings.keep_alive_timeout = self.keep_alive_timeout;
         settings.max_connections = self.max_connections;
         settings.fd_limit = fd_limit;
+        settings.workers = self.workers;
         settings.breaker = BreakerConfig {
             failures: self.breaker_failures,
             probe_interval: self.breaker_probe_interval,

@@ -52,6 +52,10 @@ pub struct Settings {
     pub max_connections: Option<usize>,
     /// The process's open-file limit, when known (the binary raises it to the hard limit first).
     pub fd_limit: Option<u64>,
+    /// Threads serving the proxy's listener, each with its own single-threaded runtime and its
+    /// own listening socket on the same port (`SO_REUSEPORT`); 1 serves it on the process's
+    /// shared runtime.
+    pub workers: usize,
     /// When the circuit breaker in front of Redis opens and how it probes (unused on the embedded
     /// store, which cannot be down).
     pub breaker: BreakerConfig,
@@ -90,6 +94,8 @@ pub const MAX_STOP_DURATION: Duration = Duration::from_secs(3600);
 /// Most client connections a setting may allow: bounded so that the semaphore behind it can
 /// always be built.
 pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+/// Most `--workers`: far more threads than any machine has cores is a mistake, not a setting.
+pub const MAX_WORKERS: usize = 1024;
 
 /// The default cap on client connections: 10 000, or fewer when the file-descriptor limit is
 /// lower. Each proxied connection can hold two descriptors (the client's and one to the backend),
@@ -122,6 +128,7 @@ impl Settings {
             keep_alive_timeout: Duration::from_secs(75),
             max_connections: None,
             fd_limit: None,
+            workers: 1,
             breaker: BreakerConfig::default(),
             on_store_error: OnStoreError::default(),
             drain_delay: DEFAULT_DRAIN_DELAY,
@@ -458,6 +465,14 @@ impl Config {
                 })
             }
         };
+        if !(1..=MAX_WORKERS).contains(&settings.workers) {
+            return Err(ConfigError::OutOfRange {
+                setting: "workers",
+                value: settings.workers,
+                min: 1,
+                max: MAX_WORKERS,
+            });
+        }
         let tls = match (&settings.tls_cert, &settings.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert: cert.clone(),
@@ -1012,6 +1027,32 @@ mod tests {
         assert_eq!(Config::new(s.clone()).unwrap().connection_cap(), 256);
         s.max_connections = Some(5000);
         assert_eq!(Config::new(s).unwrap().connection_cap(), 5000);
+    }
+
+    #[test]
+    fn workers_are_at_least_one_and_at_most_the_limit() {
+        let mut s = settings();
+        for (workers, ok) in [
+            (0, false),
+            (1, true),
+            (MAX_WORKERS, true),
+            (MAX_WORKERS + 1, false),
+        ] {
+            s.workers = workers;
+            match Config::new(s.clone()) {
+                Ok(c) => assert!(ok && c.workers == workers, "{workers} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{workers} refused: {e}");
+                    assert!(matches!(
+                        e,
+                        ConfigError::OutOfRange {
+                            setting: "workers",
+                            ..
+                        }
+                    ));
+                }
+            }
+        }
     }
 
     #[test]

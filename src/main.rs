@@ -32,10 +32,19 @@ fn main() -> ExitCode {
         None => init_tracing(cli.serve.log_format, cli.serve.access_log),
         Some(_) => init_tracing(LogFormat::Text, AccessLog::On),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let workers = match &cli.command {
+        Some(Command::Serve(args)) => args.workers,
+        None => cli.serve.workers,
+        Some(_) => 1,
+    };
+    // With workers, each serves the proxy on a runtime of its own and this one on the main
+    // thread: the admin listener, the store's tasks, the signals, and the first worker.
+    let mut runtime = if workers > 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match runtime.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             flush_logs();
@@ -151,6 +160,25 @@ async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr} (set by {flag}); is another process using it? choose another address with {flag}"))
 }
 
+/// Binds one of the `--workers` listening sockets on `addr`: each worker has its own, and
+/// `SO_REUSEPORT` lets them share the port (the kernel spreads connections over them).
+fn bind_shared(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let context = || {
+        format!("cannot listen on {addr} (set by --listen) with SO_REUSEPORT for --workers; is another process using it? choose another address with --listen")
+    };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .with_context(context)?;
+    socket.set_reuseaddr(true).with_context(context)?;
+    socket.set_reuseport(true).with_context(context)?;
+    socket.bind(addr).with_context(context)?;
+    // tokio's own backlog for `TcpListener::bind`.
+    socket.listen(1024).with_context(context)
+}
+
 /// Reads the TLS certificate and key when the configuration has them, exiting with status 2 and
 /// the flag's name when they cannot be used.
 fn tls_or_exit(config: &Config) -> Option<Arc<Tls>> {
@@ -179,7 +207,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     stickless::notify::starting();
     let config = config_or_exit(args);
     let tls = tls_or_exit(&config);
-    let listener = bind(config.listen, "--listen").await?;
+    let (listener, workers) = if config.workers > 1 {
+        let first = bind_shared(config.listen)?;
+        // The port the first one got, for the others to share when --listen asked for any port.
+        let port = first.local_addr()?;
+        let mut workers = Vec::with_capacity(config.workers - 1);
+        for _ in 1..config.workers {
+            let listener = bind_shared(port)?;
+            workers.push(
+                listener
+                    .into_std()
+                    .context("cannot hand a listener to a worker")?,
+            );
+        }
+        (first, workers)
+    } else {
+        (bind(config.listen, "--listen").await?, Vec::new())
+    };
     let admin = bind(config.admin_listen, "--admin-listen").await?;
     let store = match stickless::server::build_store(&config).await {
         Ok(store) => store,
@@ -204,6 +248,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         upstream = %config.upstream.authority,
         store = kind,
         max_connections = config.connection_cap(),
+        workers = config.workers,
         tls = tls.is_some(),
         "stickless ready"
     );
@@ -212,6 +257,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config,
         store,
         listener,
+        workers,
         tls,
         admin,
         stickless::shutdown::Shutdown::on_signals(),
@@ -248,6 +294,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         config,
         store,
         listener,
+        Vec::new(),
         None,
         admin,
         stickless::shutdown::Shutdown::on_signals(),

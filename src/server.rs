@@ -159,10 +159,16 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Redis
 /// requested, then drains for `config.drain_delay` and lets what is in flight finish within
 /// `config.shutdown_timeout`. Tells systemd `READY=1` once the store answers (the listeners are
 /// bound already), and `STOPPING=1` as the drain begins.
+///
+/// `workers` are more listening sockets on the proxy's port (bound with `SO_REUSEPORT`, so that
+/// the kernel spreads connections over them): each is served by its own thread on a
+/// single-threaded runtime, with its own [`Proxy`] (and so its own backend connections), under
+/// the same connection cap, drain and metrics as `listener`.
 pub async fn serve_proxy(
     config: Config,
     store: Arc<dyn SessionStore>,
     listener: TcpListener,
+    workers: Vec<std::net::TcpListener>,
     tls: Option<Arc<Tls>>,
     admin_listener: TcpListener,
     shutdown: Shutdown,
@@ -174,6 +180,63 @@ pub async fn serve_proxy(
     let admin_open = metrics.open_connections(Listener::Admin);
     let (control, drain) = Drain::new();
     let proxy = Arc::new(Proxy::new(&config, store.clone(), metrics.clone()));
+    // One cap for the port, whichever thread accepted the connection.
+    let slots = Arc::new(Semaphore::new(proxy_limits.max_connections));
+    let mut workers_done = Vec::with_capacity(workers.len());
+    for (i, worker) in workers.into_iter().enumerate() {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let (config, store, metrics) = (config.clone(), store.clone(), metrics.clone());
+        let (tls, open, drain, slots) = (
+            tls.clone(),
+            proxy_open.clone(),
+            drain.clone(),
+            slots.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("stickless-worker-{}", i + 1))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a worker's runtime; its listener is closed");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(worker) {
+                        Ok(listener) => listener,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot serve a worker's listener; it is closed");
+                            return;
+                        }
+                    };
+                    let proxy = Arc::new(Proxy::new(&config, store, metrics));
+                    serve_http_shared(
+                        listener,
+                        tls,
+                        proxy_limits,
+                        (slots, true),
+                        Some(open),
+                        move |req, peer| {
+                            let proxy = proxy.clone();
+                            async move { proxy.handle(req, peer).await }
+                        },
+                        drain,
+                    )
+                    .await;
+                });
+                drop(done_tx);
+            });
+        match spawned {
+            Ok(_) => workers_done.push(done_rx),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start a worker thread; its listener is closed")
+            }
+        }
+    }
     let admin = Arc::new(Admin::new(store.clone(), metrics, drain.clone()));
     let ready = tokio::spawn(notify::ready_when_store_answers(store, drain.clone()));
     let stop = tokio::spawn(shutdown::run(
@@ -183,10 +246,11 @@ pub async fn serve_proxy(
         config.shutdown_timeout,
         notify::phase,
     ));
-    let proxy_server = serve_http_with(
+    let proxy_server = serve_http_shared(
         listener,
         tls,
         proxy_limits,
+        (slots, !workers_done.is_empty()),
         Some(proxy_open),
         move |req, peer| {
             let proxy = proxy.clone();
@@ -206,6 +270,10 @@ pub async fn serve_proxy(
         drain,
     );
     tokio::join!(proxy_server, admin_server);
+    for done in workers_done {
+        // An error is the worker's end: its sender dropped.
+        let _ = done.await;
+    }
     ready.abort();
     stop.abort();
 }
@@ -253,6 +321,29 @@ pub async fn serve_http_with<F, Fut, B>(
     limits: ConnLimits,
     open: Option<IntGauge>,
     handler: F,
+    drain: Drain,
+) where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    serve_http_shared(listener, tls, limits, (slots, false), open, handler, drain).await;
+}
+
+/// [`serve_http_with`] under a cap that may be shared with other listeners (`shared`): `slots`
+/// holds `limits.max_connections` permits, one taken by each connection open on any of them.
+/// Once closing, this waits until every connection under the cap has ended (or the cut).
+#[allow(clippy::too_many_arguments)]
+async fn serve_http_shared<F, Fut, B>(
+    listener: TcpListener,
+    tls: Option<Arc<Tls>>,
+    limits: ConnLimits,
+    (slots, shared): (Arc<Semaphore>, bool),
+    open: Option<IntGauge>,
+    handler: F,
     mut drain: Drain,
 ) where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
@@ -284,7 +375,6 @@ pub async fn serve_http_with<F, Fut, B>(
         .max_concurrent_streams(H2_MAX_STREAMS);
     let builder = Arc::new(builder);
     // One permit per open connection: held by the socket itself, so also by an upgraded tunnel.
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
     // Told by this loop, once it has counted them, to the connections still open at the cut.
     let (cut_tx, cut_rx) = watch::channel(false);
     let mut backoff = ACCEPT_BACKOFF.0;
@@ -296,24 +386,17 @@ pub async fn serve_http_with<F, Fut, B>(
     };
     tokio::pin!(closing);
     loop {
-        // A slot first, then the accept: at the cap, clients wait in the kernel's backlog.
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                if let Some(held_back) = limit_warnings.allow() {
-                    tracing::warn!(
-                        max_connections = limits.max_connections,
-                        held_back,
-                        "connection limit reached: not accepting until a connection closes"
-                    );
-                }
-                tokio::select! {
-                    permit = slots.clone().acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => break, // never closed; nothing left to accept with
-                    },
-                    () = &mut closing => break,
-                }
+        // Alone under its cap, a slot first, then the accept: at the cap, clients wait in the
+        // kernel's backlog. Sharing the cap with other listeners, the accept first: a listener
+        // waiting for a slot with no client would take the slot freed for a client waiting on
+        // another listener. Each listener then holds at most one accepted client that waits for
+        // a slot; the others wait in the kernel's backlog.
+        let early = if shared {
+            None
+        } else {
+            match slot(&slots, &limits, &limit_warnings, &mut closing).await {
+                Some(permit) => Some(permit),
+                None => break,
             }
         };
         let (stream, peer) = tokio::select! {
@@ -336,39 +419,48 @@ pub async fn serve_http_with<F, Fut, B>(
             },
             () = &mut closing => break,
         };
+        let permit = match early {
+            Some(permit) => permit,
+            None => match slot(&slots, &limits, &limit_warnings, &mut closing).await {
+                Some(permit) => permit,
+                None => break,
+            },
+        };
         let _ = stream.set_nodelay(true);
         let accepted = Instant::now();
         let stream = Counted::new(stream, permit, open.clone());
-        let (builder, handler, drain, cut, tls) = (
+        let (builder, handler, drain, cut) = (
             builder.clone(),
             handler.clone(),
             drain.clone(),
             cut_rx.clone(),
-            tls.clone(),
         );
-        tokio::spawn(
-            async move {
-                match tls {
-                    None => {
+        let span = tracing::debug_span!("conn", %peer);
+        // Two tasks rather than one with a branch: a task's future is as large as its largest
+        // state, and the TLS one (rustls' connection state, the handshake) is several times the
+        // size of a plain connection's, which would otherwise pay for it too.
+        match tls.clone() {
+            None => {
+                let serve = async move {
+                    let io = TokioIo::new(stream);
+                    serve_connection(builder, io, handler, peer, limits, accepted, drain, cut)
+                        .await;
+                };
+                tokio::spawn(serve.instrument(span));
+            }
+            Some(tls) => {
+                let serve = async move {
+                    let deadline = accepted + limits.header_read_timeout;
+                    let handshake = handshake(&tls, stream, deadline, drain.clone());
+                    if let Some(stream) = handshake.await {
                         let io = TokioIo::new(stream);
                         serve_connection(builder, io, handler, peer, limits, accepted, drain, cut)
                             .await;
                     }
-                    Some(tls) => {
-                        let deadline = accepted + limits.header_read_timeout;
-                        let handshake = handshake(&tls, stream, deadline, drain.clone());
-                        if let Some(stream) = handshake.await {
-                            let io = TokioIo::new(stream);
-                            serve_connection(
-                                builder, io, handler, peer, limits, accepted, drain, cut,
-                            )
-                            .await;
-                        }
-                    }
-                }
+                };
+                tokio::spawn(serve.instrument(span));
             }
-            .instrument(tracing::debug_span!("conn", %peer)),
-        );
+        }
     }
     drop(listener);
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
@@ -389,6 +481,31 @@ pub async fn serve_http_with<F, Fut, B>(
             }
             let _ = cut_tx.send(true);
         }
+    }
+}
+
+/// A slot under the cap for the next connection, waiting for one while the cap is reached (and
+/// saying so in the log now and then); `None` once the listener is closing.
+async fn slot(
+    slots: &Arc<Semaphore>,
+    limits: &ConnLimits,
+    limit_warnings: &LogLimit,
+    closing: &mut Pin<&mut impl Future<Output = ()>>,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(permit) = slots.clone().try_acquire_owned() {
+        return Some(permit);
+    }
+    if let Some(held_back) = limit_warnings.allow() {
+        tracing::warn!(
+            max_connections = limits.max_connections,
+            held_back,
+            "connection limit reached: not accepting until a connection closes"
+        );
+    }
+    tokio::select! {
+        // (An error is a closed semaphore: never, so nothing left to accept with.)
+        permit = slots.clone().acquire_owned() => permit.ok(),
+        () = closing => None,
     }
 }
 
@@ -571,30 +688,7 @@ async fn serve_connection<I, F, Fut, B>(
     let backlog = io.inner().backlog();
     let draining = drain.clone();
     let service = service_fn(move |req: Request<Incoming>| {
-        let in_flight = InFlight::start(&tracker);
-        let handler = handler.clone();
-        let http1 = req.version() <= http::Version::HTTP_11;
-        let backlog = http1.then(|| backlog.clone());
-        let draining = draining.clone();
-        async move {
-            let mut resp = handler(req, peer).await;
-            // Sends the client elsewhere for its next request. (The connection is also asked to
-            // close, but that may come after this response's head is out; h2 gets a GOAWAY.)
-            if http1
-                && draining.is_draining()
-                && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
-            {
-                resp.headers_mut().insert(
-                    http::header::CONNECTION,
-                    http::HeaderValue::from_static("close"),
-                );
-            }
-            Ok::<_, Infallible>(resp.map(|inner| Tracked {
-                inner,
-                in_flight,
-                backlog,
-            }))
-        }
+        respond(req, &handler, peer, &tracker, &backlog, &draining)
     });
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
@@ -664,6 +758,49 @@ async fn serve_connection<I, F, Fut, B>(
         tracing::debug!("connection did not close in time; dropped");
     }
     drop(activity);
+}
+
+/// Answers one request with `handler`: counts it as in flight on `tracker` until its response
+/// is sent, paces an HTTP/1 response's body by the connection's `backlog`, and, while draining,
+/// asks an HTTP/1 client to take its next request elsewhere.
+fn respond<R, F, Fut, B>(
+    req: Request<R>,
+    handler: &F,
+    peer: SocketAddr,
+    tracker: &Arc<watch::Sender<Activity>>,
+    backlog: &Arc<Backlog>,
+    draining: &Drain,
+) -> impl Future<Output = Result<Response<Tracked<B>>, Infallible>> + Send + 'static
+where
+    F: Fn(Request<R>, SocketAddr) -> Fut,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+{
+    let in_flight = InFlight::start(tracker);
+    let http1 = req.version() <= http::Version::HTTP_11;
+    let backlog = http1.then(|| backlog.clone());
+    let draining = draining.clone();
+    // Boxed: hyper keeps the slot for a request's future for as long as the connection is open,
+    // so an unboxed one would hold its full size (a few KiB: the whole request path) on every
+    // idle keep-alive connection. Boxed, it is held only while a request is in flight.
+    let handling = Box::pin(handler(req, peer));
+    async move {
+        let mut resp = handling.await;
+        // Sends the client elsewhere for its next request. (The connection is also asked to
+        // close, but that may come after this response's head is out; h2 gets a GOAWAY.)
+        if http1 && draining.is_draining() && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+        {
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
+        Ok(resp.map(|inner| Tracked {
+            inner,
+            in_flight,
+            backlog,
+        }))
+    }
 }
 
 /// A client connection as hyper serves it: the counted socket, plain or inside TLS.
@@ -761,5 +898,55 @@ impl AsyncWrite for Counted {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// hyper keeps the slot for a request's future for the connection's whole life: what the
+    /// service returns must stay small however large the request path's future is, or every idle
+    /// keep-alive connection holds the request path's size.
+    #[tokio::test]
+    async fn an_idle_connection_does_not_hold_the_request_path() {
+        let handler = |_req: Request<()>, _peer: SocketAddr| async {
+            // A future that holds 16 KiB across an await, as a long request path does.
+            let state = [1u8; 16 * 1024];
+            tokio::task::yield_now().await;
+            Response::new(http_body_util::Full::new(bytes::Bytes::copy_from_slice(
+                &state[..1],
+            )))
+        };
+        let (activity, _changes) = watch::channel(Activity {
+            started: false,
+            in_flight: 0,
+            idle_since: Instant::now(),
+        });
+        let tracker = Arc::new(activity);
+        let (_control, drain) = Drain::new();
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let answering = respond(
+            Request::new(()),
+            &handler,
+            peer,
+            &tracker,
+            &Arc::default(),
+            &drain,
+        );
+        let size = std::mem::size_of_val(&answering);
+        assert!(
+            size < 1024,
+            "a request's future in hyper's slot takes {size} bytes"
+        );
+        let resp = answering.await.unwrap();
+        assert_eq!(resp.status(), http::StatusCode::OK);
+        assert_eq!(
+            tracker.borrow().in_flight,
+            1,
+            "in flight until the body is done"
+        );
+        drop(resp);
+        assert_eq!(tracker.borrow().in_flight, 0);
     }
 }

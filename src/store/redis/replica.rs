@@ -333,7 +333,14 @@ mod tests {
         );
         // Past the absolute timeout.
         let old = hash(&[("_created", "1"), ("a", "1")]);
-        assert_eq!(judge(old, 5_000, &p, slack, now).loaded, Loaded::Absent);
+        assert_eq!(
+            judge(old.clone(), 5_000, &p, slack, 10_000_001).loaded,
+            Loaded::Absent
+        );
+        assert!(matches!(
+            judge(old, 5_000, &p, slack, 9_999_999).loaded,
+            Loaded::Live(_)
+        ));
         // Live, TTL within the slack: no renewal.
         let copy = judge(live.clone(), 750_000, &p, slack, now);
         let Loaded::Live(s) = &copy.loaded else {

@@ -1,0 +1,298 @@
+//! `--read-from replica` against real redis-server processes: a primary and a replica that
+//! replicates through a forwarder the test can stall, so that the replica falls behind while it
+//! keeps answering reads. Loads go to the replica (MONITOR sees them there, not on the primary),
+//! the TTL is renewed on the primary only when it fell far enough; a user whose own last change
+//! has not reached the replica is read from the primary, while other users still read from the
+//! replica; a replica too far behind is left for the primary; tombstones, the absolute timeout
+//! and missing sessions read as they do on the primary; and a dead or frozen replica leaves the
+//! reads to the primary.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const REPLICA: &[&str] = &["--read-from", "replica"];
+
+/// A primary and a replica that replicates through `link`, a forwarder that can stall.
+struct LaggingPair {
+    primary: RedisServer,
+    replica: RedisServer,
+    link: Endpoint,
+}
+
+impl LaggingPair {
+    fn start() -> Self {
+        let primary = RedisServer::start();
+        let link = Endpoint::start(addr(&primary));
+        let port = link.port.to_string();
+        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+        wait_for("the replica's first sync", Duration::from_secs(20), || {
+            (info(replica.port, "replication")
+                .get("master_link_status")
+                .map(String::as_str)
+                == Some("up"))
+            .then_some(())
+        });
+        LaggingPair {
+            primary,
+            replica,
+            link,
+        }
+    }
+
+    /// Waits until the replica has everything the primary has.
+    fn in_sync(&self) {
+        wait_for("the replica in sync", Duration::from_secs(10), || {
+            replicated(self.primary.port, 1).then_some(())
+        });
+    }
+}
+
+async fn counted(proxy: &Stickless, result: &str) -> f64 {
+    proxy
+        .metric(&format!(
+            "stickless_replica_reads_total{{result=\"{result}\"}}"
+        ))
+        .await
+}
+
+fn user(r: &Reply) -> Option<String> {
+    r.seen().fields().get("user").cloned()
+}
+
+/// Reads through `proxy` until a read is counted as answered by the replica (the replica has
+/// been found), and returns what that read saw.
+async fn read_from_replica(http: &Http, proxy: &Stickless) -> Reply {
+    eventually(
+        "a read answered by the replica",
+        Duration::from_secs(10),
+        || {
+            let mut http = http.clone();
+            async move {
+                let before = counted(proxy, "replica").await;
+                let r = http.get(&proxy.url("/")).await;
+                (counted(proxy, "replica").await > before).then_some(r)
+            }
+        },
+    )
+    .await
+}
+
+fn key(http: &Http) -> String {
+    format!("stickless:{}", id_of(http.sid.as_deref().expect("a session cookie")))
+}
+
+fn count(seen: &[String], command: &str) -> usize {
+    seen.iter().filter(|c| *c == command).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loads_go_to_the_replica_and_the_ttl_is_renewed_now_and_then() {
+    let pair = LaggingPair::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(
+        &backend.url(),
+        &pair.primary,
+        &["--read-from", "replica", "--idle-timeout", "60s"],
+    );
+    let mut http = Http::with_jar();
+    http.get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    pair.in_sync();
+    read_from_replica(&http, &proxy).await;
+
+    let mut on_primary = Monitor::start(&pair.primary).await;
+    let mut on_replica = Monitor::start(&pair.replica).await;
+    for _ in 0..10 {
+        let r = http.get(&proxy.url("/")).await;
+        assert_eq!(user(&r).as_deref(), Some("alice"));
+    }
+    let primary = on_primary.drain().await;
+    let replica = on_replica.drain().await;
+    assert!(count(&replica, "hgetall") >= 10, "replica saw {replica:?}");
+    assert_eq!(count(&primary, "hgetall"), 0, "primary saw {primary:?}");
+    // A fresh TTL: no renewal due.
+    assert_eq!(count(&primary, "evalsha"), 0, "primary saw {primary:?}");
+
+    // As if 30s had passed without a read: the next read renews, on the primary.
+    let key = key(&http);
+    let _: () = query(pair.primary.port, redis::cmd("PEXPIRE").arg(&key).arg(30_000)).unwrap();
+    pair.in_sync();
+    http.get(&proxy.url("/")).await;
+    eventually(
+        "the TTL renewed on the primary",
+        Duration::from_secs(5),
+        || {
+            let primary = &pair.primary;
+            let key = &key;
+            async move { (pttl(primary, key).await > 50_000).then_some(()) }
+        },
+    )
+    .await;
+    assert!(count(&on_primary.drain().await, "evalsha") >= 1);
+    // Once the replica has the renewal, reads write nothing again.
+    pair.in_sync();
+    for _ in 0..10 {
+        http.get(&proxy.url("/")).await;
+    }
+    let primary = on_primary.drain().await;
+    assert_eq!(count(&primary, "evalsha"), 0, "primary saw {primary:?}");
+    assert_eq!(count(&primary, "hgetall"), 0, "primary saw {primary:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lagging_replica_never_hides_a_users_own_last_change() {
+    let pair = LaggingPair::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(&backend.url(), &pair.primary, REPLICA);
+    let mut alice = Http::with_jar();
+    alice
+        .get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    let mut bob = Http::with_jar();
+    bob.get_replying(&proxy.url("/"), &["x-session-set-user: bob"])
+        .await;
+    pair.in_sync();
+    read_from_replica(&bob, &proxy).await;
+
+    pair.link.stall(true);
+    let r = alice
+        .get_replying(&proxy.url("/"), &["x-session-set-user: alice2"])
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(!replicated(pair.primary.port, 1), "the replica is behind");
+    let behind = counted(&proxy, "behind").await;
+    let r = alice.get(&proxy.url("/")).await;
+    assert_eq!(user(&r).as_deref(), Some("alice2"), "alice sees her change");
+    assert_eq!(counted(&proxy, "behind").await, behind + 1.0);
+    // Bob changed nothing: the lagging replica still answers him.
+    let r = read_from_replica(&bob, &proxy).await;
+    assert_eq!(user(&r).as_deref(), Some("bob"));
+    // A session created while the replica lags: not on the replica at all.
+    let mut carol = Http::with_jar();
+    carol
+        .get_replying(&proxy.url("/"), &["x-session-set-user: carol"])
+        .await;
+    let r = carol.get(&proxy.url("/")).await;
+    assert_eq!(user(&r).as_deref(), Some("carol"), "carol sees her new session");
+    assert_eq!(counted(&proxy, "behind").await, behind + 2.0);
+
+    // A replica that has not acknowledged the stream for too long is no longer read at all.
+    eventually(
+        "the stalled replica left for the primary",
+        Duration::from_secs(30),
+        || {
+            let mut bob = bob.clone();
+            let proxy = &proxy;
+            async move {
+                let before = counted(proxy, "primary_fallback").await;
+                let r = bob.get(&proxy.url("/")).await;
+                assert_eq!(user(&r).as_deref(), Some("bob"));
+                (counted(proxy, "primary_fallback").await > before).then_some(())
+            }
+        },
+    )
+    .await;
+    pair.link.stall(false);
+    pair.in_sync();
+    let r = read_from_replica(&alice, &proxy).await;
+    assert_eq!(user(&r).as_deref(), Some("alice2"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tombstones_absolute_timeouts_and_missing_sessions_read_as_on_the_primary() {
+    let pair = LaggingPair::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(
+        &backend.url(),
+        &pair.primary,
+        &["--read-from", "replica", "--absolute-timeout", "1h"],
+    );
+    // A tombstone: the old cookie after a rotation gets no session and no new cookie.
+    let mut http = Http::with_jar();
+    http.get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    pair.in_sync();
+    read_from_replica(&http, &proxy).await;
+    // The clone keeps the old cookie (a tab that has not seen the rotation).
+    let mut old = http.clone();
+    http.get_replying(&proxy.url("/"), &["x-session-rotate: true"])
+        .await;
+    assert_ne!(http.sid, old.sid, "rotated");
+    pair.in_sync();
+    let replica_reads = counted(&proxy, "replica").await;
+    let r = old.get(&proxy.url("/")).await;
+    assert_eq!(r.status, 200);
+    assert_ne!(r.seen().header("x-session"), Some("active"));
+    assert_eq!(r.sid(), None, "no cookie for a rotated id");
+    assert!(
+        counted(&proxy, "replica").await > replica_reads,
+        "read on the replica: {} {} {}",
+        counted(&proxy, "replica").await,
+        counted(&proxy, "behind").await,
+        counted(&proxy, "primary_fallback").await
+    );
+
+    // Past the absolute timeout (created two hours ago), though the key still lives.
+    let mut late = Http::with_jar();
+    late.get_replying(&proxy.url("/"), &["x-session-set-user: late"])
+        .await;
+    let _: () = query(
+        pair.primary.port,
+        redis::cmd("HSET").arg(key(&late)).arg("_created").arg(1_000),
+    )
+    .unwrap();
+    pair.in_sync();
+    late.sid_v = None;
+    let replica_reads = counted(&proxy, "replica").await;
+    let r = late.get(&proxy.url("/")).await;
+    assert_ne!(r.seen().header("x-session"), Some("active"));
+    assert!(counted(&proxy, "replica").await > replica_reads, "read on the replica");
+
+    // Destroyed: gone on the replica too once it has the delete.
+    let mut gone = Http::with_jar();
+    gone.get_replying(&proxy.url("/"), &["x-session-set-user: gone"])
+        .await;
+    let mut replay = gone.clone();
+    gone.get_replying(&proxy.url("/"), &["x-session-destroy: true"])
+        .await;
+    pair.in_sync();
+    let r = replay.get(&proxy.url("/")).await;
+    assert_ne!(r.seen().header("x-session"), Some("active"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_or_dead_replica_leaves_the_reads_to_the_primary() {
+    let mut pair = LaggingPair::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(
+        &backend.url(),
+        &pair.primary,
+        &["--read-from", "replica", "--redis-timeout", "1s"],
+    );
+    let mut http = Http::with_jar();
+    http.get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    pair.in_sync();
+    read_from_replica(&http, &proxy).await;
+
+    // Frozen: connected, answering nothing. Each read waits half the store timeout for it.
+    pair.replica.pause();
+    let fallbacks = counted(&proxy, "primary_fallback").await;
+    let r = http.get(&proxy.url("/")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(user(&r).as_deref(), Some("alice"));
+    assert_eq!(counted(&proxy, "primary_fallback").await, fallbacks + 1.0);
+    pair.replica.resume();
+
+    // Dead.
+    pair.replica.kill();
+    for _ in 0..5 {
+        let r = http.get(&proxy.url("/")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(user(&r).as_deref(), Some("alice"));
+    }
+    assert!(counted(&proxy, "primary_fallback").await >= fallbacks + 6.0);
+}

@@ -10,8 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use stickless::config::{
     self, AccessLog, BreakerConfig, Config, Durability, HeaderPrefix, IamAuth, InvalidValue,
-    ReadFrom,
-    LogFormat, OnStoreError, ProtocolConfig, Settings, StoreConfig, TtlPolicy, Upstream,
+    LogFormat, OnStoreError, ProtocolConfig, ReadFrom, Settings, StoreConfig, TtlPolicy, Upstream,
 };
 use stickless::cookie::{
     CookieAttribute, CookieConfig, CookieName, KeyError, SameSite, SecureMode, SigningKeys,

@@ -1330,6 +1330,20 @@ mod tests {
             });
             assert_eq!(e.setting(), "local-cache");
         }
+        let e = refused(&|s| {
+            s.keys = Some(SigningKeys::random());
+            s.store = StoreConfig::Redis {
+                url: "rediss-cluster://h".into(),
+                key_prefix: "k:".into(),
+                timeout: Duration::from_secs(1),
+                durability: Durability::Acknowledged,
+                iam: None,
+                local_cache: 0,
+                read_from: ReadFrom::Replica,
+            };
+        });
+        assert_eq!(e.setting(), "read-from");
+        assert!(e.to_string().contains("redis-cluster://"), "{e}");
         let e = refused(&|s| s.max_connections = Some(0));
         assert_eq!(e.setting(), "max-connections");
         let e = refused(&|s| s.header_read_timeout = Duration::ZERO);

@@ -123,6 +123,20 @@ fn bad_flags_exit_2_and_name_the_flag() {
             "--redis-url",
         ),
         (&["--frobnicate"], "--frobnicate"),
+        (&["--read-from", "anywhere"], "--read-from"),
+        // The embedded store has no replicas; a cluster's replicas are not supported yet.
+        (&["--read-from", "replica"], "--read-from"),
+        (
+            &[
+                "--read-from",
+                "replica",
+                "--redis-url",
+                "redis-cluster://127.0.0.1:1",
+                "--secret-keys",
+                &long_key,
+            ],
+            "--read-from",
+        ),
     ];
     for (args, flag) in cases {
         for sub in [None, Some("serve")] {

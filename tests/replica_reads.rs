@@ -81,7 +81,10 @@ async fn read_from_replica(http: &Http, proxy: &Stickless) -> Reply {
 }
 
 fn key(http: &Http) -> String {
-    format!("stickless:{}", id_of(http.sid.as_deref().expect("a session cookie")))
+    format!(
+        "stickless:{}",
+        id_of(http.sid.as_deref().expect("a session cookie"))
+    )
 }
 
 fn count(seen: &[String], command: &str) -> usize {
@@ -118,7 +121,11 @@ async fn loads_go_to_the_replica_and_the_ttl_is_renewed_now_and_then() {
 
     // As if 30s had passed without a read: the next read renews, on the primary.
     let key = key(&http);
-    let _: () = query(pair.primary.port, redis::cmd("PEXPIRE").arg(&key).arg(30_000)).unwrap();
+    let _: () = query(
+        pair.primary.port,
+        redis::cmd("PEXPIRE").arg(&key).arg(30_000),
+    )
+    .unwrap();
     pair.in_sync();
     http.get(&proxy.url("/")).await;
     eventually(
@@ -176,7 +183,11 @@ async fn a_lagging_replica_never_hides_a_users_own_last_change() {
         .get_replying(&proxy.url("/"), &["x-session-set-user: carol"])
         .await;
     let r = carol.get(&proxy.url("/")).await;
-    assert_eq!(user(&r).as_deref(), Some("carol"), "carol sees her new session");
+    assert_eq!(
+        user(&r).as_deref(),
+        Some("carol"),
+        "carol sees her new session"
+    );
     assert_eq!(counted(&proxy, "behind").await, behind + 2.0);
 
     // A replica that has not acknowledged the stream for too long is no longer read at all.
@@ -241,7 +252,10 @@ async fn tombstones_absolute_timeouts_and_missing_sessions_read_as_on_the_primar
         .await;
     let _: () = query(
         pair.primary.port,
-        redis::cmd("HSET").arg(key(&late)).arg("_created").arg(1_000),
+        redis::cmd("HSET")
+            .arg(key(&late))
+            .arg("_created")
+            .arg(1_000),
     )
     .unwrap();
     pair.in_sync();
@@ -249,7 +263,10 @@ async fn tombstones_absolute_timeouts_and_missing_sessions_read_as_on_the_primar
     let replica_reads = counted(&proxy, "replica").await;
     let r = late.get(&proxy.url("/")).await;
     assert_ne!(r.seen().header("x-session"), Some("active"));
-    assert!(counted(&proxy, "replica").await > replica_reads, "read on the replica");
+    assert!(
+        counted(&proxy, "replica").await > replica_reads,
+        "read on the replica"
+    );
 
     // Destroyed: gone on the replica too once it has the delete.
     let mut gone = Http::with_jar();

@@ -1017,7 +1017,9 @@ impl RedisStore {
             )
             .await;
             if !matches!(renewed, Ok(Ok(_))) {
-                tracing::debug!("a session TTL renewal on the primary failed; the next read tries again");
+                tracing::debug!(
+                    "a session TTL renewal on the primary failed; the next read tries again"
+                );
             }
         });
     }

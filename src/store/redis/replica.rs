@@ -257,7 +257,9 @@ impl ReplicaReader {
                         }
                         None => {
                             if this.current.read().is_ok_and(|c| c.is_some()) {
-                                tracing::warn!("redis: no usable replica; session loads go to the primary")
+                                tracing::warn!(
+                                    "redis: no usable replica; session loads go to the primary"
+                                )
                             }
                         }
                     }
@@ -321,7 +323,10 @@ mod tests {
         // Nothing, or gone between the two reads.
         assert_eq!(judge(vec![], -2, &p, slack, now).loaded, Loaded::Absent);
         let live = hash(&[("_created", "999000"), ("_v", "3"), ("a", "1")]);
-        assert_eq!(judge(live.clone(), -2, &p, slack, now).loaded, Loaded::Absent);
+        assert_eq!(
+            judge(live.clone(), -2, &p, slack, now).loaded,
+            Loaded::Absent
+        );
         // A tombstone.
         let tomb = hash(&[("_created", "999000"), ("_rotated", "1"), ("a", "1")]);
         assert_eq!(

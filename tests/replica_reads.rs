@@ -313,3 +313,52 @@ async fn a_frozen_or_dead_replica_leaves_the_reads_to_the_primary() {
     }
     assert!(counted(&proxy, "primary_fallback").await >= fallbacks + 6.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_local_cache_a_load_tries_the_cache_then_the_replica_then_the_primary() {
+    let pair = LaggingPair::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(
+        &backend.url(),
+        &pair.primary,
+        &["--read-from", "replica", "--local-cache", "1000"],
+    );
+    let mut alice = Http::with_jar();
+    alice
+        .get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    pair.in_sync();
+    read_from_replica(&alice, &proxy).await;
+    // Filled from the replica, then served from memory: neither server sees the read.
+    let hit = r#"stickless_local_cache_lookups_total{result="hit"}"#;
+    eventually("a read from the cache", Duration::from_secs(10), || {
+        let mut alice = alice.clone();
+        let proxy = &proxy;
+        async move {
+            let before = proxy.metric(hit).await;
+            alice.get(&proxy.url("/")).await;
+            (proxy.metric(hit).await > before).then_some(())
+        }
+    })
+    .await;
+    let mut on_primary = Monitor::start(&pair.primary).await;
+    let mut on_replica = Monitor::start(&pair.replica).await;
+    let hits = proxy.metric(hit).await;
+    let r = alice.get(&proxy.url("/")).await;
+    assert_eq!(user(&r).as_deref(), Some("alice"));
+    assert_eq!(proxy.metric(hit).await, hits + 1.0);
+    let (primary, replica) = (on_primary.drain().await, on_replica.drain().await);
+    assert_eq!(count(&primary, "hgetall") + count(&primary, "evalsha"), 0);
+    assert_eq!(count(&replica, "hgetall"), 0, "replica saw {replica:?}");
+
+    // Her change, while the replica lags: neither the cache nor the replica answers her.
+    pair.link.stall(true);
+    alice
+        .get_replying(&proxy.url("/"), &["x-session-set-user: alice2"])
+        .await;
+    let behind = counted(&proxy, "behind").await;
+    let r = alice.get(&proxy.url("/")).await;
+    assert_eq!(user(&r).as_deref(), Some("alice2"));
+    assert_eq!(counted(&proxy, "behind").await, behind + 1.0);
+    pair.link.stall(false);
+}

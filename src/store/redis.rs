@@ -21,6 +21,9 @@
 //! A call that got one of these errors provably did not run, so it is sent once more on the new
 //! connection within its deadline; a call whose connection broke in flight may have run, so it is
 //! never sent again (an increment must not count twice): the request gets 503.
+//!
+//! With `--read-from replica`, loads go to a replica instead (the `replica` module); everything
+//! else stays on the primary.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;

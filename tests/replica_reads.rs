@@ -362,3 +362,82 @@ async fn with_the_local_cache_a_load_tries_the_cache_then_the_replica_then_the_p
     assert_eq!(counted(&proxy, "behind").await, behind + 1.0);
     pair.link.stall(false);
 }
+
+/// Through Sentinel, and across a switchover: the demoted primary becomes the replica read from,
+/// and a user's change made on the new primary is read back at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn through_sentinel_reads_follow_a_switchover_to_the_new_replica() {
+    let group = blocking(SentinelGroup::start);
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis_url(&backend.url(), &group.url(), REPLICA);
+    let mut alice = Http::with_jar();
+    alice
+        .get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    wait_for("the replica in sync", Duration::from_secs(10), || {
+        replicated(group.primary.port, 1).then_some(())
+    });
+    let mut on_replica = Monitor::start(&group.replica).await;
+    let r = read_from_replica(&alice, &proxy).await;
+    assert_eq!(user(&r).as_deref(), Some("alice"));
+    assert!(count(&on_replica.drain().await, "hgetall") >= 1);
+
+    let ok: String = query(
+        group.sentinels[0].port,
+        redis::cmd("SENTINEL")
+            .arg("FAILOVER")
+            .arg(SentinelGroup::SERVICE),
+    )
+    .expect("SENTINEL FAILOVER");
+    assert_eq!(ok, "OK");
+    let (new_primary, old_primary) = (group.replica.port, group.primary.port);
+    wait_for("the switchover", Duration::from_secs(15), || {
+        (group.primary_port() == Some(new_primary)).then_some(())
+    });
+    wait_for(
+        "the old primary's demotion",
+        Duration::from_secs(15),
+        || {
+            (info(old_primary, "replication")
+                .get("role")
+                .map(String::as_str)
+                == Some("slave"))
+            .then_some(())
+        },
+    );
+    // Her change, on the new primary, is read back whichever node answers.
+    eventually(
+        "a change after the switchover",
+        Duration::from_secs(15),
+        || {
+            let mut alice = alice.clone();
+            let proxy = &proxy;
+            async move {
+                let r = alice
+                    .get_replying(&proxy.url("/"), &["x-session-set-user: alice2"])
+                    .await;
+                (r.status == 200).then_some(())
+            }
+        },
+    )
+    .await;
+    alice
+        .get_replying(&proxy.url("/"), &["x-session-set-user: alice3"])
+        .await;
+    let r = alice.get(&proxy.url("/")).await;
+    assert_eq!(user(&r).as_deref(), Some("alice3"));
+    // The demoted primary is now the replica read from.
+    wait_for(
+        "the demoted primary in sync",
+        Duration::from_secs(10),
+        || replicated(new_primary, 1).then_some(()),
+    );
+    let mut on_old_primary = Monitor::start(&group.primary).await;
+    let r = read_from_replica(&alice, &proxy).await;
+    assert_eq!(user(&r).as_deref(), Some("alice3"));
+    let seen = on_old_primary.drain().await;
+    assert!(
+        count(&seen, "hgetall") >= 1,
+        "the demoted primary saw {seen:?}"
+    );
+}

@@ -303,6 +303,9 @@ async fn a_frozen_or_dead_replica_leaves_the_reads_to_the_primary() {
     assert_eq!(user(&r).as_deref(), Some("alice"));
     assert_eq!(counted(&proxy, "primary_fallback").await, fallbacks + 1.0);
     pair.replica.resume();
+    // Tried again once it answers.
+    read_from_replica(&http, &proxy).await;
+    let fallbacks = counted(&proxy, "primary_fallback").await;
 
     // Dead.
     pair.replica.kill();
@@ -311,7 +314,7 @@ async fn a_frozen_or_dead_replica_leaves_the_reads_to_the_primary() {
         assert_eq!(r.status, 200);
         assert_eq!(user(&r).as_deref(), Some("alice"));
     }
-    assert!(counted(&proxy, "primary_fallback").await >= fallbacks + 6.0);
+    assert!(counted(&proxy, "primary_fallback").await >= fallbacks + 5.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -974,7 +974,7 @@ impl RedisStore {
                 self.renewal_slack(),
                 now_ms(),
             ),
-            Err(Unavailable::NoReplica | Unavailable::Failed) => {
+            Err(Unavailable::NoReplica | Unavailable::Failed | Unavailable::Paused) => {
                 self.events
                     .record(|m| m.replica_read(ReplicaRead::PrimaryFallback));
                 return self.load_from_redis(key).await;
@@ -993,7 +993,7 @@ impl RedisStore {
         }
         self.events.record(|m| m.replica_read(ReplicaRead::Replica));
         if let Some(ttl) = copy.renew {
-            self.renew_in_background(key, ttl);
+            self.renew_in_background(replica, key, ttl);
         }
         Ok(copy.loaded)
     }
@@ -1005,8 +1005,11 @@ impl RedisStore {
     }
 
     /// Renews a session's TTL on the primary, without holding up the read that found it due:
-    /// a renewal that fails is tried again by the next read.
-    fn renew_in_background(&self, key: String, ttl: Duration) {
+    /// a renewal that fails, or finds too many others in flight, is left to the next read.
+    fn renew_in_background(&self, replica: &ReplicaReader, key: String, ttl: Duration) {
+        let Ok(permit) = replica.renewals.clone().try_acquire_owned() else {
+            return;
+        };
         let (client, script, timeout) = (
             self.client.clone(),
             self.renew.clone(),
@@ -1019,6 +1022,7 @@ impl RedisStore {
                 script.evalsha_with_reload::<Value, _, _>(&client, key, args),
             )
             .await;
+            drop(permit);
             if !matches!(renewed, Ok(Ok(_))) {
                 tracing::debug!(
                     "a session TTL renewal on the primary failed; the next read tries again"

@@ -17,12 +17,13 @@
 //! past its absolute timeout is absent, and the idle TTL is renewed on the primary only when the
 //! replica shows it fell more than a slack below its full value.
 
-use std::sync::{RwLock, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use fred::prelude::*;
 use fred::types::config::{Server, ServerConfig};
 use fred::types::Value;
+use tokio::sync::Semaphore;
 
 use super::super::{ttl_now, Loaded, Session, CREATED_FIELD, ROTATED_FIELD, VERSION_FIELD};
 use crate::config::TtlPolicy;
@@ -139,10 +140,31 @@ pub fn judge(
     }
 }
 
+/// How long reads skip a replica that failed or did not answer in time, before trying it again:
+/// a frozen replica stays listed by the primary until [`MAX_LAG`], and without the pause every
+/// read meanwhile would wait for it first.
+const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// Most TTL renewals in flight at once; past it a due renewal is left to a later read.
+pub const MAX_RENEWALS: usize = 256;
+
 /// The client of the replica being read from, if any.
-#[derive(Default)]
 pub struct ReplicaReader {
     current: RwLock<Option<(Listed, Client)>>,
+    /// Set by a failed read: no read goes to the replica before this instant.
+    paused_until: Mutex<Option<Instant>>,
+    /// Renewals on the primary in flight ([`MAX_RENEWALS`]).
+    pub renewals: Arc<Semaphore>,
+}
+
+impl Default for ReplicaReader {
+    fn default() -> Self {
+        ReplicaReader {
+            current: RwLock::new(None),
+            paused_until: Mutex::new(None),
+            renewals: Arc::new(Semaphore::new(MAX_RENEWALS)),
+        }
+    }
 }
 
 /// Why a replica read gave no answer; the load goes to the primary.
@@ -152,6 +174,8 @@ pub enum Unavailable {
     NoReplica,
     /// The replica failed or did not answer in time.
     Failed,
+    /// The replica failed a moment ago and is left alone for [`PAUSE_AFTER_FAILURE`].
+    Paused,
 }
 
 impl ReplicaReader {
@@ -168,6 +192,13 @@ impl ReplicaReader {
         let Some(client) = client.filter(|c| c.is_connected()) else {
             return Err(Unavailable::NoReplica);
         };
+        if self
+            .paused_until
+            .lock()
+            .is_ok_and(|until| until.is_some_and(|t| Instant::now() < t))
+        {
+            return Err(Unavailable::Paused);
+        }
         let read = async {
             let pipeline = client.pipeline();
             let _: () = pipeline.hgetall(key).await?;
@@ -193,14 +224,18 @@ impl ReplicaReader {
             };
             Ok::<_, fred::error::Error>((hash, pttl))
         };
-        match tokio::time::timeout(bound, read).await {
-            Ok(Ok(reply)) => Ok(reply),
+        let failed = match tokio::time::timeout(bound, read).await {
+            Ok(Ok(reply)) => return Ok(reply),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "a replica read failed; reading from the primary");
-                Err(Unavailable::Failed)
+                Unavailable::Failed
             }
-            Err(_) => Err(Unavailable::Failed),
+            Err(_) => Unavailable::Failed,
+        };
+        if let Ok(mut until) = self.paused_until.lock() {
+            *until = Some(Instant::now() + PAUSE_AFTER_FAILURE);
         }
+        Err(failed)
     }
 
     /// Keeps the replica client on a usable replica of the primary `primary` answers for, for as

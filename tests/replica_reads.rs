@@ -444,3 +444,90 @@ async fn through_sentinel_reads_follow_a_switchover_to_the_new_replica() {
         "the demoted primary saw {seen:?}"
     );
 }
+
+/// A drill: users write through one instance and read at once through another, while the
+/// replica's link stalls every other 100 ms; no read may miss the user's own acknowledged write
+/// (`cargo nextest run --test replica_reads drill --no-capture` prints the counts).
+#[tokio::test(flavor = "multi_thread")]
+async fn drill_reads_from_a_lagging_replica_never_miss_the_users_own_writes() {
+    let pair = LaggingPair::start();
+    let backend = TestBackend::start().await;
+    let a = Stickless::on_redis(&backend.url(), &pair.primary, REPLICA);
+    let b = Stickless::on_redis(&backend.url(), &pair.primary, REPLICA);
+    let (a_url, b_url) = (a.url("/"), b.url("/"));
+    let mut warm = Http::with_jar();
+    warm.get_replying(&a_url, &["x-session-set-user: warm"])
+        .await;
+    pair.in_sync();
+    read_from_replica(&warm, &b).await;
+    let (replica_before, behind_before) =
+        (counted(&b, "replica").await, counted(&b, "behind").await);
+
+    let run_for = Duration::from_secs(3);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let link = &pair.link;
+    let stalls = {
+        let stop = stop.clone();
+        async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                link.stall(true);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                link.stall(false);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let users = 8;
+    let drill = async {
+        let mut tasks = Vec::new();
+        for _ in 0..users {
+            let (a_url, b_url) = (a_url.clone(), b_url.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut http = Http::with_jar();
+                http.get_replying(&a_url, &["x-session-set-n: 0"]).await;
+                let (mut writes, mut reads, mut stale) = (0u64, 0u64, 0u64);
+                let end = std::time::Instant::now() + run_for;
+                while std::time::Instant::now() < end {
+                    let r = http.get_replying(&a_url, &["x-session-incr-n: 1"]).await;
+                    assert_eq!(r.status, 200);
+                    writes += 1;
+                    for _ in 0..3 {
+                        let r = http.get(&b_url).await;
+                        assert_eq!(r.status, 200);
+                        reads += 1;
+                        let n: u64 = r
+                            .seen()
+                            .fields()
+                            .get("n")
+                            .and_then(|n| n.parse().ok())
+                            .unwrap_or(0);
+                        if n < writes {
+                            stale += 1;
+                        }
+                    }
+                }
+                (writes, reads, stale)
+            }));
+        }
+        let (mut writes, mut reads, mut stale) = (0, 0, 0);
+        for t in tasks {
+            let (w, r, s) = t.await.expect("a drill user");
+            writes += w;
+            reads += r;
+            stale += s;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (writes, reads, stale)
+    };
+    let ((writes, reads, stale), ()) = tokio::join!(drill, stalls);
+    pair.link.stall(false);
+    let from_replica = counted(&b, "replica").await - replica_before;
+    let behind = counted(&b, "behind").await - behind_before;
+    eprintln!(
+        "drill: {users} users, {writes} writes through A, {reads} reads through B \
+         ({from_replica} from the replica, {behind} sent to the primary as behind), {stale} stale reads"
+    );
+    assert_eq!(stale, 0, "reads missed the user's own write");
+    assert!(from_replica > 0.0, "the drill never read from the replica");
+    assert!(behind > 0.0, "the replica was never behind");
+}

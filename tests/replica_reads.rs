@@ -531,3 +531,82 @@ async fn drill_reads_from_a_lagging_replica_never_miss_the_users_own_writes() {
     assert!(from_replica > 0.0, "the drill never read from the replica");
     assert!(behind > 0.0, "the replica was never behind");
 }
+
+/// A server with TLS on a port of its own besides the harness's plain one; `extra` is passed on.
+fn tls_server(certs: &Certs, extra: &[&str]) -> (RedisServer, String) {
+    let (cert, key, ca) = (
+        certs.path("server.pem"),
+        certs.path("server.key"),
+        certs.path("ca.pem"),
+    );
+    (0..5)
+        .find_map(|_| {
+            let tls_port = free_port().to_string();
+            let mut args = vec![
+                "--tls-port",
+                &tls_port,
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "no",
+            ];
+            args.extend_from_slice(extra);
+            RedisServer::try_start_with(&args).map(|r| (r, tls_port.clone()))
+        })
+        .expect("redis-server with TLS starts")
+}
+
+/// Over TLS (ElastiCache's in-transit encryption): the replica is found on the port it announces
+/// for TLS replication, and its certificate is checked against the name in `--redis-url`.
+#[tokio::test(flavor = "multi_thread")]
+async fn over_tls_the_replica_is_read_with_the_endpoints_name() {
+    let certs = Certs::make();
+    let (primary, primary_tls) = tls_server(&certs, &[]);
+    let (replica, _) = tls_server(
+        &certs,
+        &[
+            "--tls-replication",
+            "yes",
+            "--replicaof",
+            "127.0.0.1",
+            &primary_tls,
+        ],
+    );
+    wait_for("the replica's first sync", Duration::from_secs(20), || {
+        (info(replica.port, "replication")
+            .get("master_link_status")
+            .map(String::as_str)
+            == Some("up"))
+        .then_some(())
+    });
+    let backend = TestBackend::start().await;
+    let ca = certs.path("ca.pem");
+    let url = format!("rediss://127.0.0.1:{primary_tls}");
+    let proxy = Stickless::start_with_env(
+        &backend.url(),
+        &[
+            "--redis-url",
+            &url,
+            "--secret-keys",
+            TEST_KEY,
+            "--read-from",
+            "replica",
+        ],
+        &[("SSL_CERT_FILE", &ca)],
+    );
+    let mut alice = Http::with_jar();
+    alice
+        .get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    wait_for("the replica in sync", Duration::from_secs(10), || {
+        replicated(primary.port, 1).then_some(())
+    });
+    let mut on_replica = Monitor::start(&replica).await;
+    let r = read_from_replica(&alice, &proxy).await;
+    assert_eq!(user(&r).as_deref(), Some("alice"));
+    assert!(count(&on_replica.drain().await, "hgetall") >= 1);
+}

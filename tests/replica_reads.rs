@@ -561,9 +561,9 @@ fn tls_server(certs: &Certs, extra: &[&str]) -> (RedisServer, String) {
 }
 
 /// Over TLS (ElastiCache's in-transit encryption): the replica is found on the port it announces
-/// for TLS replication, and its certificate is checked against the name in `--redis-url`.
+/// for TLS replication, and read over TLS with the primary's settings.
 #[tokio::test(flavor = "multi_thread")]
-async fn over_tls_the_replica_is_read_with_the_endpoints_name() {
+async fn over_tls_the_replica_is_found_on_its_tls_port_and_read_over_tls() {
     let certs = Certs::make();
     let (primary, primary_tls) = tls_server(&certs, &[]);
     let (replica, _) = tls_server(

@@ -5,6 +5,7 @@
 //! it). Results are printed as a Markdown table; BENCHMARKS.md records them.
 //! `STICKLESS_TEST_BENCH_N` sets the number of sequential requests per scenario (default 5000);
 //! `STICKLESS_TEST_BENCH_ARGS` adds flags to stickless (`--local-cache 1000`), split on spaces.
+//! `STICKLESS_TEST_BENCH_REPLICA=1` gives the Redis primary a replica (for `--read-from replica`).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -108,7 +109,13 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let redis = RedisServer::start();
+        // With a replica, `redis` is the primary; the replica lives as long as the run.
+        let (redis, _replica) = if std::env::var("STICKLESS_TEST_BENCH_REPLICA").is_ok_and(|v| v == "1") {
+            let pair = support::ReplicatedPair::start();
+            (pair.primary, Some(pair.replica))
+        } else {
+            (RedisServer::start(), None)
+        };
         let backend = TestBackend::start().await;
         let extra = std::env::var("STICKLESS_TEST_BENCH_ARGS").unwrap_or_default();
         let extra: Vec<&str> = extra.split_whitespace().collect();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use stickless::config::{
     self, AccessLog, BreakerConfig, Config, Durability, HeaderPrefix, IamAuth, InvalidValue,
-    LogFormat, OnStoreError, ProtocolConfig, Settings, StoreConfig, TtlPolicy, Upstream,
+    LogFormat, OnStoreError, ProtocolConfig, ReadFrom, Settings, StoreConfig, TtlPolicy, Upstream,
 };
 use stickless::cookie::{
     CookieAttribute, CookieConfig, CookieName, KeyError, SameSite, SecureMode, SigningKeys,
@@ -154,6 +154,11 @@ pub struct ServeArgs {
     /// instance when a session changes (client-side caching); a hit costs no round trip.
     #[arg(long, env = "STICKLESS_LOCAL_CACHE", default_value_t = 0)]
     pub local_cache: usize,
+    /// Where session loads go: primary, or replica (a replica of the primary; a copy older than
+    /// the user's own last change, or no replica answering, sends the load to the primary).
+    /// Changes always go to the primary.
+    #[arg(long, env = "STICKLESS_READ_FROM", default_value = "primary", value_parser = ReadFrom::parse)]
+    pub read_from: ReadFrom,
     /// Bound on every Redis call; past it the request is answered 503.
     #[arg(long, env = "STICKLESS_REDIS_TIMEOUT", default_value = "1s", value_parser = duration)]
     pub redis_timeout: Duration,
@@ -290,6 +295,13 @@ impl ServeArgs {
             serverless: self.redis_iam_serverless,
         });
         let store = match (redis_url, iam) {
+            (None, None) if self.read_from == ReadFrom::Replica => {
+                return Err(ConfigError {
+                    flag: "--read-from".into(),
+                    message: "replica needs --redis-url: the embedded store has no replicas"
+                        .into(),
+                })
+            }
             (None, None) => StoreConfig::Memory,
             (None, Some(_)) => {
                 return Err(ConfigError {
@@ -304,6 +316,7 @@ impl ServeArgs {
                 durability: self.durability,
                 iam,
                 local_cache: self.local_cache,
+                read_from: self.read_from,
             },
         };
         let keys = match &self.secret_keys {

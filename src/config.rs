@@ -245,6 +245,13 @@ pub enum ConfigError {
     /// IAM authentication with a password as well.
     #[error("the password is a token stickless signs: leave it out of --redis-url (rediss://USER-ID@HOST:PORT)")]
     IamWithPassword,
+    /// Replica reads from a Redis cluster, whose replica routing is not tested yet.
+    #[error("replica is not supported with redis-cluster:// yet: use primary")]
+    ReplicaReadsWithCluster,
+    /// The local cache with replica reads: a cache miss read from a lagging replica could bring
+    /// back a copy older than an invalidation that has already passed, and keep it.
+    #[error("cannot be combined with --read-from replica: a copy read from a lagging replica could outlive the invalidation meant to remove it; use one of them (the local cache saves more round trips)")]
+    CacheWithReplicaReads,
     /// One of the TLS certificate and key without the other.
     #[error("required with --{given}: TLS needs both the certificate chain (--tls-cert) and its private key (--tls-key), as PEM files")]
     TlsHalfGiven {
@@ -276,6 +283,8 @@ impl ConfigError {
             | ConfigError::IamNeedsUser
             | ConfigError::IamWithPassword => "redis-iam",
             ConfigError::TlsHalfGiven { missing, .. } => missing,
+            ConfigError::ReplicaReadsWithCluster => "read-from",
+            ConfigError::CacheWithReplicaReads => "local-cache",
         }
     }
 }
@@ -398,6 +407,7 @@ impl Config {
             key_prefix,
             iam,
             local_cache,
+            read_from,
             ..
         } = &settings.store
         {
@@ -414,6 +424,14 @@ impl Config {
                     min: 0,
                     max: MAX_LOCAL_CACHE,
                 });
+            }
+            // fred's replica routing is made for clusters, but stickless's tests cover replicas of
+            // one primary only (and Sentinel groups): a cluster's replicas are not trusted yet.
+            if *read_from == ReadFrom::Replica && scheme.contains("cluster") {
+                return Err(ConfigError::ReplicaReadsWithCluster);
+            }
+            if *read_from == ReadFrom::Replica && *local_cache > 0 {
+                return Err(ConfigError::CacheWithReplicaReads);
             }
             if let Some(iam) = iam {
                 if !valid_cache_name(&iam.cache_name) {
@@ -588,6 +606,8 @@ pub enum StoreConfig {
         iam: Option<IamAuth>,
         /// Sessions kept in the local cache (`--local-cache`); 0 for none.
         local_cache: usize,
+        /// Where session loads go (`--read-from`).
+        read_from: ReadFrom,
     },
 }
 
@@ -640,6 +660,7 @@ impl fmt::Debug for StoreConfig {
                 durability,
                 iam,
                 local_cache,
+                read_from,
                 ..
             } => f
                 .debug_struct("Redis")
@@ -649,6 +670,7 @@ impl fmt::Debug for StoreConfig {
                 .field("durability", durability)
                 .field("iam", iam)
                 .field("local_cache", local_cache)
+                .field("read_from", read_from)
                 .finish(),
         }
     }
@@ -675,6 +697,31 @@ impl Durability {
             "acknowledged" => Ok(Durability::Acknowledged),
             "replicated" => Ok(Durability::Replicated),
             _ => Err(InvalidValue::new(s, "one of acknowledged, replicated")),
+        }
+    }
+}
+
+/// Where session loads go (`--read-from`). Changes always go to the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadFrom {
+    /// The primary: every load reads and renews in one script.
+    #[default]
+    Primary,
+    /// A replica of the primary, found with `ROLE`; a copy older than the user's own last
+    /// change, a replica that cannot answer, and no replica at all send the load to the primary.
+    Replica,
+}
+
+impl ReadFrom {
+    /// Parses `primary` or `replica`.
+    ///
+    /// # Errors
+    /// [`InvalidValue`] naming what is accepted.
+    pub fn parse(s: &str) -> Result<Self, InvalidValue> {
+        match s.to_ascii_lowercase().as_str() {
+            "primary" => Ok(ReadFrom::Primary),
+            "replica" => Ok(ReadFrom::Replica),
+            _ => Err(InvalidValue::new(s, "one of primary, replica")),
         }
     }
 }
@@ -1013,6 +1060,7 @@ mod tests {
             durability: Durability::Acknowledged,
             iam: None,
             local_cache: 0,
+            read_from: ReadFrom::Primary,
         }
     }
 
@@ -1074,6 +1122,7 @@ mod tests {
                 durability: Durability::Acknowledged,
                 iam: None,
                 local_cache: 0,
+                read_from: ReadFrom::Primary,
             };
             Config::new(s)
         };
@@ -1117,6 +1166,7 @@ mod tests {
                 durability: Durability::Acknowledged,
                 iam: Some(iam),
                 local_cache: 0,
+                read_from: ReadFrom::Primary,
             };
             Config::new(s)
         };
@@ -1223,6 +1273,7 @@ mod tests {
                 serverless: false,
             }),
             local_cache: 0,
+            read_from: ReadFrom::Primary,
         };
         let shown = format!("{store:?}");
         assert!(
@@ -1268,6 +1319,7 @@ mod tests {
                 durability: Durability::Acknowledged,
                 iam: None,
                 local_cache: 0,
+                read_from: ReadFrom::Primary,
             };
             s.ttl.rotation_grace = Duration::from_secs(3);
         });
@@ -1283,6 +1335,7 @@ mod tests {
                 durability: Durability::Acknowledged,
                 iam: None,
                 local_cache: 0,
+                read_from: ReadFrom::Primary,
             };
         });
         assert_eq!(e.setting(), "redis-url");
@@ -1295,6 +1348,7 @@ mod tests {
                 durability: Durability::Acknowledged,
                 iam: None,
                 local_cache: 0,
+                read_from: ReadFrom::Primary,
             };
         });
         assert_eq!(e.setting(), "key-prefix");
@@ -1311,10 +1365,25 @@ mod tests {
                     durability: Durability::Acknowledged,
                     iam: None,
                     local_cache: size,
+                    read_from: ReadFrom::Primary,
                 };
             });
             assert_eq!(e.setting(), "local-cache");
         }
+        let e = refused(&|s| {
+            s.keys = Some(SigningKeys::random());
+            s.store = StoreConfig::Redis {
+                url: "rediss-cluster://h".into(),
+                key_prefix: "k:".into(),
+                timeout: Duration::from_secs(1),
+                durability: Durability::Acknowledged,
+                iam: None,
+                local_cache: 0,
+                read_from: ReadFrom::Replica,
+            };
+        });
+        assert_eq!(e.setting(), "read-from");
+        assert!(e.to_string().contains("redis-cluster://"), "{e}");
         let e = refused(&|s| s.max_connections = Some(0));
         assert_eq!(e.setting(), "max-connections");
         let e = refused(&|s| s.header_read_timeout = Duration::ZERO);

@@ -89,6 +89,20 @@ labels! {
 }
 
 labels! {
+    /// Where a session load went with `--read-from replica`, as the `result` label.
+    ReplicaRead {
+        /// Answered by the replica.
+        Replica => "replica",
+        /// The replica's copy was older than the user's own last change (or it had no copy of a
+        /// session the user has seen): read from the primary.
+        Behind => "behind",
+        /// No replica could answer (none known, not connected, failed, too slow): read from the
+        /// primary.
+        PrimaryFallback => "primary_fallback",
+    }
+}
+
+labels! {
     /// Session events, as the `event` label.
     Event {
         /// A new session was stored.
@@ -212,6 +226,7 @@ pub struct Metrics {
     local_cache_lookups: Vec<IntCounter>,
     local_cache_invalidations: IntCounter,
     local_cache_flushes: IntCounter,
+    replica_reads: Vec<IntCounter>,
 }
 
 impl Metrics {
@@ -385,6 +400,12 @@ impl Metrics {
                 "stickless_local_cache_flushes_total",
                 "Times the whole local cache was dropped (a reconnection, a failover, a lost invalidation channel).",
             ),
+            replica_reads: counters(
+                "stickless_replica_reads_total",
+                "Session loads with --read-from replica, by where they went: replica; behind (the replica's copy was older than the user's own last change, read from the primary); primary_fallback (no replica could answer).",
+                "result",
+                &names(ReplicaRead::ALL, ReplicaRead::as_str),
+            ),
             registry,
             families: Vec::new(),
         };
@@ -485,6 +506,11 @@ impl Metrics {
         self.local_cache_flushes.inc();
     }
 
+    /// Counts a session load made with `--read-from replica`, by where it went.
+    pub fn replica_read(&self, result: ReplicaRead) {
+        self.replica_reads[result as usize].inc();
+    }
+
     /// Everything in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -548,6 +574,9 @@ mod tests {
             | "stickless_local_cache_flushes_total" => None,
             "stickless_local_cache_lookups_total" => {
                 Some(("result", vec!["hit", "miss", "outdated"]))
+            }
+            "stickless_replica_reads_total" => {
+                Some(("result", vec!["replica", "behind", "primary_fallback"]))
             }
             other => panic!("say which series {other} exports from the start"),
         }

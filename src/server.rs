@@ -138,6 +138,7 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Redis
             durability,
             iam,
             local_cache,
+            read_from,
         } => {
             let redis = RedisStore::connect(RedisSettings {
                 url: url.clone(),
@@ -148,6 +149,7 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Redis
                 durability: *durability,
                 iam: iam.clone(),
                 local_cache: *local_cache,
+                read_from: *read_from,
             })
             .await?;
             Arc::new(Breaker::new(Arc::new(redis), config.breaker))

@@ -123,6 +123,34 @@ fn bad_flags_exit_2_and_name_the_flag() {
             "--redis-url",
         ),
         (&["--frobnicate"], "--frobnicate"),
+        (&["--read-from", "anywhere"], "--read-from"),
+        // The embedded store has no replicas; a cluster's replicas are not supported yet.
+        (&["--read-from", "replica"], "--read-from"),
+        (
+            &[
+                "--read-from",
+                "replica",
+                "--redis-url",
+                "redis-cluster://127.0.0.1:1",
+                "--secret-keys",
+                &long_key,
+            ],
+            "--read-from",
+        ),
+        // A copy read from a lagging replica could outlive the invalidation meant to remove it.
+        (
+            &[
+                "--read-from",
+                "replica",
+                "--local-cache",
+                "100",
+                "--redis-url",
+                "redis://127.0.0.1:1",
+                "--secret-keys",
+                &long_key,
+            ],
+            "--local-cache",
+        ),
     ];
     for (args, flag) in cases {
         for sub in [None, Some("serve")] {

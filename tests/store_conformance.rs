@@ -70,6 +70,7 @@ async fn redis_store(
         durability: Default::default(),
         iam: None,
         local_cache: 0,
+        read_from: Default::default(),
     })
     .await
     .expect("a valid Redis URL")

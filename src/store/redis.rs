@@ -21,6 +21,9 @@
 //! A call that got one of these errors provably did not run, so it is sent once more on the new
 //! connection within its deadline; a call whose connection broke in flight may have run, so it is
 //! never sent again (an increment must not count twice): the request gets 503.
+//!
+//! With `--read-from replica`, loads go to a replica instead (the `replica` module); everything
+//! else stays on the primary.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -32,15 +35,18 @@ use fred::types::config::{ReconnectError, UnresponsiveConfig};
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand, Value};
 
+mod replica;
+
+use self::replica::{ReplicaReader, Unavailable};
 use super::cache::LocalCache;
 use super::iam::{IamCredentials, IamSetupError};
 use super::{
     now_ms, Applied, Loaded, Session, SessionStore, StoreError, Target, CREATED_FIELD,
     ROTATED_FIELD, VERSION_FIELD,
 };
-use crate::config::{Durability, IamAuth, ProtocolConfig, TtlPolicy};
+use crate::config::{Durability, IamAuth, ProtocolConfig, ReadFrom, TtlPolicy};
 use crate::cookie::SessionId;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReplicaRead};
 use crate::protocol::{Changes, Fields, Rejection};
 
 /// The start of every script: `ARGV[1]` is a deadline in milliseconds of Redis's clock (0 for
@@ -150,6 +156,19 @@ end
 redis.call('HDEL', KEYS[1], '_rotated')
 redis.call('PEXPIRE', KEYS[1], ttl)
 return {'ok', string.format('%d', created), version}
+"#
+);
+
+/// Renews the idle TTL of a session read from a replica (`--read-from replica`), unless it has
+/// become a tombstone since (whose TTL is the rotation grace). A key that is gone stays gone.
+/// ARGV: deadline, ttl_ms. Reply: `{'ok'}`.
+const RENEW: &str = concat!(
+    deadline_check!(),
+    r#"
+if redis.call('HEXISTS', KEYS[1], '_rotated') == 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return {'ok'}
 "#
 );
 
@@ -275,6 +294,8 @@ pub struct RedisSettings {
     pub iam: Option<IamAuth>,
     /// Sessions kept in the local cache (`--local-cache`); 0 for none.
     pub local_cache: usize,
+    /// Where session loads go (`--read-from`).
+    pub read_from: ReadFrom,
 }
 
 /// Errors whose call provably did not run: the server refused it (a demoted primary, a server
@@ -674,6 +695,36 @@ async fn enable_cluster_tracking(
     Ok(cluster_primaries(client))
 }
 
+/// A client of one replica, for session loads: the primary's connection settings, and its own
+/// reconnection loop, so that a replica that fails never holds up a call to the primary.
+fn replica_client(config: Config, timeout: Duration) -> Result<Client, fred::error::Error> {
+    let client = Builder::from_config(config)
+        .with_performance_config(|p| p.default_command_timeout = timeout)
+        .with_connection_config(|c| {
+            c.connection_timeout = timeout.max(Duration::from_secs(2));
+            c.internal_command_timeout = timeout.max(Duration::from_secs(2));
+            c.max_command_attempts = 1;
+            c.reconnect_on_auth_error = true;
+            c.tcp = TcpConfig {
+                nodelay: Some(true),
+                keepalive: Some(
+                    fred::socket2::TcpKeepalive::new()
+                        .with_time(Duration::from_secs(5))
+                        .with_interval(Duration::from_secs(2)),
+                ),
+                ..Default::default()
+            };
+            c.unresponsive = UnresponsiveConfig {
+                max_timeout: Some(timeout.max(Duration::from_secs(1)) * 3),
+                interval: Duration::from_millis(500),
+            };
+        })
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
+        .build()?;
+    client.connect();
+    Ok(client)
+}
+
 /// Where the client's connection events go: the metrics, once the server hands them over.
 #[derive(Default)]
 struct Events {
@@ -708,6 +759,9 @@ pub struct RedisStore {
     apply: Script,
     /// The local cache (`--local-cache`), kept consistent by [`follow_invalidations`].
     cache: Option<Arc<LocalCache>>,
+    /// Loads from a replica (`--read-from replica`).
+    replica: Option<Arc<ReplicaReader>>,
+    renew: Script,
 }
 
 /// What is known of Redis's clock: its offset from this machine's wall clock.
@@ -859,6 +913,7 @@ impl RedisStore {
         if let Some(cache) = &cache {
             follow_invalidations(config.clone(), &settings, cache)?;
         }
+        let replica_config = config.clone();
         // No command timeout of fred's own: every call on this client is bounded by one timer of
         // ours (`bounded_until`, or `tokio::time::timeout` around the background checks), not
         // two. A call given up on is still answered by a script's deadline check in Redis.
@@ -969,6 +1024,17 @@ impl RedisStore {
                 }
             }
         }
+        let replica = (settings.read_from == ReadFrom::Replica).then(|| {
+            let reader = Arc::new(ReplicaReader::default());
+            tokio::spawn(ReplicaReader::watch(
+                Arc::downgrade(&reader),
+                client.clone(),
+                replica_config,
+                timeout,
+                move |config| replica_client(config, timeout),
+            ));
+            reader
+        });
         let replicas = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
         if settings.durability == Durability::Replicated && !client.is_clustered() {
             tokio::spawn(watch_replicas(
@@ -988,9 +1054,82 @@ impl RedisStore {
             restore: Script::from_lua(RESTORE),
             destroy: Script::from_lua(DESTROY),
             apply: Script::from_lua(APPLY),
+            renew: Script::from_lua(RENEW),
             settings,
             cache,
+            replica,
         })
+    }
+
+    /// Reads a session for a user who has seen `min_version` of it: from the replica when there
+    /// is one that has a copy at least that new, from the primary otherwise.
+    async fn read(&self, key: String, min_version: u64) -> Result<Loaded, StoreError> {
+        let Some(replica) = &self.replica else {
+            return self.load_from_redis(key).await;
+        };
+        let copy = match replica.read(&key, self.settings.timeout / 2).await {
+            Ok((hash, pttl)) => replica::judge(
+                hash,
+                pttl,
+                &self.settings.ttl,
+                self.renewal_slack(),
+                now_ms(),
+            ),
+            Err(Unavailable::NoReplica | Unavailable::Failed | Unavailable::Paused) => {
+                self.events
+                    .record(|m| m.replica_read(ReplicaRead::PrimaryFallback));
+                return self.load_from_redis(key).await;
+            }
+        };
+        // The user's own last change has not reached the replica yet: a new session not
+        // replicated at all, or an older copy of it.
+        let behind = match &copy.loaded {
+            Loaded::Live(session) => session.version < min_version,
+            Loaded::Absent => min_version > 0,
+            Loaded::Rotated => false,
+        };
+        if behind {
+            self.events.record(|m| m.replica_read(ReplicaRead::Behind));
+            return self.load_from_redis(key).await;
+        }
+        self.events.record(|m| m.replica_read(ReplicaRead::Replica));
+        if let Some(ttl) = copy.renew {
+            self.renew_in_background(replica, key, ttl);
+        }
+        Ok(copy.loaded)
+    }
+
+    /// How far below its full value a session's TTL may fall before a read renews it, when
+    /// reads do not always renew (a local cache, a replica): an eighth of the idle timeout.
+    fn renewal_slack(&self) -> Duration {
+        self.settings.ttl.idle / 8
+    }
+
+    /// Renews a session's TTL on the primary, without holding up the read that found it due:
+    /// a renewal that fails, or finds too many others in flight, is left to the next read.
+    fn renew_in_background(&self, replica: &ReplicaReader, key: String, ttl: Duration) {
+        let Ok(permit) = replica.renewals.clone().try_acquire_owned() else {
+            return;
+        };
+        let (client, script, timeout) = (
+            self.client.clone(),
+            self.renew.clone(),
+            self.settings.timeout,
+        );
+        tokio::spawn(async move {
+            let args = vec![Value::Integer(0), Value::Integer(ttl.as_millis() as i64)];
+            let renewed = tokio::time::timeout(
+                timeout,
+                script.evalsha_with_reload::<Value, _, _>(&client, key, args),
+            )
+            .await;
+            drop(permit);
+            if !matches!(renewed, Ok(Ok(_))) {
+                tracing::debug!(
+                    "a session TTL renewal on the primary failed; the next read tries again"
+                );
+            }
+        });
     }
 
     /// Reads a session from Redis, renewing its TTL.
@@ -1352,14 +1491,14 @@ impl SessionStore for RedisStore {
     async fn load_since(&self, id: &SessionId, min_version: u64) -> Result<Loaded, StoreError> {
         let key = self.key(id);
         let Some(cache) = &self.cache else {
-            return self.load_from_redis(key).await;
+            return self.read(key, min_version).await;
         };
         if let Some(session) = cache.get(&key, min_version) {
             return Ok(Loaded::Live(session));
         }
         // Reserved before the read is sent: an invalidation that arrives meanwhile cancels it.
         let fill = cache.begin_fill(&key);
-        let loaded = self.load_from_redis(key).await;
+        let loaded = self.read(key, min_version).await;
         if let Some(fill) = fill {
             let live = match &loaded {
                 Ok(Loaded::Live(session)) => Some(session.clone()),
@@ -1489,7 +1628,7 @@ impl SessionStore for RedisStore {
     }
 
     fn serves_copies(&self) -> bool {
-        self.cache.is_some()
+        self.cache.is_some() || self.replica.is_some()
     }
 
     fn record_into(&self, metrics: &Metrics) {

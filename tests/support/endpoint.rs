@@ -2,7 +2,11 @@
 //! drills: new connections go to the current target, connections already made stay where they are.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{RedisServer, ReservedPort};
 
@@ -10,6 +14,7 @@ use super::{RedisServer, ReservedPort};
 pub struct Endpoint {
     pub port: u16,
     target: Arc<Mutex<SocketAddr>>,
+    stalled: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -21,17 +26,36 @@ impl Endpoint {
         let listener = reserved.listen();
         let target = Arc::new(Mutex::new(target));
         let current = target.clone();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let stall = stalled.clone();
         let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 let to = *current.lock().unwrap();
+                let stall = stall.clone();
                 tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(to).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    if let Ok(server) = tokio::net::TcpStream::connect(to).await {
+                        let (client_read, client_write) = client.into_split();
+                        let (server_read, server_write) = server.into_split();
+                        tokio::join!(
+                            forward(client_read, server_write, &stall),
+                            forward(server_read, client_write, &stall),
+                        );
                     }
                 });
             }
         });
-        Endpoint { port, target, task }
+        Endpoint {
+            port,
+            target,
+            stalled,
+            task,
+        }
+    }
+
+    /// Holds every byte in both directions while `on` (a link that stalls: the connections stay
+    /// open, nothing gets through), and passes what was held on once it is off again.
+    pub fn stall(&self, on: bool) {
+        self.stalled.store(on, Ordering::SeqCst);
     }
 
     /// Sends new connections to `to` from now on (the DNS name moved).
@@ -44,6 +68,28 @@ impl Drop for Endpoint {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Copies `from` to `to` until either side closes, holding the bytes while `stall` is on.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stall: &AtomicBool,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        while stall.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 /// The loopback address of `redis`.

@@ -194,8 +194,9 @@ pub struct ServeArgs {
     /// Threads serving the proxy's port, each with its own listening socket (SO_REUSEPORT) and
     /// its own single-threaded runtime, so that a request stays on one thread. 1 serves it on one
     /// runtime shared by all cores. --max-connections counts the connections of all of them.
-    #[arg(long, env = "STICKLESS_WORKERS", default_value = "1", value_name = "N", value_parser = count)]
-    pub workers: usize,
+    /// Default: one per core.
+    #[arg(long, env = "STICKLESS_WORKERS", value_name = "N", value_parser = count)]
+    pub workers: Option<usize>,
     /// Consecutive Redis timeouts or connection failures after which the circuit breaker opens:
     /// calls then fail at once (503) instead of each waiting --redis-timeout.
     #[arg(long, env = "STICKLESS_BREAKER_FAILURES", default_value = "3", value_name = "N", value_parser = count)]
@@ -277,6 +278,15 @@ pub struct ConfigError {
 }
 
 impl ServeArgs {
+    /// `--workers`, or one per core the process may run on (at most the limit) when not given.
+    pub fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(stickless::config::MAX_WORKERS)
+        })
+    }
+
     /// Turns the flags into a [`Config`]. `env_redis_url` is `REDIS_URL`, used when no
     /// `--redis-url` / `STICKLESS_REDIS_URL` is given; `fd_limit` is the process's open-file
     /// limit, which the default `--max-connections` is derived from.
@@ -285,6 +295,7 @@ impl ServeArgs {
         env_redis_url: Option<String>,
         fd_limit: Option<u64>,
     ) -> Result<Config, ConfigError> {
+        let workers = self.worker_count();
         let redis_url = self
             .redis_url
             .or(env_redis_url)
@@ -363,7 +374,7 @@ impl ServeArgs {
         settings.keep_alive_timeout = self.keep_alive_timeout;
         settings.max_connections = self.max_connections;
         settings.fd_limit = fd_limit;
-        settings.workers = self.workers;
+        settings.workers = workers;
         settings.breaker = BreakerConfig {
             failures: self.breaker_failures,
             probe_interval: self.breaker_probe_interval,
@@ -412,6 +423,10 @@ mod tests {
         assert!(matches!(cfg.store, StoreConfig::Memory));
         assert_eq!(cfg.ttl.idle, Duration::from_secs(1800));
         assert_eq!(cfg.ttl.rotation_grace, config::DEFAULT_ROTATION_GRACE);
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(cfg.workers, cores, "one worker per core by default");
+        let one = parse(&["--workers", "1"]).unwrap().serve;
+        assert_eq!(one.into_config(None, None).unwrap().workers, 1);
         assert!(matches!(
             parse(&["gen-key"]).unwrap().command,
             Some(Command::GenKey)

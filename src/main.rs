@@ -33,8 +33,8 @@ fn main() -> ExitCode {
         Some(_) => init_tracing(LogFormat::Text, AccessLog::On),
     }
     let workers = match &cli.command {
-        Some(Command::Serve(args)) => args.workers,
-        None => cli.serve.workers,
+        Some(Command::Serve(args)) => args.worker_count(),
+        None => cli.serve.worker_count(),
         Some(_) => 1,
     };
     // With workers, each serves the proxy on a runtime of its own and this one on the main

@@ -140,6 +140,12 @@ async fn send1(
         .as_str()
         .parse()
         .unwrap();
+    // The connection takes the next request only once it has finished the previous one, which
+    // its driver task may not have seen yet when the body was read.
+    tokio::time::timeout(STEP, sender.ready())
+        .await
+        .expect("connection ready in time")
+        .expect("connection ready");
     read(
         tokio::time::timeout(STEP, sender.send_request(req))
             .await

@@ -257,21 +257,7 @@ async fn behind_sentinel_changes_are_seen_through_the_other_instance_across_a_sw
     let flushes = "stickless_local_cache_flushes_total";
     let before = b.metric(flushes).await;
     blocking(|| group.switchover());
-    eventually(
-        "A writes to the new primary",
-        Duration::from_secs(15),
-        || {
-            let mut http = http.clone();
-            let a = &a;
-            async move {
-                let r = http
-                    .get_replying(&a.url("/"), &["x-session-set-user: carol"])
-                    .await;
-                (r.status == 200).then_some(())
-            }
-        },
-    )
-    .await;
+    change_until_stored(&mut http, &a.url("/"), "x-session-set-user: carol").await;
     assert!(b.metric(flushes).await > before, "B dropped its cache");
     assert_eq!(
         read_until_cached(&mut http, &b, "user").await.as_deref(),

@@ -298,6 +298,30 @@ pub struct RedisSettings {
     pub read_from: ReadFrom,
 }
 
+/// TCP settings of every connection to Redis: no Nagle delay, and keepalive probes, so that a
+/// node that vanished without closing the connection (a failed host, a network partition) is
+/// found by TCP itself, not after the kernel's 15 minutes.
+fn tcp_config() -> TcpConfig {
+    TcpConfig {
+        nodelay: Some(true),
+        keepalive: Some(
+            fred::socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(5))
+                .with_interval(Duration::from_secs(2)),
+        ),
+        ..Default::default()
+    }
+}
+
+/// A connection with a write unanswered for three call timeouts (at least three seconds) is
+/// closed and made again.
+fn unresponsive(timeout: Duration) -> UnresponsiveConfig {
+    UnresponsiveConfig {
+        max_timeout: Some(timeout.max(Duration::from_secs(1)) * 3),
+        interval: Duration::from_millis(500),
+    }
+}
+
 /// Errors whose call provably did not run: the server refused it (a demoted primary, a server
 /// still loading its data, a cluster in the middle of a change) or the client never sent it.
 /// Such a call can be sent again without applying anything twice.
@@ -435,15 +459,7 @@ fn follow_invalidations(
             c.connection_timeout = timeout.max(Duration::from_secs(2));
             c.internal_command_timeout = timeout.max(Duration::from_secs(2));
             c.reconnect_on_auth_error = true;
-            c.tcp = TcpConfig {
-                nodelay: Some(true),
-                keepalive: Some(
-                    fred::socket2::TcpKeepalive::new()
-                        .with_time(Duration::from_secs(5))
-                        .with_interval(Duration::from_secs(2)),
-                ),
-                ..Default::default()
-            };
+            c.tcp = tcp_config();
         })
         .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
         .build()
@@ -705,19 +721,8 @@ fn replica_client(config: Config, timeout: Duration) -> Result<Client, fred::err
             c.internal_command_timeout = timeout.max(Duration::from_secs(2));
             c.max_command_attempts = 1;
             c.reconnect_on_auth_error = true;
-            c.tcp = TcpConfig {
-                nodelay: Some(true),
-                keepalive: Some(
-                    fred::socket2::TcpKeepalive::new()
-                        .with_time(Duration::from_secs(5))
-                        .with_interval(Duration::from_secs(2)),
-                ),
-                ..Default::default()
-            };
-            c.unresponsive = UnresponsiveConfig {
-                max_timeout: Some(timeout.max(Duration::from_secs(1)) * 3),
-                interval: Duration::from_millis(500),
-            };
+            c.tcp = tcp_config();
+            c.unresponsive = unresponsive(timeout);
         })
         .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
         .build()?;
@@ -935,22 +940,8 @@ impl RedisStore {
                 ];
                 // ElastiCache may refuse credentials around a failover or a password rotation.
                 c.reconnect_on_auth_error = true;
-                // A node that vanished without closing the connection (a failed host, a network
-                // partition) is found by TCP itself, not after the kernel's 15 minutes.
-                c.tcp = TcpConfig {
-                    nodelay: Some(true),
-                    keepalive: Some(
-                        fred::socket2::TcpKeepalive::new()
-                            .with_time(Duration::from_secs(5))
-                            .with_interval(Duration::from_secs(2)),
-                    ),
-                    ..Default::default()
-                };
-                // A connection with a write unanswered for this long is closed and remade.
-                c.unresponsive = UnresponsiveConfig {
-                    max_timeout: Some(timeout.max(Duration::from_secs(1)) * 3),
-                    interval: Duration::from_millis(500),
-                };
+                c.tcp = tcp_config();
+                c.unresponsive = unresponsive(timeout);
             })
             // Keep trying for ever: a sidecar outlives any failover of its store.
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))

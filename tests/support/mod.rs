@@ -868,6 +868,25 @@ impl Reply {
     }
 }
 
+/// Sends the backend's `reply` (`name: value`) through `url` with `http`'s cookies until it is
+/// answered 200, as during a failover, when the store answers 503 until it finds the new primary.
+/// Panics after 15 s.
+pub async fn change_until_stored(http: &mut Http, url: &str, reply: &str) {
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = http.get_replying(url, &[reply]).await;
+        if r.status == 200 {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "`{reply}` not stored within 15 s: {}",
+            r.status
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A small HTTP/1.1 client with a jar for `sid` and its version cookie `sid_v`.
 #[derive(Clone)]
 pub struct Http {

@@ -155,33 +155,9 @@ async fn a_wrong_password_is_not_ready_and_answers_503() {
 async fn rediss_with_a_password_over_tls() {
     let certs = Certs::make();
     let secret = "tls-pw-90ab";
-    let (cert, key, ca) = (
-        certs.path("server.pem"),
-        certs.path("server.key"),
-        certs.path("ca.pem"),
-    );
+    let ca = certs.path("ca.pem");
     // The plain port is only for the harness and the independent client; stickless uses TLS.
-    // Both ports are picked anew on each try, in case another process took one meanwhile.
-    let (redis, tls_port) = (0..5)
-        .find_map(|_| {
-            let tls_port = free_port().to_string();
-            RedisServer::try_start_with(&[
-                "--requirepass",
-                secret,
-                "--tls-port",
-                &tls_port,
-                "--tls-cert-file",
-                &cert,
-                "--tls-key-file",
-                &key,
-                "--tls-ca-cert-file",
-                &ca,
-                "--tls-auth-clients",
-                "no",
-            ])
-            .map(|r| (r, tls_port))
-        })
-        .expect("redis-server with TLS starts");
+    let (redis, tls_port) = tls_server(&certs, &["--requirepass", secret]);
     let backend = TestBackend::start().await;
     let tls_url = format!("rediss://:{secret}@127.0.0.1:{tls_port}");
     // The CA is trusted the way an operator trusts a private CA: through SSL_CERT_FILE.
@@ -262,44 +238,27 @@ async fn iam_authentication_authenticates_as_the_url_user_over_tls() {
     let certs = Certs::make();
     let admin = "admin-pw-6c2e";
     let admin_rule = format!(">{admin}");
-    let (cert, key, ca) = (
-        certs.path("server.pem"),
-        certs.path("server.key"),
-        certs.path("ca.pem"),
+    let ca = certs.path("ca.pem");
+    let (redis, tls_port) = tls_server(
+        &certs,
+        &[
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "admin",
+            "on",
+            &admin_rule,
+            "~*",
+            "+@all",
+            "--user",
+            "stickless",
+            "on",
+            "nopass",
+            "~*",
+            "+@all",
+        ],
     );
-    let (redis, tls_port) = (0..5)
-        .find_map(|_| {
-            let tls_port = free_port().to_string();
-            RedisServer::try_start_with(&[
-                "--user",
-                "default",
-                "off",
-                "--user",
-                "admin",
-                "on",
-                &admin_rule,
-                "~*",
-                "+@all",
-                "--user",
-                "stickless",
-                "on",
-                "nopass",
-                "~*",
-                "+@all",
-                "--tls-port",
-                &tls_port,
-                "--tls-cert-file",
-                &cert,
-                "--tls-key-file",
-                &key,
-                "--tls-ca-cert-file",
-                &ca,
-                "--tls-auth-clients",
-                "no",
-            ])
-            .map(|r| (r, tls_port))
-        })
-        .expect("redis-server with TLS starts");
     let backend = TestBackend::start().await;
     let url = format!("rediss://stickless@127.0.0.1:{tls_port}");
     let args = [

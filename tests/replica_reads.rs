@@ -469,34 +469,6 @@ async fn drill_reads_from_a_lagging_replica_never_miss_the_users_own_writes() {
     assert!(behind > 0.0, "the replica was never behind");
 }
 
-/// A server with TLS on a port of its own besides the harness's plain one; `extra` is passed on.
-fn tls_server(certs: &Certs, extra: &[&str]) -> (RedisServer, String) {
-    let (cert, key, ca) = (
-        certs.path("server.pem"),
-        certs.path("server.key"),
-        certs.path("ca.pem"),
-    );
-    (0..5)
-        .find_map(|_| {
-            let tls_port = free_port().to_string();
-            let mut args = vec![
-                "--tls-port",
-                &tls_port,
-                "--tls-cert-file",
-                &cert,
-                "--tls-key-file",
-                &key,
-                "--tls-ca-cert-file",
-                &ca,
-                "--tls-auth-clients",
-                "no",
-            ];
-            args.extend_from_slice(extra);
-            RedisServer::try_start_with(&args).map(|r| (r, tls_port.clone()))
-        })
-        .expect("redis-server with TLS starts")
-}
-
 /// Over TLS (ElastiCache's in-transit encryption): the replica is found on the port it announces
 /// for TLS replication, and read over TLS with the primary's settings.
 #[tokio::test(flavor = "multi_thread")]

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use super::TempDir;
+use super::{free_port, RedisServer, TempDir};
 
 /// A test CA (`ca.pem`, `ca.key`) and a first server certificate signed by it (`server.pem`, an
 /// RSA key in `server.key`); [`Certs::issue`] signs more.
@@ -99,4 +99,34 @@ impl Certs {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// A `redis-server` with TLS (these certificates, no client certificates) on a port of its own
+/// besides the harness's plain one, and that port; `extra` is passed on. Both ports are picked
+/// anew on each try, in case another process took one meanwhile.
+pub fn tls_server(certs: &Certs, extra: &[&str]) -> (RedisServer, String) {
+    let (cert, key, ca) = (
+        certs.path("server.pem"),
+        certs.path("server.key"),
+        certs.path("ca.pem"),
+    );
+    (0..5)
+        .find_map(|_| {
+            let tls_port = free_port().to_string();
+            let mut args = vec![
+                "--tls-port",
+                &tls_port,
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "no",
+            ];
+            args.extend_from_slice(extra);
+            RedisServer::try_start_with(&args).map(|r| (r, tls_port.clone()))
+        })
+        .expect("redis-server with TLS starts")
 }

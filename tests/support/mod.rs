@@ -7,7 +7,7 @@
 mod certs;
 // Used by the TLS tests only; every test file compiles this module.
 #[allow(unused_imports)]
-pub use certs::Certs;
+pub use certs::{tls_server, Certs};
 mod endpoint;
 mod monitor;
 #[allow(unused_imports)]

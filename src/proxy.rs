@@ -595,12 +595,15 @@ impl Proxy {
                 end.saturating_sub(now_ms()).div_ceil(1000)
             })
         };
+        // Only when the store serves copies: otherwise no version is ever checked.
         let version = |id: &SessionId, created_ms, version| {
-            self.cookies.set_version(
-                &self.keys.sign_version(id, version),
-                max_age(created_ms),
-                https,
-            )
+            self.versions.then(|| {
+                self.cookies.set_version(
+                    &self.keys.sign_version(id, version),
+                    max_age(created_ms),
+                    https,
+                )
+            })
         };
         let (cookie, version_cookie) = match action {
             CookieAction::Keep => (None, None),
@@ -608,7 +611,7 @@ impl Proxy {
                 id,
                 created_ms,
                 version: v,
-            } => (None, Some(version(&id, created_ms, v))),
+            } => (None, version(&id, created_ms, v)),
             CookieAction::Set {
                 id,
                 created_ms,
@@ -619,14 +622,13 @@ impl Proxy {
                     self.cookies
                         .set(&self.keys.sign(&id), max_age(created_ms), https),
                 ),
-                Some(version(&id, created_ms, v)),
+                version(&id, created_ms, v),
             ),
             CookieAction::Clear => (
                 Some(self.cookies.clear(https)),
-                Some(self.cookies.clear_version(https)),
+                self.versions.then(|| self.cookies.clear_version(https)),
             ),
         };
-        let version_cookie = version_cookie.filter(|_| self.versions);
         if cookie.is_some() || version_cookie.is_some() {
             let h = resp.headers_mut();
             h.extend(

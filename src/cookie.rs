@@ -7,13 +7,12 @@
 //! constant time, and a cookie whose tag fails is never looked up in the store.
 //!
 //! Beside it, when a load may be answered by a copy (`--local-cache`, `--read-from replica`), the
-//! *version cookie*
-//! `<name>_v=<version>.<tag>` carries the version of the session the user's last acknowledged
-//! change wrote, so that no instance serves them a copy older than that. Its tag is HMAC-SHA256
-//! over the id and the version (so it is worthless with any other session), cut to 128 bits. It is
-//! a separate cookie so that a late response can never replace the session cookie a concurrent
-//! login has just set: the worst it can do is lower the version, which only allows a copy that
-//! the invalidation (or the replication) is already bringing up to date.
+//! *version cookie* `<name>_v=<version>.<tag>` carries the version of the session the user's last
+//! acknowledged change wrote, so that no instance serves them a copy older than that. Its tag is
+//! HMAC-SHA256 over the id and the version (so it is worthless with any other session), cut to
+//! 128 bits. It is a separate cookie so that a late response can never replace the session cookie
+//! a concurrent login has just set: the worst it can do is lower the version, which only allows a
+//! copy that the invalidation (or the replication) is already bringing up to date.
 //!
 //! The cookie's settings ([`CookieConfig`]) live here too: a name and attributes that can only be
 //! built valid, so that writing `Set-Cookie` can never fail.

@@ -148,7 +148,12 @@ fn status_of(response: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idempotent_request_on_a_connection_the_backend_closed_is_retried_once() {
     let backend = ClosingBackend::start().await;
-    let proxy = Stickless::start(&backend.url(), &["--upstream-idle-timeout", "30s"]);
+    // One worker, so one pool of backend connections: with several, the second request may come
+    // in on another client connection, to another worker, whose pool holds nothing to meet.
+    let proxy = Stickless::start(
+        &backend.url(),
+        &["--upstream-idle-timeout", "30s", "--workers", "1"],
+    );
     let mut http = Http::new();
     for method in [http::Method::GET, http::Method::HEAD, http::Method::OPTIONS] {
         // The first request opens a connection that stays pooled; the second meets it closing.
@@ -168,7 +173,12 @@ async fn an_idempotent_request_on_a_connection_the_backend_closed_is_retried_onc
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_with_a_body_or_a_side_effect_is_never_retried() {
     let backend = ClosingBackend::start().await;
-    let proxy = Stickless::start(&backend.url(), &["--upstream-idle-timeout", "30s"]);
+    // One worker, so one pool of backend connections: with several, the second request may come
+    // in on another client connection, to another worker, whose pool holds nothing to meet.
+    let proxy = Stickless::start(
+        &backend.url(),
+        &["--upstream-idle-timeout", "30s", "--workers", "1"],
+    );
     let mut http = Http::new();
     let cases: [(http::Method, &[u8]); 3] = [
         (http::Method::POST, b""),

@@ -23,15 +23,6 @@ const AFTER: Duration = Duration::from_secs(8);
 /// A request that takes longer than this counts as hung.
 const HUNG: Duration = Duration::from_secs(5);
 
-async fn cmd<T: redis::FromRedisValue>(redis: &RedisServer, args: &[&str]) -> T {
-    let mut c = redis.conn().await;
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    cmd.query_async(&mut c).await.expect("redis command")
-}
-
 /// What one user saw.
 #[derive(Default)]
 struct Tally {
@@ -124,15 +115,7 @@ async fn drill(durability: &str) -> Report {
     // The failover, one second into the load.
     tokio::time::sleep(Duration::from_secs(1)).await;
     *failover_at.lock().unwrap() = Some(Instant::now());
-    // The test servers run with REPLICAOF renamed away, as ElastiCache restricts it.
-    let replicaof = private_name("REPLICAOF");
-    let _: String = cmd(&replica, &[&replicaof, "NO", "ONE"]).await;
-    let _: String = cmd(
-        &primary,
-        &[&replicaof, "127.0.0.1", &replica.port.to_string()],
-    )
-    .await;
-    endpoint.point_at(addr(&replica));
+    fail_over(&primary, &replica, &endpoint).await;
     let failover = failover_at.lock().unwrap().unwrap();
 
     let mut report = Report {

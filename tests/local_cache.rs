@@ -68,19 +68,7 @@ async fn a_change_through_one_instance_is_seen_through_the_other() {
         .get_replying(&a.url("/"), &["x-session-set-user: bob"])
         .await;
     assert_eq!(r.status, 200);
-    eventually(
-        "B sees the change made through A",
-        Duration::from_secs(5),
-        || {
-            let mut http = http.clone();
-            let b = &b;
-            async move {
-                (field(&http.get(&b.url("/")).await, "user").as_deref() == Some("bob"))
-                    .then_some(())
-            }
-        },
-    )
-    .await;
+    seen_through(&http, &b, "user", "bob").await;
     // And keeps seeing it from its cache.
     assert_eq!(
         read_until_cached(&mut http, &b, "user").await.as_deref(),
@@ -268,15 +256,6 @@ async fn behind_sentinel_changes_are_seen_through_the_other_instance_across_a_sw
     seen_through(&http, &b, "user", "dave").await;
 }
 
-async fn cmd<T: redis::FromRedisValue>(redis: &RedisServer, args: &[&str]) -> T {
-    let mut c = redis.conn().await;
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    cmd.query_async(&mut c).await.expect("redis command")
-}
-
 /// A failover done the ElastiCache way (the replica promoted, the old primary made its replica,
 /// the endpoint moved): a change written on the new primary afterwards, as another instance
 /// would, is seen; the cache does not keep serving what it held from the old primary. (Here the
@@ -306,14 +285,7 @@ async fn after_a_failover_changes_on_the_new_primary_are_seen() {
     let synced: i64 = cmd(&primary, &["WAIT", "1", "2000"]).await;
     assert_eq!(synced, 1);
 
-    let replicaof = private_name("REPLICAOF");
-    let _: String = cmd(&replica, &[&replicaof, "NO", "ONE"]).await;
-    let _: String = cmd(
-        &primary,
-        &[&replicaof, "127.0.0.1", &replica.port.to_string()],
-    )
-    .await;
-    endpoint.point_at(addr(&replica));
+    fail_over(&primary, &replica, &endpoint).await;
     let _: i64 = cmd(&replica, &["HSET", &key, "user", "bob"]).await;
 
     eventually(

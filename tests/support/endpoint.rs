@@ -96,3 +96,27 @@ async fn forward(
 pub fn addr(redis: &RedisServer) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], redis.port))
 }
+
+/// A failover done the ElastiCache way: `replica` is promoted, `primary` made its replica, and
+/// `endpoint` (the DNS name) moved to the new primary. The test servers run with `REPLICAOF`
+/// renamed away, as ElastiCache restricts it.
+pub async fn fail_over(primary: &RedisServer, replica: &RedisServer, endpoint: &Endpoint) {
+    let replicaof = super::private_name("REPLICAOF");
+    let _: String = cmd(replica, &[&replicaof, "NO", "ONE"]).await;
+    let _: String = cmd(
+        primary,
+        &[&replicaof, "127.0.0.1", &replica.port.to_string()],
+    )
+    .await;
+    endpoint.point_at(addr(replica));
+}
+
+/// One command on `redis` through a fresh connection of the independent client.
+pub async fn cmd<T: redis::FromRedisValue>(redis: &RedisServer, args: &[&str]) -> T {
+    let mut c = redis.conn().await;
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(&mut c).await.expect("redis command")
+}

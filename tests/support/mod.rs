@@ -11,7 +11,7 @@ pub use certs::{tls_server, Certs};
 mod endpoint;
 mod monitor;
 #[allow(unused_imports)]
-pub use endpoint::{addr, Endpoint};
+pub use endpoint::{addr, cmd, fail_over, Endpoint};
 #[allow(unused_imports)]
 pub use monitor::{command_name, Monitor};
 

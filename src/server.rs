@@ -377,6 +377,14 @@ async fn serve_http_shared<F, Fut, B>(
         .max_concurrent_streams(H2_MAX_STREAMS);
     let builder = Arc::new(builder);
     // One permit per open connection: held by the socket itself, so also by an upgraded tunnel.
+    // Under a shared cap, the connections of this listener are counted apart as well, so that
+    // it waits for (and cuts, and reports) its own: the shared permits of another listener that
+    // is waiting for all of them to come back are not this one's.
+    let mine = if shared {
+        Arc::new(Semaphore::new(limits.max_connections))
+    } else {
+        slots.clone()
+    };
     // Told by this loop, once it has counted them, to the connections still open at the cut.
     let (cut_tx, cut_rx) = watch::channel(false);
     let mut backoff = ACCEPT_BACKOFF.0;
@@ -430,7 +438,11 @@ async fn serve_http_shared<F, Fut, B>(
         };
         let _ = stream.set_nodelay(true);
         let accepted = Instant::now();
-        let stream = Counted::new(stream, permit, open.clone());
+        // (Never refused: this listener holds no more connections than the cap.)
+        let own = shared
+            .then(|| mine.clone().try_acquire_owned().ok())
+            .flatten();
+        let stream = Counted::new(stream, (permit, own), open.clone());
         let (builder, handler, drain, cut) = (
             builder.clone(),
             handler.clone(),
@@ -466,7 +478,7 @@ async fn serve_http_shared<F, Fut, B>(
     }
     drop(listener);
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    let open_now = || limits.max_connections - slots.available_permits();
+    let open_now = || limits.max_connections - mine.available_permits();
     if open_now() > 0 {
         tracing::info!(
             open = open_now(),
@@ -475,7 +487,7 @@ async fn serve_http_shared<F, Fut, B>(
     }
     tokio::select! {
         // Every permit back: every connection, tunnels included, has ended.
-        _ = slots.acquire_many(all) => {}
+        _ = mine.acquire_many(all) => {}
         () = drain.reached(Phase::Cut) => {
             let cut = open_now();
             if cut > 0 {
@@ -828,19 +840,25 @@ impl Socket for TlsStream<Counted> {
 /// socket is open, including after an upgrade hands it to a tunnel.
 struct Counted {
     stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
+    /// The connection's slot under the cap, and under a shared cap its place among its own
+    /// listener's connections.
+    _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
     open: Option<IntGauge>,
     backlog: Arc<Backlog>,
 }
 
 impl Counted {
-    fn new(stream: TcpStream, permit: OwnedSemaphorePermit, open: Option<IntGauge>) -> Self {
+    fn new(
+        stream: TcpStream,
+        permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+        open: Option<IntGauge>,
+    ) -> Self {
         if let Some(g) = &open {
             g.inc();
         }
         Counted {
             stream,
-            _permit: permit,
+            _permits: permits,
             open,
             backlog: Arc::default(),
         }

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -523,39 +523,88 @@ async fn slot(
     }
 }
 
-/// What a connection is doing, for its deadlines.
-#[derive(Debug, Clone, Copy)]
+/// What a connection is doing, for its deadlines. Written by the requests as they start and end
+/// (atomics: no wakeup of the connection's task per request) and read by the connection's one
+/// timer when it fires.
+#[derive(Debug)]
 struct Activity {
+    /// When the connection was accepted: the origin of `idle_since`.
+    origin: Instant,
     /// Whether a request head has arrived yet.
-    started: bool,
+    started: AtomicBool,
     /// Requests whose response is not yet fully sent (open streams, on h2).
-    in_flight: usize,
-    /// When `in_flight` last fell to zero.
-    idle_since: Instant,
+    in_flight: AtomicUsize,
+    /// When a request last ended, in nanoseconds from `origin` (read once `in_flight` is zero).
+    idle_since: AtomicU64,
+}
+
+impl Activity {
+    fn new(origin: Instant) -> Self {
+        Activity {
+            origin,
+            started: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+        }
+    }
+
+    /// What the connection's deadline is now: `None` for a request head not yet in by its
+    /// deadline (`first_head`) or an idle connection past `keep_alive`, otherwise when to look
+    /// again.
+    fn next_deadline(&self, now: Instant, first_head: Instant, keep_alive: Duration) -> Deadline {
+        if !self.started.load(Ordering::Acquire) {
+            return if now >= first_head {
+                Deadline::FirstHeadMissed
+            } else {
+                Deadline::At(first_head)
+            };
+        }
+        // A response still streaming (or a request body still arriving) has its own bounds in
+        // the request path: look again a keep-alive timeout later.
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Deadline::At(now + keep_alive);
+        }
+        let idle_since =
+            self.origin + Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
+        let at = idle_since + keep_alive;
+        if now >= at {
+            Deadline::Idle
+        } else {
+            Deadline::At(at)
+        }
+    }
+}
+
+/// What [`Activity::next_deadline`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Deadline {
+    At(Instant),
+    FirstHeadMissed,
+    Idle,
 }
 
 /// Counts one request as in flight until dropped: with the response body once there is one, or
 /// with the handler's future if the client goes away first.
-struct InFlight(Arc<watch::Sender<Activity>>);
+struct InFlight(Arc<Activity>);
 
 impl InFlight {
-    fn start(activity: &Arc<watch::Sender<Activity>>) -> Self {
-        activity.send_modify(|a| {
-            a.started = true;
-            a.in_flight += 1;
-        });
+    fn start(activity: &Arc<Activity>) -> Self {
+        activity.started.store(true, Ordering::Release);
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(activity.clone())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.send_modify(|a| {
-            a.in_flight = a.in_flight.saturating_sub(1);
-            if a.in_flight == 0 {
-                a.idle_since = Instant::now();
-            }
-        });
+        let a = &self.0;
+        // Before the count falls: whoever sees it at zero sees this end (or a later one).
+        let since = Instant::now().saturating_duration_since(a.origin);
+        a.idle_since.fetch_max(
+            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::AcqRel,
+        );
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -567,19 +616,26 @@ impl Drop for InFlight {
 struct Backlog {
     handed: AtomicU64,
     written: AtomicU64,
-    /// The body waiting for the socket to take more.
+    /// The body waiting for the socket to take more, and whether there is one (so that a
+    /// write takes the lock only then).
     waiting: Mutex<Option<Waker>>,
+    has_waiting: AtomicBool,
 }
 
 impl Backlog {
     fn unsent(&self) -> u64 {
         self.handed
             .load(Ordering::Acquire)
-            .saturating_sub(self.written.load(Ordering::Acquire))
+            .saturating_sub(self.written.load(Ordering::SeqCst))
     }
 
     fn wrote(&self, n: usize) {
-        self.written.fetch_add(n as u64, Ordering::AcqRel);
+        // SeqCst here and in `must_wait`: each side writes one flag and then reads the other's,
+        // and one of them must see the other's write, or a waiting body would never be woken.
+        self.written.fetch_add(n as u64, Ordering::SeqCst);
+        if !self.has_waiting.swap(false, Ordering::SeqCst) {
+            return;
+        }
         let waker = self.waiting.lock().map(|mut w| w.take()).unwrap_or(None);
         if let Some(w) = waker {
             w.wake();
@@ -594,6 +650,7 @@ impl Backlog {
         if let Ok(mut w) = self.waiting.lock() {
             *w = Some(cx.waker().clone());
         }
+        self.has_waiting.store(true, Ordering::SeqCst);
         // A write may have landed between the check and the registration.
         self.unsent() >= MAX_UNSENT_BYTES
     }
@@ -692,12 +749,7 @@ async fn serve_connection<I, F, Fut, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (activity, mut changes) = watch::channel(Activity {
-        started: false,
-        in_flight: 0,
-        idle_since: accepted,
-    });
-    let activity = Arc::new(activity);
+    let activity = Arc::new(Activity::new(accepted));
     let tracker = activity.clone();
     let backlog = io.inner().backlog();
     let draining = drain.clone();
@@ -706,12 +758,18 @@ async fn serve_connection<I, F, Fut, B>(
     });
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
+    let first_head = accepted + limits.header_read_timeout;
+    // One timer for the connection's life, looked at when it fires and set again: requests do
+    // not wake this task as they start and end. It fires at the latest a keep-alive timeout
+    // after any moment, so an idle connection is closed on time (and at the first request
+    // head's deadline if none has come).
+    let timer = tokio::time::sleep_until(first_head.min(accepted + limits.keep_alive_timeout));
+    tokio::pin!(timer);
     let mut asked_to_close = false;
     let grace = loop {
-        let now = *changes.borrow_and_update();
         let phase = drain.phase_and_mark_seen();
         if phase >= Phase::Draining && !asked_to_close {
-            if now.started {
+            if activity.started.load(Ordering::Acquire) {
                 // HTTP/1.1 closes once its response is out (at once if idle), h2 sends GOAWAY
                 // and lets its open streams finish. Not before a request has come: the protocol
                 // is not known yet, and hyper would drop the connection unanswered.
@@ -722,23 +780,6 @@ async fn serve_connection<I, F, Fut, B>(
                 return;
             }
         }
-        let deadline = match now {
-            Activity { started: false, .. } => Some(accepted + limits.header_read_timeout),
-            Activity {
-                in_flight: 0,
-                idle_since,
-                ..
-            } => Some(idle_since + limits.keep_alive_timeout),
-            // A response still streaming (or a request body still arriving) has its own bounds
-            // in the request path.
-            _ => None,
-        };
-        let expired = async move {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             ended = conn.as_mut() => {
                 if let Err(e) = ended {
@@ -746,17 +787,20 @@ async fn serve_connection<I, F, Fut, B>(
                 }
                 return;
             }
-            // The sender lives in `activity` for as long as this loop runs.
-            _ = changes.changed() => continue,
-            () = expired => {
-                if !now.started {
-                    // Nothing was asked: there is nothing to finish, and no need to wait for a
-                    // client that has been silent all along.
-                    tracing::debug!(timeout = ?limits.header_read_timeout, "no complete request head in time; closing");
-                    return;
+            () = timer.as_mut() => {
+                match activity.next_deadline(Instant::now(), first_head, limits.keep_alive_timeout) {
+                    Deadline::At(at) => timer.as_mut().reset(at),
+                    Deadline::FirstHeadMissed => {
+                        // Nothing was asked: there is nothing to finish, and no need to wait
+                        // for a client that has been silent all along.
+                        tracing::debug!(timeout = ?limits.header_read_timeout, "no complete request head in time; closing");
+                        return;
+                    }
+                    Deadline::Idle => {
+                        tracing::debug!(timeout = ?limits.keep_alive_timeout, "idle; closing");
+                        break CLOSE_TIMEOUT;
+                    }
                 }
-                tracing::debug!(timeout = ?limits.keep_alive_timeout, "idle; closing");
-                break CLOSE_TIMEOUT;
             }
             () = drain.changed() => continue,
             // (An error is a sender gone: only once every connection has ended.)
@@ -781,7 +825,7 @@ fn respond<R, F, Fut, B>(
     req: Request<R>,
     handler: &F,
     peer: SocketAddr,
-    tracker: &Arc<watch::Sender<Activity>>,
+    tracker: &Arc<Activity>,
     backlog: &Arc<Backlog>,
     draining: &Drain,
 ) -> impl Future<Output = Result<Response<Tracked<B>>, Infallible>> + Send + 'static
@@ -925,6 +969,49 @@ impl AsyncWrite for Counted {
 mod tests {
     use super::*;
 
+    /// The connection's one timer, as it fires: the first head's deadline until a request has
+    /// come, then the keep-alive timeout from the end of the last request, never while one is in
+    /// flight.
+    #[test]
+    fn a_connection_deadline_follows_its_requests() {
+        let origin = Instant::now();
+        let first_head = origin + Duration::from_secs(10);
+        let ka = Duration::from_secs(75);
+        let at = |s: u64| origin + Duration::from_secs(s);
+        let a = Arc::new(Activity::new(origin));
+        assert_eq!(
+            a.next_deadline(at(5), first_head, ka),
+            Deadline::At(first_head)
+        );
+        assert_eq!(
+            a.next_deadline(at(10), first_head, ka),
+            Deadline::FirstHeadMissed
+        );
+
+        let a = Arc::new(Activity::new(origin));
+        let one = InFlight::start(&a);
+        let two = InFlight::start(&a);
+        // In flight past every deadline: looked at again a keep-alive timeout later.
+        assert_eq!(
+            a.next_deadline(at(500), first_head, ka),
+            Deadline::At(at(575))
+        );
+        drop(one);
+        assert_eq!(
+            a.next_deadline(at(500), first_head, ka),
+            Deadline::At(at(575))
+        );
+        let before = Instant::now();
+        drop(two);
+        let idle = origin + Duration::from_nanos(a.idle_since.load(Ordering::Acquire));
+        assert!(idle >= before, "idle from the end of the last request");
+        assert_eq!(
+            a.next_deadline(idle, first_head, ka),
+            Deadline::At(idle + ka)
+        );
+        assert_eq!(a.next_deadline(idle + ka, first_head, ka), Deadline::Idle);
+    }
+
     /// hyper keeps the slot for a request's future for the connection's whole life: what the
     /// service returns must stay small however large the request path's future is, or every idle
     /// keep-alive connection holds the request path's size.
@@ -938,12 +1025,7 @@ mod tests {
                 &state[..1],
             )))
         };
-        let (activity, _changes) = watch::channel(Activity {
-            started: false,
-            in_flight: 0,
-            idle_since: Instant::now(),
-        });
-        let tracker = Arc::new(activity);
+        let tracker = Arc::new(Activity::new(Instant::now()));
         let (_control, drain) = Drain::new();
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let answering = respond(
@@ -962,11 +1044,11 @@ mod tests {
         let resp = answering.await.unwrap();
         assert_eq!(resp.status(), http::StatusCode::OK);
         assert_eq!(
-            tracker.borrow().in_flight,
+            tracker.in_flight.load(Ordering::Acquire),
             1,
             "in flight until the body is done"
         );
         drop(resp);
-        assert_eq!(tracker.borrow().in_flight, 0);
+        assert_eq!(tracker.in_flight.load(Ordering::Acquire), 0);
     }
 }

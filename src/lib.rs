@@ -48,6 +48,7 @@ pub mod notify;
 pub mod protocol;
 pub mod proxy;
 pub mod request_id;
+pub mod request_scope;
 pub mod server;
 pub mod shutdown;
 pub mod store;

@@ -37,6 +37,7 @@ use crate::log_limit::LogLimit;
 use crate::metrics::{ClientFault, Event, Lookup, Metrics, StoreOp, UpstreamFailure};
 use crate::protocol::{apply_to_fields, Changes, Protocol, ProtocolError, Rejection};
 use crate::request_id::{RequestId, X_REQUEST_ID};
+use crate::request_scope::{in_request, Scope};
 use crate::store::{now_ms, Applied, Loaded, Session, SessionStore, StoreError, Target};
 use crate::tunnel;
 use crate::upstream::Connector;
@@ -289,25 +290,25 @@ impl Proxy {
         let id = RequestId::from_client(req.headers());
         // Written when dropped: also if the client goes away while this future waits.
         let mut log = AccessRecord::new(&req, peer, id.clone());
-        // Never the query: it may carry tokens.
-        let span = tracing::info_span!(
-            "request",
-            %peer,
-            method = %req.method(),
-            path = req.uri().path(),
-            request_id = %id
-        );
+        // Warnings logged while the request is handled carry its peer, method, path and id.
+        let scope = Scope::new(peer, req.method().clone(), req.uri().clone(), id.clone());
+        let span = scope.eager_span();
         // Answered early, an HTTP/1 connection whose request body may not have been read to its
         // end cannot carry another request safely.
         let in_doubt = req.version() <= Version::HTTP_11 && !req.body().is_end_stream();
-        let mut resp = match self
-            .respond(req, peer, &id, &mut log)
-            .instrument(span.clone())
-            .await
-        {
+        let responded = scope
+            .run(async {
+                let responded = self.respond(req, peer, &id, &mut log).await;
+                if let Err(e) = &responded {
+                    self.report(e);
+                }
+                responded
+            })
+            .instrument(span)
+            .await;
+        let mut resp = match responded {
             Ok(resp) => resp,
             Err(e) => {
-                span.in_scope(|| self.report(&e));
                 if matches!(e, ProxyError::Store(_)) {
                     log.session = SessionState::Unavailable;
                 }
@@ -380,11 +381,15 @@ impl Proxy {
         match e {
             ProxyError::Protocol(reason) => {
                 self.metrics.event(Event::ProtocolError);
-                tracing::warn!(%reason, "backend response broke the session protocol; nothing stored");
+                in_request(
+                    || tracing::warn!(%reason, "backend response broke the session protocol; nothing stored"),
+                );
             }
             ProxyError::Rejected(reason) => {
                 self.metrics.event(Event::ProtocolError);
-                tracing::warn!(%reason, "backend's session changes refused; nothing stored");
+                in_request(
+                    || tracing::warn!(%reason, "backend's session changes refused; nothing stored"),
+                );
             }
             ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => {
                 self.metrics.client_error(match e {
@@ -394,20 +399,22 @@ impl Proxy {
                     _ => ClientFault::Body,
                 });
                 if let Some(held_back) = CLIENT_ERROR_WARNINGS.allow() {
-                    tracing::warn!(error = %e, held_back, "bad request");
+                    in_request(|| tracing::warn!(error = %e, held_back, "bad request"));
                 }
             }
             ProxyError::Store(StoreError::CircuitOpen) => {
                 if let Some(held_back) = STORE_DOWN_WARNINGS.allow() {
-                    tracing::warn!(
-                        held_back,
-                        "session store down (circuit breaker open); answered 503"
-                    );
+                    in_request(|| {
+                        tracing::warn!(
+                            held_back,
+                            "session store down (circuit breaker open); answered 503"
+                        )
+                    });
                 }
             }
-            other => {
-                tracing::warn!(error = %other, source = ?std::error::Error::source(other), "request failed")
-            }
+            other => in_request(
+                || tracing::warn!(error = %other, source = ?std::error::Error::source(other), "request failed"),
+            ),
         }
     }
 
@@ -439,10 +446,12 @@ impl Proxy {
         else {
             self.metrics.lookup(Lookup::Invalid);
             if let Some(held_back) = FORGED_WARNINGS.allow() {
-                tracing::warn!(
-                    held_back,
-                    "session cookie failed verification; treated as no session"
-                );
+                in_request(|| {
+                    tracing::warn!(
+                        held_back,
+                        "session cookie failed verification; treated as no session"
+                    )
+                });
             }
             return Ok(Resolved::NoSession(SessionState::Invalid));
         };
@@ -480,7 +489,9 @@ impl Proxy {
                     OnStoreError::FailClosed => Err(e.into()),
                     OnStoreError::FailOpen => {
                         if let Some(held_back) = FAIL_OPEN_WARNINGS.allow() {
-                            tracing::warn!(error = %e, held_back, "session not loaded; forwarded as unavailable (fail-open)");
+                            in_request(
+                                || tracing::warn!(error = %e, held_back, "session not loaded; forwarded as unavailable (fail-open)"),
+                            );
                         }
                         Ok(Resolved::Unavailable(e))
                     }
@@ -503,11 +514,13 @@ impl Proxy {
         if stripped > 0 {
             self.metrics.spoofed_headers.inc_by(stripped as u64);
             if let Some(held_back) = SPOOF_WARNINGS.allow() {
-                tracing::warn!(
-                    count = stripped,
-                    held_back,
-                    "removed client headers that used the session header prefix"
-                );
+                in_request(|| {
+                    tracing::warn!(
+                        count = stripped,
+                        held_back,
+                        "removed client headers that used the session header prefix"
+                    )
+                });
             }
         }
         match resolved {
@@ -740,9 +753,11 @@ impl Proxy {
             Applied::Rejected(r) => Err(r.into()),
             Applied::Gone => {
                 self.metrics.event(Event::Dropped);
-                tracing::warn!(
-                    "session ended while the request was in flight; its changes were dropped"
-                );
+                in_request(|| {
+                    tracing::warn!(
+                        "session ended while the request was in flight; its changes were dropped"
+                    )
+                });
                 Ok(None)
             }
         }
@@ -802,14 +817,16 @@ impl Proxy {
     async fn put_back(&self, old: &SessionId) {
         match self.timed(StoreOp::Apply, self.store.restore(old)).await {
             Ok(Applied::Stored { .. }) => {
-                tracing::warn!("rotation failed; the session stays under its old id");
+                in_request(|| {
+                    tracing::warn!("rotation failed; the session stays under its old id")
+                });
             }
-            Ok(other) => {
-                tracing::error!(outcome = ?other, "rotation failed and the session could not be put back")
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "rotation failed and the session could not be put back")
-            }
+            Ok(other) => in_request(
+                || tracing::error!(outcome = ?other, "rotation failed and the session could not be put back"),
+            ),
+            Err(e) => in_request(
+                || tracing::error!(error = %e, "rotation failed and the session could not be put back"),
+            ),
         }
     }
 
@@ -820,9 +837,11 @@ impl Proxy {
     fn drop_after_rotation(&self, changes: &Changes) -> CookieAction {
         if changes.rotate || !changes.field_changes().is_empty() {
             self.metrics.event(Event::Dropped);
-            tracing::warn!(
+            in_request(|| {
+                tracing::warn!(
                 "request carried the cookie of a session rotated meanwhile; its changes were dropped"
-            );
+            )
+            });
         }
         if changes.destroy {
             CookieAction::Clear

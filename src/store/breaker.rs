@@ -27,6 +27,7 @@ use crate::config::BreakerConfig;
 use crate::cookie::SessionId;
 use crate::metrics::{BreakerState, BreakerTransition, Metrics, StoreFailure};
 use crate::protocol::Changes;
+use crate::request_scope::in_request;
 
 /// A [`SessionStore`] that fails calls at once while the store it wraps is known to be down.
 pub struct Breaker {
@@ -121,10 +122,12 @@ impl Shared {
         state.now = BreakerState::Open;
         state.opened_at = Some(Instant::now());
         drop(state);
-        tracing::warn!(
+        in_request(|| {
+            tracing::warn!(
             failures = self.config.failures,
             "session store down: circuit breaker open, store calls fail at once until a probe succeeds"
-        );
+        )
+        });
         self.record(BreakerState::Open, Some(BreakerTransition::Open));
         true
     }
@@ -145,7 +148,9 @@ impl Shared {
             (_, BreakerState::Closed) => Some(BreakerTransition::Closed),
         };
         if transition.is_some() {
-            tracing::info!(down_for = ?outage, "session store answers again: circuit breaker closed");
+            in_request(
+                || tracing::info!(down_for = ?outage, "session store answers again: circuit breaker closed"),
+            );
         }
         self.record(to, transition);
     }

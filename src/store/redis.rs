@@ -48,6 +48,7 @@ use crate::config::{Durability, IamAuth, ProtocolConfig, ReadFrom, TtlPolicy};
 use crate::cookie::SessionId;
 use crate::metrics::{Metrics, ReplicaRead};
 use crate::protocol::{Changes, Fields, Rejection};
+use crate::request_scope::in_request;
 
 /// The start of every script: `ARGV[1]` is a deadline in milliseconds of Redis's clock (0 for
 /// none). Past it, the caller has given up and answered 503, so the script must change nothing.
@@ -1262,7 +1263,9 @@ impl RedisStore {
                 {
                     let mid_ms = (sent_us + now_us()).div_euclid(2_000);
                     self.clock.set(redis_ms - mid_ms);
-                    tracing::warn!("a redis script was refused as late by a wrong clock offset; offset measured again");
+                    in_request(|| {
+                        tracing::warn!("a redis script was refused as late by a wrong clock offset; offset measured again")
+                    });
                 }
             }
             return Err(StoreError::Late(timeout));

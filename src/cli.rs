@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use stickless::config::{
     self, AccessLog, BreakerConfig, Config, Durability, HeaderPrefix, IamAuth, InvalidValue,
     LogFormat, OnStoreError, ProtocolConfig, ReadFrom, Settings, StoreConfig, TtlPolicy, Upstream,
+    DEFAULT_LOCAL_CACHE,
 };
 use stickless::cookie::{
     CookieAttribute, CookieConfig, CookieName, KeyError, SameSite, SecureMode, SigningKeys,
@@ -152,8 +153,9 @@ pub struct ServeArgs {
     pub durability: Durability,
     /// Sessions kept in this process's local cache in front of Redis (0: off). Redis tells every
     /// instance when a session changes (client-side caching); a hit costs no round trip.
-    #[arg(long, env = "STICKLESS_LOCAL_CACHE", default_value_t = 0)]
-    pub local_cache: usize,
+    /// Default: 10000, or off with --read-from replica
+    #[arg(long, env = "STICKLESS_LOCAL_CACHE")]
+    pub local_cache: Option<usize>,
     /// Where session loads go: primary, or replica (a replica of the primary; a copy older than
     /// the user's own last change, or no replica answering, sends the load to the primary).
     /// Changes always go to the primary.
@@ -326,7 +328,12 @@ impl ServeArgs {
                 timeout: self.redis_timeout,
                 durability: self.durability,
                 iam,
-                local_cache: self.local_cache,
+                // Replica reads serve copies of their own: the cache is then off unless asked
+                // for (and refused if it is).
+                local_cache: self.local_cache.unwrap_or(match self.read_from {
+                    ReadFrom::Replica => 0,
+                    ReadFrom::Primary => DEFAULT_LOCAL_CACHE,
+                }),
                 read_from: self.read_from,
             },
         };

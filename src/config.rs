@@ -305,6 +305,9 @@ const REDIS_SCHEMES: [&str; 6] = [
 /// Most fields a session may hold, as a setting: bounded so that one change always fits in one
 /// script call.
 pub const MAX_FIELDS_LIMIT: usize = 1000;
+/// Sessions `--local-cache` holds when not told: the hot sessions of a busy instance, in a few
+/// MiB (each is at most `--max-session-bytes` and its key).
+pub const DEFAULT_LOCAL_CACHE: usize = 10_000;
 /// The most sessions `--local-cache` may hold.
 pub const MAX_LOCAL_CACHE: usize = 10_000_000;
 

@@ -402,7 +402,7 @@ async fn the_version_cookie_follows_changes_only_with_the_cache() {
     );
     assert_ne!(sid, "");
 
-    let plain = Stickless::on_redis(&backend.url(), &redis, &[]);
+    let plain = Stickless::on_redis(&backend.url(), &redis, &["--local-cache", "0"]);
     let mut http = Http::with_jar();
     for change in [
         "x-session-set-user: alice",

@@ -238,7 +238,7 @@ async fn set_creates_a_session_whose_fields_reach_the_backend() {
         "a response that sets the session cookie is not cacheable"
     );
 
-    let cookies = r.set_cookies();
+    let cookies = r.set_cookies_but_versions();
     assert_eq!(cookies.len(), 1, "{cookies:?}");
     let value = r.sid().expect("a session cookie");
     assert_eq!(
@@ -404,7 +404,7 @@ async fn destroy_deletes_the_key_and_clears_the_cookie() {
     assert_eq!(pttl(&redis, &key).await, -2, "the key is gone");
     assert!(keys(&redis, "*").await.is_empty());
     assert_eq!(
-        r.set_cookies(),
+        r.set_cookies_but_versions(),
         vec!["sid=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Path=/; HttpOnly; SameSite=Lax"]
     );
     assert_eq!(
@@ -456,7 +456,7 @@ async fn rotate_moves_the_session_to_a_new_id() {
     assert_ne!(id_of(&new), id_of(&old));
     assert_valid_id(id_of(&new));
     assert_eq!(
-        r.set_cookies(),
+        r.set_cookies_but_versions(),
         vec![format!("sid={new}; Path=/; HttpOnly; SameSite=Lax")]
     );
     let new_key = key_of(&new);
@@ -524,7 +524,7 @@ async fn rotate_and_set_in_one_response_is_a_login() {
         .await;
     assert_eq!(r.status, 200);
     assert_no_session_headers(&r);
-    let cookies = r.set_cookies();
+    let cookies = r.set_cookies_but_versions();
     assert_eq!(cookies.len(), 1, "one cookie: {cookies:?}");
     let logged_in = r.sid().unwrap();
     assert_ne!(id_of(&logged_in), id_of(&anon));
@@ -588,7 +588,7 @@ async fn destroy_and_set_start_a_fresh_session() {
     assert_eq!(r.status, 200);
     assert_no_session_headers(&r);
     let sids: Vec<String> = r
-        .set_cookies()
+        .set_cookies_but_versions()
         .into_iter()
         .filter(|c| c.starts_with("sid="))
         .collect();
@@ -668,7 +668,7 @@ async fn protocol_headers_never_reach_the_client_and_backend_cookies_pass() {
     assert_eq!(r.status, 200);
     assert_no_session_headers(&r);
     assert_eq!(r.headers["x-other"], "kept");
-    let cookies = r.set_cookies();
+    let cookies = r.set_cookies_but_versions();
     let sid = r.sid().unwrap();
     assert_eq!(cookies.len(), 3, "{cookies:?}");
     assert!(cookies.contains(&"theme=dark; Path=/; Max-Age=3600".to_string()));
@@ -684,7 +684,7 @@ async fn protocol_headers_never_reach_the_client_and_backend_cookies_pass() {
     let r = http
         .get_replying(&proxy.url("/"), &["set-cookie: theme=light"])
         .await;
-    assert_eq!(r.set_cookies(), vec!["theme=light"]);
+    assert_eq!(r.set_cookies_but_versions(), vec!["theme=light"]);
     assert_no_session_headers(&r);
 
     // Beside a destroy too.
@@ -694,7 +694,7 @@ async fn protocol_headers_never_reach_the_client_and_backend_cookies_pass() {
             &["set-cookie: theme=; Max-Age=0", "x-session-destroy: true"],
         )
         .await;
-    let cookies = r.set_cookies();
+    let cookies = r.set_cookies_but_versions();
     assert_eq!(cookies.len(), 2, "{cookies:?}");
     assert!(cookies.contains(&"theme=; Max-Age=0".to_string()));
     assert_eq!(r.sid().as_deref(), Some(""));
@@ -1286,7 +1286,7 @@ async fn forwarding_headers_are_set() {
     assert_eq!(seen.headers["x-forwarded-host"], vec!["shop.example"]);
     let sid = r.sid().unwrap();
     assert_eq!(
-        r.set_cookies(),
+        r.set_cookies_but_versions(),
         vec![format!("sid={sid}; Path=/; Secure; HttpOnly; SameSite=Lax")],
         "X-Forwarded-Proto: https makes the cookie Secure"
     );
@@ -1300,7 +1300,7 @@ async fn forwarding_headers_are_set() {
     )
     .await;
     assert_eq!(
-        r.set_cookies(),
+        r.set_cookies_but_versions(),
         vec!["sid=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Path=/; Secure; HttpOnly; SameSite=Lax"]
     );
 }
@@ -1374,7 +1374,7 @@ async fn cookie_flags_are_reflected_in_set_cookie() {
     )
     .await;
     assert_eq!(r.status, 200);
-    let cookies = r.set_cookies();
+    let cookies = r.set_cookies_but_versions();
     let value = cookie_value(&cookies, "app_sid").expect("the app_sid cookie");
     assert_eq!(cookies, vec![format!("app_sid={value}; {attrs}")]);
     assert_eq!(
@@ -1402,7 +1402,7 @@ async fn cookie_flags_are_reflected_in_set_cookie() {
     )
     .await;
     assert_eq!(
-        r.set_cookies(),
+        r.set_cookies_but_versions(),
         vec![format!(
             "app_sid=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; {attrs}"
         )]
@@ -1927,7 +1927,10 @@ async fn secret_key_rotation_signs_with_the_first_key_and_verifies_with_all() {
             .get_replying(&proxy.url("/"), &["x-session-incr-visits: 1"])
             .await;
         assert_eq!(r.seen().fields(), map(&[("user", user)]), "{user}");
-        assert!(r.set_cookies().is_empty(), "{user}'s cookie is kept");
+        assert!(
+            r.set_cookies_but_versions().is_empty(),
+            "{user}'s cookie is kept"
+        );
     }
     // A login rotates the session: the new cookie is signed with NEW.
     let r = logs_in_again

@@ -10,7 +10,8 @@ use support::*;
 async fn one_round_trip_to_read_one_more_to_change_none_without_a_session() {
     let redis = RedisServer::start();
     let backend = TestBackend::start().await;
-    let proxy = Stickless::on_redis(&backend.url(), &redis, &[]);
+    // Uncached: with the local cache (on by default), a read of a cached session costs none.
+    let proxy = Stickless::on_redis(&backend.url(), &redis, &["--local-cache", "0"]);
     let mut http = Http::with_jar();
     http.get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
         .await;

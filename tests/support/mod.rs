@@ -848,6 +848,15 @@ impl Reply {
             .collect()
     }
 
+    /// The `Set-Cookie` values other than the version cookie (`<session cookie>_v`, which goes
+    /// with every change while the local cache is on, as it is by default on Redis).
+    pub fn set_cookies_but_versions(&self) -> Vec<String> {
+        self.set_cookies()
+            .into_iter()
+            .filter(|c| !c.split('=').next().is_some_and(|name| name.ends_with("_v")))
+            .collect()
+    }
+
     /// The `sid` cookie set by this response: `Some("")` when it clears it.
     pub fn sid(&self) -> Option<String> {
         self.cookie("sid")

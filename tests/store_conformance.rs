@@ -1785,10 +1785,14 @@ async fn redis_absolute_timeout_uses_the_stored_creation_time() {
     age(&redis, &id, 3_000).await;
     assert!(store.load(&id).await.unwrap().live().is_some());
     // The renewal goes in the background, after the load's answer.
-    let p = eventually("the TTL cut by a renewal", Duration::from_secs(5), || async {
-        let p = pttl(&redis, &key(&id)).await;
-        (p <= 2_000 + 50).then_some(p)
-    })
+    let p = eventually(
+        "the TTL cut by a renewal",
+        Duration::from_secs(5),
+        || async {
+            let p = pttl(&redis, &key(&id)).await;
+            (p <= 2_000 + 50).then_some(p)
+        },
+    )
     .await;
     assert!(
         p > 0,

@@ -371,7 +371,9 @@ async fn watch_primary(
                 replicas.store(state.replicas, Ordering::Relaxed);
             } else {
                 events.record(Metrics::store_topology_error);
-                tracing::warn!("the redis node session loads go to is no longer the primary; reconnecting");
+                tracing::warn!(
+                    "the redis node session loads go to is no longer the primary; reconnecting"
+                );
                 let _ = tokio::time::timeout(timeout, client.force_reconnection()).await;
             }
         }

@@ -277,6 +277,7 @@ async fn reads_alone_leave_a_demoted_primary() {
     .await;
     let key = format!("stickless:{}", id_of(http.sid.as_ref().unwrap()));
     let _: i64 = cmd(&replica, &["HSET", &key, "user", "bob"]).await;
+    let changed = Instant::now();
 
     eventually(
         "reads served by the new primary",
@@ -293,4 +294,8 @@ async fn reads_alone_leave_a_demoted_primary() {
         },
     )
     .await;
+    println!(
+        "reads on the demoted node until {:?} after the change on the new primary",
+        changed.elapsed()
+    );
 }

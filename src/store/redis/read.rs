@@ -1,7 +1,7 @@
 //! Session loads without a script, on the primary and on a replica alike: `HGETALL` and `PTTL`
-//! in one round trip, and what a load script would decide is decided here ([`judge`]): a
-//! tombstone is rotated, a session past its absolute timeout is absent, and the idle TTL is due
-//! for renewal only when it fell more than a slack below its full value.
+//! in one round trip, judged here ([`judge`]): a tombstone is rotated, a session past its
+//! absolute timeout is absent, and the idle TTL is due for renewal only when it fell more than a
+//! slack below its full value.
 //!
 //! A load writes nothing, so it needs no deadline check in Redis and is never refused by a
 //! demoted primary; a due renewal is a write of its own, sent afterwards in the background.
@@ -81,7 +81,7 @@ fn pairs(hash: Value) -> Result<Vec<(String, String)>, fred::error::Error> {
     }
 }
 
-/// Decides what the load script did: `hash` is the `HGETALL`, `pttl` the `PTTL` (in
+/// Decides what a load finds: `hash` is the `HGETALL`, `pttl` the `PTTL` (in
 /// milliseconds; negative for no TTL or no key). Renewal is due when the TTL fell more than
 /// `slack` below what a renewal would set, or is longer than that (a changed policy), or missing.
 /// A session past its absolute timeout is absent; its key is left to its TTL, which every

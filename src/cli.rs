@@ -130,7 +130,8 @@ pub struct ServeArgs {
     /// SameSite attribute: lax, strict or none.
     #[arg(long, env = "STICKLESS_COOKIE_SAME_SITE", default_value = "lax", value_parser = SameSite::parse)]
     pub cookie_same_site: SameSite,
-    /// Sliding session lifetime: every request that uses the session renews it (e.g. 30m, 12h).
+    /// Sliding session lifetime: a request that uses the session renews it (in Redis, once the
+    /// TTL fell an eighth of it short) (e.g. 30m, 12h).
     #[arg(long, env = "STICKLESS_IDLE_TIMEOUT", default_value = "30m", value_parser = duration)]
     pub idle_timeout: Duration,
     /// Lifetime from creation that no activity extends (e.g. 12h), or off.

@@ -732,7 +732,8 @@ impl ReadFrom {
 /// How long sessions live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TtlPolicy {
-    /// Sliding lifetime: every request that uses the session renews it.
+    /// Sliding lifetime: a request that uses the session renews it (in Redis, once the TTL fell
+    /// an eighth of it short).
     pub idle: Duration,
     /// Lifetime from creation that no activity extends; `None` for no limit.
     pub absolute: Option<Duration>,

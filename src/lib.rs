@@ -9,8 +9,9 @@
 //! 1. [`server`] accepts the connection and hands each request to [`proxy`].
 //! 2. [`proxy`] takes the session cookie out of the request and verifies it with [`cookie`]; a
 //!    forged or malformed cookie is treated as no session and never reaches the store.
-//! 3. The session is loaded from the [`store`] (one round trip that also renews its TTL, or none
-//!    when `--local-cache` holds it; with `--read-from replica`, one round trip to a replica).
+//! 3. The session is loaded from the [`store`] (one round trip, its TTL renewed in the background
+//!    when due, or none when `--local-cache` holds it; with `--read-from replica`, one round trip
+//!    to a replica).
 //! 4. [`protocol`] removes any session headers the client sent and injects the real ones.
 //! 5. The request is forwarded; the backend's response headers are parsed by [`protocol`] into
 //!    changes, which the [`store`] applies atomically before the response leaves.

@@ -239,3 +239,63 @@ async fn replicated_durability_without_a_replica_is_refused_at_startup() {
     assert!(stderr.contains("'--durability'"), "{stderr}");
     assert!(stderr.contains("replica"), "{stderr}");
 }
+
+/// Loads write nothing, so a demoted primary answers them without `READONLY`: with only reads
+/// after the failover, stickless must still leave the old node (its role check) rather than serve
+/// its copies for as long as no write comes. Here the old node loses its link to the new primary
+/// too, so what it serves falls behind: a change made on the new primary must become visible.
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_alone_leave_a_demoted_primary() {
+    let primary = RedisServer::start();
+    let port = primary.port.to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    wait_until_synced(&replica).await;
+    let endpoint = Endpoint::start(addr(&primary));
+    let backend = TestBackend::start().await;
+    let url = format!("redis://127.0.0.1:{}", endpoint.port);
+    let proxy = Stickless::on_redis_url(&backend.url(), &url, &["--redis-timeout", "1s"]);
+    let mut http = Http::with_jar();
+    let r = http
+        .get_replying(&proxy.url("/login"), &["x-session-set-user: alice"])
+        .await;
+    assert_eq!(r.status, 200, "login: {}", r.text());
+    let replicas: i64 = cmd(&primary, &["WAIT", "1", "2000"]).await;
+    assert_eq!(replicas, 1, "the replica has the session");
+    let r = http.get(&proxy.url("/")).await;
+    assert_eq!(
+        r.seen().fields().get("user").map(String::as_str),
+        Some("alice")
+    );
+
+    fail_over(&primary, &replica, &endpoint).await;
+    // The old node stays a replica, but of nothing that answers: it no longer follows.
+    let replicaof = private_name("REPLICAOF");
+    let _: String = cmd(
+        &primary,
+        &[&replicaof, "127.0.0.1", &free_port().to_string()],
+    )
+    .await;
+    let key = format!("stickless:{}", id_of(http.sid.as_ref().unwrap()));
+    let _: i64 = cmd(&replica, &["HSET", &key, "user", "bob"]).await;
+    let changed = Instant::now();
+
+    eventually(
+        "reads served by the new primary",
+        Duration::from_secs(10),
+        || {
+            let mut http = http.clone();
+            let url = proxy.url("/");
+            async move {
+                let r = http.get(&url).await;
+                (r.status == 200
+                    && r.seen().fields().get("user").map(String::as_str) == Some("bob"))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    println!(
+        "reads on the demoted node until {:?} after the change on the new primary",
+        changed.elapsed()
+    );
+}

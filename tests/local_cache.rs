@@ -326,14 +326,14 @@ async fn a_cached_read_costs_no_command_in_redis() {
     );
 
     // A change: its read is served from the cache, its write is one script; the write drops this
-    // instance's copy at once, so the next read goes to Redis.
+    // instance's copy at once, so the next read goes to Redis (HGETALL and PTTL, no renewal due).
     http.get_replying(&proxy.url("/"), &["x-session-set-user: bob"])
         .await;
     let r = http.get(&proxy.url("/")).await;
     assert_eq!(field(&r, "user").as_deref(), Some("bob"));
     assert_eq!(
         sent_by_stickless(&mut monitor).await,
-        ["evalsha", "evalsha"]
+        ["evalsha", "hgetall", "pttl"]
     );
 }
 
@@ -456,7 +456,7 @@ async fn a_cached_copy_older_than_the_cookies_version_is_read_again() {
     assert_eq!(sent_by_stickless(&mut monitor).await, Vec::<String>::new());
     // Version 5 of this session (say, written through another instance): read again.
     assert_eq!(read_with(keys.sign_version(&id, 5)).await, 1.0);
-    assert_eq!(sent_by_stickless(&mut monitor).await, ["evalsha"]);
+    assert_eq!(sent_by_stickless(&mut monitor).await, ["hgetall", "pttl"]);
     // Another session's version cookie, or a forged one: as if there were none.
     read_until_cached(&mut http.clone(), &proxy, "user").await;
     monitor.drain().await;
@@ -493,7 +493,7 @@ async fn cached_reads_keep_the_session_alive_with_few_renewals() {
     let mut monitor = Monitor::start(&redis).await;
     let end = Instant::now() + Duration::from_secs(6);
     let watch = tokio::spawn(async move {
-        // Renewals (PEXPIRE inside the load script) until the reads end.
+        // Renewals (PEXPIRE inside the renewal script) until the reads end.
         let mut renewals = 0;
         let stop = tokio::time::Instant::from_std(end + Duration::from_millis(500));
         loop {

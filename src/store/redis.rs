@@ -1,10 +1,13 @@
 //! The Redis store: Amazon ElastiCache, Redis or Valkey, through fred.
 //!
 //! A session is one hash under `<key-prefix><id>`; its creation time is the hash field
-//! [`CREATED_FIELD`]. Every operation is one Lua script on one key, so it is atomic, costs one
-//! round trip, and works unchanged on a cluster (one key, one slot). Scripts go by `EVALSHA` and
-//! are loaded again after a `NOSCRIPT` (a restarted or newly promoted server has an empty script
-//! cache). Nothing here needs `CONFIG` or any other command that ElastiCache disables.
+//! [`CREATED_FIELD`]. A load is `HGETALL` and `PTTL` in one round trip, judged here (the `read`
+//! module), with the idle TTL renewed in the background only when it fell an eighth of the idle
+//! timeout below its full value; every other operation is one Lua script on one key, so it is
+//! atomic, costs one round trip, and works unchanged on a cluster (one key, one slot). Scripts go
+//! by `EVALSHA` and are loaded again after a `NOSCRIPT` (a restarted or newly promoted server has
+//! an empty script cache). Nothing here needs `CONFIG` or any other command that ElastiCache
+//! disables.
 //!
 //! A call that times out has not necessarily failed: a script queued behind a stalled Redis still
 //! runs when Redis resumes, long after the client was answered 503. So every script carries a
@@ -21,6 +24,8 @@
 //! A call that got one of these errors provably did not run, so it is sent once more on the new
 //! connection within its deadline; a call whose connection broke in flight may have run, so it is
 //! never sent again (an increment must not count twice): the request gets 503.
+//! Loads write nothing, so a demoted primary answers them: twice a second the node the client is
+//! on is asked for its role, and a client found on a replica is made to reconnect the same way.
 //!
 //! With `--read-from replica`, loads go to a replica instead (the `replica` module); everything
 //! else stays on the primary.
@@ -34,9 +39,12 @@ use fred::prelude::*;
 use fred::types::config::{ReconnectError, UnresponsiveConfig};
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand, Value};
+use tokio::sync::Semaphore;
 
+mod read;
 mod replica;
 
+use self::read::MAX_RENEWALS;
 use self::replica::{ReplicaReader, Unavailable};
 use super::cache::LocalCache;
 use super::iam::{IamCredentials, IamSetupError};
@@ -64,46 +72,6 @@ if deadline > 0 and clock > deadline then return {'late', string.format('%d', cl
 "#
     };
 }
-
-/// Reads a session and renews its TTL, cut short by the absolute timeout. A tombstone is left
-/// as it is: its TTL is the rotation grace, counted from the rotation.
-/// With a slack (the local cache), the TTL is renewed only when it has fallen more than the slack
-/// below what it would be set to: a renewal is a write, and every write invalidates the session
-/// in every instance's cache.
-/// ARGV: deadline, now_ms, idle_ms, absolute_ms (0 for none), slack_ms (0: always renew).
-/// Reply: `{'absent'}`, `{'rotated'}` or `{'live', name, value, ...}` (the hash, `_created`
-/// included).
-const LOAD: &str = concat!(
-    deadline_check!(),
-    r#"
-local h = redis.call('HGETALL', KEYS[1])
-if #h == 0 then return {'absent'} end
-local created
-for i = 1, #h, 2 do
-  if h[i] == '_created' then created = tonumber(h[i + 1])
-  elseif h[i] == '_rotated' then return {'rotated'} end
-end
-local ttl = tonumber(ARGV[3])
-local abs = tonumber(ARGV[4])
-if abs > 0 and created then
-  local left = created + abs - tonumber(ARGV[2])
-  if left <= 0 then
-    redis.call('DEL', KEYS[1])
-    return {'absent'}
-  end
-  if left < ttl then ttl = left end
-end
-local slack = tonumber(ARGV[5])
-local renew = true
-if slack > 0 then
-  local pttl = redis.call('PTTL', KEYS[1])
-  renew = pttl < 0 or pttl > ttl or pttl < ttl - slack
-end
-if renew then redis.call('PEXPIRE', KEYS[1], ttl) end
-table.insert(h, 1, 'live')
-return h
-"#
-);
 
 /// Reads a session and turns it into a tombstone (the first half of a rotation): the fields
 /// stay, so that a failed rotation can be undone, the marker `_rotated` makes every later load
@@ -160,8 +128,8 @@ return {'ok', string.format('%d', created), version}
 "#
 );
 
-/// Renews the idle TTL of a session read from a replica (`--read-from replica`), unless it has
-/// become a tombstone since (whose TTL is the rotation grace). A key that is gone stays gone.
+/// Renews the idle TTL of a session a load found due for it, unless it has become a tombstone
+/// since (whose TTL is the rotation grace). A key that is gone stays gone.
 /// ARGV: deadline, ttl_ms. Reply: `{'ok'}`.
 const RENEW: &str = concat!(
     deadline_check!(),
@@ -350,13 +318,6 @@ fn topology_changed(e: &fred::error::Error) -> bool {
         .any(|p| e.details().starts_with(p))
 }
 
-/// Whether a script writes (and so, with [`Durability::Replicated`], waits for a replica).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Writes {
-    Yes,
-    No,
-}
-
 /// What `INFO replication` says of the node answering.
 struct ReplicationState {
     /// `master` or `slave`.
@@ -388,12 +349,17 @@ async fn replication_state<C: ServerInterface + Sync>(
     }))
 }
 
-/// Keeps `replicas` at the number of replicas the primary has, twice a second, for as long as the
-/// store lives. An unknown count (no answer) is left as it was.
-async fn watch_replicas(
+/// Twice a second, for as long as the store lives, asks the node the data client is on for its
+/// role. A primary's count of replicas goes to `replicas` (an unknown count, no answer, is left as
+/// it was). A node that says it is a replica was demoted by a failover and still answers the
+/// loads, which write nothing and so are never refused with `READONLY`: the client is made to
+/// reconnect, which finds the new primary. Not run on a cluster, where a demoted node answers a
+/// read with `MOVED` to the new owner of the slot.
+async fn watch_primary(
     client: Client,
     replicas: std::sync::Weak<std::sync::atomic::AtomicU64>,
     timeout: Duration,
+    events: Arc<Events>,
 ) {
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -404,6 +370,12 @@ async fn watch_replicas(
         {
             if state.role == "master" {
                 replicas.store(state.replicas, Ordering::Relaxed);
+            } else {
+                events.record(Metrics::store_topology_error);
+                tracing::warn!(
+                    "the redis node session loads go to is no longer the primary; reconnecting"
+                );
+                let _ = tokio::time::timeout(timeout, client.force_reconnection()).await;
             }
         }
     }
@@ -752,13 +724,12 @@ pub struct RedisStore {
     settings: RedisSettings,
     clock: Arc<RedisClock>,
     events: Arc<Events>,
-    /// With `--durability replicated` on one primary (not a cluster): the replicas it had at the
-    /// last look, refreshed twice a second. With none, a change is refused before it is sent: its
+    /// On one primary (not a cluster): the replicas it had at the last look, refreshed twice a
+    /// second, for `--durability replicated`. With none, a change is refused before it is sent: its
     /// `WAIT` could only time out, holding up every other call on the connection meanwhile.
     replicas: Arc<std::sync::atomic::AtomicU64>,
     /// The replication id of the primary last seen; a new one after a reconnection is a failover.
     replication_id: Arc<std::sync::Mutex<Option<String>>>,
-    load: Script,
     take: Script,
     restore: Script,
     destroy: Script,
@@ -768,6 +739,8 @@ pub struct RedisStore {
     /// Loads from a replica (`--read-from replica`).
     replica: Option<Arc<ReplicaReader>>,
     renew: Script,
+    /// Renewals of the idle TTL in flight ([`MAX_RENEWALS`]).
+    renewals: Arc<Semaphore>,
 }
 
 /// What is known of Redis's clock: its offset from this machine's wall clock.
@@ -1028,11 +1001,12 @@ impl RedisStore {
             reader
         });
         let replicas = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
-        if settings.durability == Durability::Replicated && !client.is_clustered() {
-            tokio::spawn(watch_replicas(
+        if !client.is_clustered() {
+            tokio::spawn(watch_primary(
                 client.clone(),
                 Arc::downgrade(&replicas),
                 timeout,
+                events.clone(),
             ));
         }
         Ok(RedisStore {
@@ -1041,12 +1015,12 @@ impl RedisStore {
             events,
             replicas,
             replication_id,
-            load: Script::from_lua(LOAD),
             take: Script::from_lua(TAKE),
             restore: Script::from_lua(RESTORE),
             destroy: Script::from_lua(DESTROY),
             apply: Script::from_lua(APPLY),
             renew: Script::from_lua(RENEW),
+            renewals: Arc::new(Semaphore::new(MAX_RENEWALS)),
             settings,
             cache,
             replica,
@@ -1060,7 +1034,7 @@ impl RedisStore {
             return self.load_from_redis(key).await;
         };
         let copy = match replica.read(&key, self.settings.timeout / 2).await {
-            Ok((hash, pttl)) => replica::judge(
+            Ok((hash, pttl)) => read::judge(
                 hash,
                 pttl,
                 &self.settings.ttl,
@@ -1086,21 +1060,22 @@ impl RedisStore {
         }
         self.events.record(|m| m.replica_read(ReplicaRead::Replica));
         if let Some(ttl) = copy.renew {
-            self.renew_in_background(replica, key, ttl);
+            self.renew_in_background(key, ttl);
         }
         Ok(copy.loaded)
     }
 
-    /// How far below its full value a session's TTL may fall before a read renews it, when
-    /// reads do not always renew (a local cache, a replica): an eighth of the idle timeout.
+    /// How far below its full value a session's TTL may fall before a read renews it: an eighth
+    /// of the idle timeout, the longest the local cache keeps a copy. A renewal is a write, and
+    /// every write invalidates the session in every instance's cache.
     fn renewal_slack(&self) -> Duration {
         self.settings.ttl.idle / 8
     }
 
     /// Renews a session's TTL on the primary, without holding up the read that found it due:
     /// a renewal that fails, or finds too many others in flight, is left to the next read.
-    fn renew_in_background(&self, replica: &ReplicaReader, key: String, ttl: Duration) {
-        let Ok(permit) = replica.renewals.clone().try_acquire_owned() else {
+    fn renew_in_background(&self, key: String, ttl: Duration) {
+        let Ok(permit) = self.renewals.clone().try_acquire_owned() else {
             return;
         };
         let (client, script, timeout) = (
@@ -1124,20 +1099,56 @@ impl RedisStore {
         });
     }
 
-    /// Reads a session from Redis, renewing its TTL.
+    /// Reads a session from the primary: `HGETALL` and `PTTL` in one round trip, bounded by the
+    /// store timeout, and a renewal of its TTL in the background when one is due. A read that
+    /// the server refused (`LOADING`, a cluster in the middle of a change) is sent once more on
+    /// the new connection within the same bound.
     async fn load_from_redis(&self, key: String) -> Result<Loaded, StoreError> {
-        let mut args = vec![Self::deadline_placeholder()];
-        args.extend(self.ttl_args(now_ms()));
-        let slack = self
-            .cache
-            .as_ref()
-            .map_or(0, |c| c.max_age().as_millis() as i64);
-        args.push(Value::Integer(slack));
-        let reply = self.eval(&self.load, key, args, Writes::No).await?;
-        if reply.first().and_then(text).as_deref() == Some("rotated") {
-            return Ok(Loaded::Rotated);
+        self.remeasure_if_reconnected();
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        let (hash, pttl) = match self.read_until(&key, deadline).await {
+            Ok(reply) => reply,
+            Err(Some(e)) if did_not_run(&e) => {
+                self.events.record(Metrics::store_retried);
+                tracing::debug!(error = %e, "redis refused a session read; sending it once more");
+                self.read_until(&key, deadline)
+                    .await
+                    .map_err(|e| self.error(e))?
+            }
+            Err(e) => return Err(self.error(e)),
+        };
+        let judged = read::judge(
+            hash,
+            pttl,
+            &self.settings.ttl,
+            self.renewal_slack(),
+            now_ms(),
+        );
+        if let Some(ttl) = judged.renew {
+            self.renew_in_background(key, ttl);
         }
-        Ok(session_from_reply(reply, "live")?.map_or(Loaded::Absent, Loaded::Live))
+        Ok(judged.loaded)
+    }
+
+    /// `HGETALL` and `PTTL` of `key` until `deadline`, bounded like [`RedisStore::evalsha_until`]
+    /// by fred's own per-command timeout, the one timer on the call. `None` for a timeout.
+    async fn read_until(
+        &self,
+        key: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<(Vec<(String, String)>, i64), Option<fred::error::Error>> {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(None);
+        }
+        let options = fred::types::config::Options {
+            timeout: Some(left),
+            ..Default::default()
+        };
+        let pipeline = fred::clients::Pipeline::from(self.client.with_options(&options));
+        read::hash_and_pttl(pipeline, key)
+            .await
+            .map_err(|e| (*e.kind() != fred::error::ErrorKind::Timeout).then_some(e))
     }
 
     /// Runs a change of the session under `id`, dropping it from the local cache before and
@@ -1199,17 +1210,15 @@ impl RedisStore {
 
     /// Runs a script whose `ARGV[1]` is a placeholder for the deadline, which is filled in here,
     /// as late as possible. A script that reports it started after its deadline changed nothing:
-    /// that is [`StoreError::Late`].
+    /// that is [`StoreError::Late`]. Every script here writes, so with
+    /// [`Durability::Replicated`] it waits for a replica.
     async fn eval(
         &self,
         script: &Script,
         key: String,
         mut args: Vec<Value>,
-        writes: Writes,
     ) -> Result<Vec<Value>, StoreError> {
-        if self.clock.stale.swap(false, Ordering::Relaxed) {
-            self.remeasure_in_background();
-        }
+        self.remeasure_if_reconnected();
         let timeout = self.settings.timeout;
         let budget = timeout.saturating_sub(deadline_margin(timeout));
         let started = Instant::now();
@@ -1221,8 +1230,7 @@ impl RedisStore {
             }));
         }
         let deadline = tokio::time::Instant::from_std(started) + timeout;
-        let replicated =
-            writes == Writes::Yes && self.settings.durability == Durability::Replicated;
+        let replicated = self.settings.durability == Durability::Replicated;
         if replicated && self.replicas.load(Ordering::Relaxed) == 0 {
             return Err(StoreError::NotReplicated);
         }
@@ -1383,6 +1391,14 @@ impl RedisStore {
             other => (other?, acked),
         };
         Ok((reply.convert()?, acked))
+    }
+
+    /// The first call after a (re)connection measures the clock offset again, and notices whether
+    /// the primary changed, in the background.
+    fn remeasure_if_reconnected(&self) {
+        if self.clock.stale.swap(false, Ordering::Relaxed) {
+            self.remeasure_in_background();
+        }
     }
 
     /// After a (re)connection: the clock offset again, and whether the primary changed.
@@ -1550,7 +1566,7 @@ impl SessionStore for RedisStore {
             args.push(Value::Integer(*by));
         }
         let reply = self
-            .changing(id, |key| self.eval(&self.apply, key, args, Writes::Yes))
+            .changing(id, |key| self.eval(&self.apply, key, args))
             .await?;
         let words: Vec<String> = reply.iter().filter_map(text).collect();
         let number = |i: usize| words.get(i).and_then(|s| s.parse::<u64>().ok());
@@ -1583,7 +1599,7 @@ impl SessionStore for RedisStore {
             Value::Integer(now_ms() as i64),
         ];
         let reply = self
-            .changing(id, |key| self.eval(&self.take, key, args, Writes::Yes))
+            .changing(id, |key| self.eval(&self.take, key, args))
             .await?;
         session_from_reply(reply, "taken")
     }
@@ -1592,7 +1608,7 @@ impl SessionStore for RedisStore {
         let mut args = vec![Self::deadline_placeholder()];
         args.extend(self.ttl_args(now_ms()));
         let reply = self
-            .changing(id, |key| self.eval(&self.restore, key, args, Writes::Yes))
+            .changing(id, |key| self.eval(&self.restore, key, args))
             .await?;
         let words: Vec<String> = reply.iter().filter_map(text).collect();
         match words.first().map(String::as_str) {
@@ -1610,7 +1626,7 @@ impl SessionStore for RedisStore {
 
     async fn destroy(&self, id: &SessionId) -> Result<(), StoreError> {
         let args = vec![Self::deadline_placeholder()];
-        self.changing(id, |key| self.eval(&self.destroy, key, args, Writes::Yes))
+        self.changing(id, |key| self.eval(&self.destroy, key, args))
             .await
             .map(|_| ())
     }

@@ -30,17 +30,22 @@ impl Monitor {
     /// The names (lower case) of the client commands seen until nothing more arrives for a short
     /// while, without the commands run inside scripts.
     pub async fn drain(&mut self) -> Vec<String> {
+        self.drain_lines()
+            .await
+            .iter()
+            .filter_map(|line| command_name(line))
+            .collect()
+    }
+
+    /// The MONITOR lines seen until nothing more arrives for a short while.
+    pub async fn drain_lines(&mut self) -> Vec<String> {
         let mut seen = Vec::new();
         loop {
             let mut line = String::new();
             match tokio::time::timeout(Duration::from_millis(300), self.lines.read_line(&mut line))
                 .await
             {
-                Ok(Ok(n)) if n > 0 => {
-                    if let Some(name) = command_name(&line) {
-                        seen.push(name);
-                    }
-                }
+                Ok(Ok(n)) if n > 0 => seen.push(line),
                 _ => return seen,
             }
         }

@@ -10,15 +10,16 @@
 //! 2. [`proxy`] takes the session cookie out of the request and verifies it with [`cookie`]; a
 //!    forged or malformed cookie is treated as no session and never reaches the store.
 //! 3. The session is loaded from the [`store`] (one round trip, its TTL renewed in the background
-//!    when due, or none when `--local-cache` holds it; with `--read-from replica`, one round trip
-//!    to a replica).
+//!    when due, or none when the local cache, on by default, holds it; with `--read-from replica`,
+//!    one round trip to a replica).
 //! 4. [`protocol`] removes any session headers the client sent and injects the real ones.
 //! 5. The request is forwarded; the backend's response headers are parsed by [`protocol`] into
 //!    changes, which the [`store`] applies atomically before the response leaves.
 //! 6. The cookie is set (new or rotated session) or cleared (destroyed), and the response streams
 //!    back. [`metrics`] records every step; [`admin`] serves them.
 //! 7. Every request carries an id ([`request_id`]) to the backend and back to the client, and
-//!    leaves one line in the [`access_log`] once its response is done.
+//!    leaves one line in the [`access_log`] once its response is done; a warning logged while it
+//!    is handled carries it ([`request_scope`]).
 //!
 //! Around that path: [`server`] bounds client connections (a cap, a deadline to the first request,
 //! an idle timeout, a cap on unsent response bytes) and terminates TLS with [`tls`] when given a

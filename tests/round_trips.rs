@@ -71,3 +71,53 @@ async fn one_round_trip_to_read_one_more_to_change_none_without_a_session() {
     .await;
     assert_eq!(stored.get("n").map(String::as_str), Some("2"));
 }
+
+/// With the local cache (on by default): the read after a load is served from memory, and a
+/// change is one round trip; the next read loads the changed session again.
+#[tokio::test(flavor = "multi_thread")]
+async fn by_default_a_cached_read_costs_no_round_trip() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(&backend.url(), &redis, &[]);
+    let mut http = Http::with_jar();
+    http.get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    // The change's own invalidation may still be on its way: read until a read is served from
+    // memory (at most a few loads).
+    let mut monitor = Monitor::start(&redis).await;
+    let mut cached = false;
+    for _ in 0..50 {
+        let r = http.get(&proxy.url("/")).await;
+        assert_eq!(r.seen().fields(), user("alice"));
+        if requests_commands(&monitor.drain_lines().await).is_empty() {
+            cached = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(cached, "no read was served from the local cache");
+    for _ in 0..5 {
+        let r = http.get(&proxy.url("/")).await;
+        assert_eq!(r.seen().fields(), user("alice"));
+    }
+    assert!(
+        requests_commands(&monitor.drain_lines().await).is_empty(),
+        "cached reads cost no round trip"
+    );
+
+    http.get_replying(&proxy.url("/"), &["x-session-set-user: bob"])
+        .await;
+    let commands = requests_commands(&monitor.drain_lines().await);
+    assert_eq!(
+        commands.iter().filter(|c| *c == "evalsha").count(),
+        1,
+        "a change is one script: {commands:?}"
+    );
+    // Read-your-writes: the next read sees bob, from Redis or from a copy loaded after the change.
+    let r = http.get(&proxy.url("/")).await;
+    assert_eq!(r.seen().fields(), user("bob"));
+}
+
+fn user(name: &str) -> std::collections::BTreeMap<String, String> {
+    [("user".to_owned(), name.to_owned())].into()
+}

@@ -23,6 +23,7 @@ pub mod memory;
 pub mod redis;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -70,8 +71,9 @@ impl Loaded {
 /// A loaded session.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Session {
-    /// The fields the backend sees.
-    pub fields: Fields,
+    /// The fields the backend sees. Shared: a copy served from the local cache is not copied
+    /// again for each request.
+    pub fields: Arc<Fields>,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_ms: u64,
     /// The version: 1 when created, one more with every change ([`VERSION_FIELD`]).

@@ -189,7 +189,7 @@ impl Fixture {
                 // The memory store does not show a tombstone's fields.
                 Loaded::Rotated => [(ROTATED_FIELD.to_string(), String::new())].into(),
                 Loaded::Live(s) => {
-                    let mut m = s.fields;
+                    let mut m = Fields::clone(&s.fields);
                     m.insert(CREATED_FIELD.into(), s.created_ms.to_string());
                     m.insert(VERSION_FIELD.into(), s.version.to_string());
                     m
@@ -351,7 +351,7 @@ async fn creates_and_loads(kind: Kind) {
         .unwrap()
         .live()
         .expect("the new session loads");
-    assert_eq!(loaded.fields, expected);
+    assert_eq!(*loaded.fields, expected);
     assert_eq!(loaded.created_ms, created_ms);
     assert_eq!(loaded.version, 1, "a new session is version 1");
     assert!(
@@ -375,7 +375,11 @@ async fn creates_and_loads(kind: Kind) {
         .unwrap(),
     );
     assert_eq!(
-        s.load(&id2).await.unwrap().live().map(|s| s.fields),
+        s.load(&id2)
+            .await
+            .unwrap()
+            .live()
+            .map(|s| Fields::clone(&s.fields)),
         Some(fields(&[("n", "41")]))
     );
 
@@ -662,7 +666,7 @@ async fn delete_set_incr_order(kind: Kind) {
     );
     assert_eq!(
         load().await,
-        fields(&[("a", "new"), ("b", "keep"), ("c", "3"), ("n", "5")])
+        fields(&[("a", "new"), ("b", "keep"), ("c", "3"), ("n", "5")]).into()
     );
 
     // Negative increments, through zero, on an existing and on a missing field.
@@ -733,6 +737,7 @@ async fn delete_set_incr_order(kind: Kind) {
             ("m", "-4"),
             ("s", "0")
         ])
+        .into()
     );
     let raw = f.raw(&id).await;
     assert_eq!(raw.len(), 7, "five fields, `_created` and `_v`: {raw:?}");
@@ -949,7 +954,7 @@ async fn take_and_destroy(kind: Kind) {
     assert_eq!(
         taken,
         Session {
-            fields: fields(&[("user", "alice"), ("cart", "3")]),
+            fields: fields(&[("user", "alice"), ("cart", "3")]).into(),
             created_ms,
             version: 1
         }
@@ -996,7 +1001,7 @@ async fn take_and_destroy(kind: Kind) {
             "round {round}: {} concurrent takes got the session",
             got.len()
         );
-        assert_eq!(got[0].fields, fields(&[("round", &round.to_string())]));
+        assert_eq!(*got[0].fields, fields(&[("round", &round.to_string())]));
         assert_eq!(s.load(&id).await.unwrap(), Loaded::Rotated);
     }
 }
@@ -1054,7 +1059,11 @@ async fn rotation_leaves_a_tombstone_for_the_grace(kind: Kind) {
     }
     assert!(rotated_at.elapsed() < ms(GRACE_MS), "test design: too slow");
     assert_eq!(
-        s.load(&new).await.unwrap().live().map(|s| s.fields),
+        s.load(&new)
+            .await
+            .unwrap()
+            .live()
+            .map(|s| Fields::clone(&s.fields)),
         Some(fields(&[("user", "alice"), ("cart", "3")]))
     );
 
@@ -1094,7 +1103,7 @@ async fn restore_undoes_a_take(kind: Kind) {
     assert_eq!(
         s.load(&id).await.unwrap(),
         Loaded::Live(Session {
-            fields: fields(&[("user", "anon"), ("cart", "3")]),
+            fields: fields(&[("user", "anon"), ("cart", "3")]).into(),
             created_ms,
             version: 1
         })
@@ -1158,7 +1167,7 @@ async fn rotation_keeps_base_fields_and_creation_time(kind: Kind) {
     assert_eq!(
         loaded,
         Session {
-            fields: fields(&[("user", "alice"), ("role", "admin"), ("visits", "1")]),
+            fields: fields(&[("user", "alice"), ("role", "admin"), ("visits", "1")]).into(),
             created_ms,
             version: 1
         }
@@ -1191,7 +1200,7 @@ async fn rotation_keeps_base_fields_and_creation_time(kind: Kind) {
 
     // An old base keeps its age: the absolute timeout counts from the original creation.
     let aged = Session {
-        fields: fields(&[("user", "bob")]),
+        fields: fields(&[("user", "bob")]).into(),
         created_ms: now_ms() - 20_000,
         // What the new id has once written, whatever the base had.
         version: 1,
@@ -1216,7 +1225,7 @@ async fn rotation_keeps_base_fields_and_creation_time(kind: Kind) {
 
     // A base past its absolute timeout is not revived under the new id.
     let expired = Session {
-        fields: fields(&[("user", "carol")]),
+        fields: fields(&[("user", "carol")]).into(),
         created_ms: now_ms() - 40_000,
         version: 1,
     };
@@ -1506,7 +1515,7 @@ async fn both_stores_apply_changes_like_apply_to_fields() {
                 Mode::Rotate => {
                     let base = store.take(&id).await.unwrap();
                     assert_eq!(
-                        base.as_ref().map(|b| &b.fields),
+                        base.as_ref().map(|b| &*b.fields),
                         model.as_ref(),
                         "step {step}: {name}: take"
                     );
@@ -1540,7 +1549,7 @@ async fn both_stores_apply_changes_like_apply_to_fields() {
             let loaded = store.load(&id).await.unwrap().live();
             versions.push(loaded.as_ref().map(|s| s.version));
             assert_eq!(
-                loaded.map(|s| s.fields),
+                loaded.map(|s| Fields::clone(&s.fields)),
                 model,
                 "step {step}: {name} store holds other fields than apply_to_fields gives"
             );
@@ -1582,8 +1591,18 @@ async fn both_stores_apply_changes_like_apply_to_fields() {
             "the sequence exercised `{kind}` fewer than 3 times: {counts:?}"
         );
     }
-    let final_memory = memory.load(&id).await.unwrap().live().map(|s| s.fields);
-    let final_redis = on_redis.load(&id).await.unwrap().live().map(|s| s.fields);
+    let final_memory = memory
+        .load(&id)
+        .await
+        .unwrap()
+        .live()
+        .map(|s| Fields::clone(&s.fields));
+    let final_redis = on_redis
+        .load(&id)
+        .await
+        .unwrap()
+        .live()
+        .map(|s| Fields::clone(&s.fields));
     assert_eq!(final_memory, final_redis);
     assert_eq!(final_memory, model);
 }

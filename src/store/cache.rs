@@ -295,7 +295,7 @@ mod tests {
         let mut fields = Fields::new();
         fields.insert("user".into(), v.into());
         Session {
-            fields,
+            fields: fields.into(),
             created_ms: now_ms(),
             version: 1,
         }

@@ -159,7 +159,7 @@ impl SessionStore for MemoryStore {
             id.clone(),
             Entry {
                 session: Session {
-                    fields,
+                    fields: fields.into(),
                     created_ms,
                     version,
                 },

@@ -1476,7 +1476,7 @@ fn session_from_reply(
         }
     }
     Ok(Some(Session {
-        fields,
+        fields: fields.into(),
         created_ms,
         version,
     }))
@@ -1547,7 +1547,7 @@ impl SessionStore for RedisStore {
             Value::Integer(self.settings.limits.max_session_bytes as i64),
             created.into(),
         ]);
-        let base_fields = base.map(|b| &b.fields);
+        let base_fields = base.map(|b| &*b.fields);
         args.push(Value::Integer(base_fields.map_or(0, |f| f.len()) as i64));
         for (k, v) in base_fields.into_iter().flatten() {
             args.push(k.as_str().into());

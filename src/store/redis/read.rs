@@ -130,7 +130,7 @@ pub fn judge(
     let due = pttl < 0 || pttl > full_ms || pttl < full_ms - slack.as_millis() as i64;
     Judged {
         loaded: Loaded::Live(Session {
-            fields,
+            fields: fields.into(),
             created_ms: created_ms.unwrap_or(now_ms),
             version,
         }),

@@ -36,9 +36,9 @@ REPORT_NAME=${REPORT_NAME:-side-by-side-$(date -u +%F)}
 TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 
 LOCAL_CACHE=${LOCAL_CACHE:-200000}
-TARGETS=(direct nginx nginx-log sl-redis sl-redis-log sl-cache sl-cache-w2 sl-mem sl-mem-log)
-LAT_TARGETS=(direct nginx sl-redis sl-cache sl-cache-w2 sl-mem)
-STICKLESS=(sl-redis sl-redis-log sl-cache sl-cache-w2 sl-mem sl-mem-log)
+TARGETS=(direct nginx nginx-log sl-redis sl-redis-log sl-cache sl-mem sl-mem-log)
+LAT_TARGETS=(direct nginx sl-redis sl-cache sl-mem)
+STICKLESS=(sl-redis sl-redis-log sl-cache sl-mem sl-mem-log)
 WORKLOADS=(no-cookie read read-write zipf)
 LAT_WORKLOADS=(no-cookie read read-write)
 
@@ -204,9 +204,11 @@ start_all() {
       --upstream "http://127.0.0.1:${PORT[backend]}" --secret-keys "$KEY"
       --max-connections "$MAX_CONNS" --access-log "$access_log")
     case $t in sl-redis* | sl-cache*) args+=(--redis-url "redis://127.0.0.1:${PORT[redis]}") ;; esac
+    # Every target runs stickless's default of one worker per core. The local cache is on by
+    # default with Redis: off for sl-redis (every read goes to Redis), sized for the Zipf
+    # workload's sessions for sl-cache.
+    case $t in sl-redis*) args+=(--local-cache 0) ;; esac
     case $t in sl-cache*) args+=(--local-cache "$LOCAL_CACHE") ;; esac
-    # One single-thread runtime per core, each with its own socket on the port (SO_REUSEPORT).
-    [ "$t" = sl-cache-w2 ] && args+=(--workers 2)
     # The access log (on stderr) goes to a file, as nginx's does.
     "$BIN" "${args[@]}" >"$TMP/$t.log" 2>&1 &
     PID[$t]=$!
@@ -341,7 +343,7 @@ throughput_run() { # TARGET WORKLOAD
     record tput "$t" "$w" - cpu_redis "$(awk -v c=$((r1 - r0)) -v hz="$HZ" -v r="$req" \
       'BEGIN { printf "%.4f", c / hz / (r / 10000) }')"
   fi
-  if { [ "$t" = sl-redis ] || [ "$t" = sl-cache ] || [ "$t" = sl-cache-w2 ]; } && [ "$req" -gt 0 ]; then
+  if { [ "$t" = sl-redis ] || [ "$t" = sl-cache ]; } && [ "$req" -gt 0 ]; then
     local name value
     while read -r name value; do
       record tput "$t" "$w" - "redis:$name" "$value"
@@ -483,22 +485,21 @@ rates = e["RATES"].split()
 oha = bool(e.get("OHA"))
 meta = {
     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    "targets": ["direct", "nginx", "nginx-log", "sl-redis", "sl-redis-log", "sl-cache", "sl-cache-w2",
+    "targets": ["direct", "nginx", "nginx-log", "sl-redis", "sl-redis-log", "sl-cache",
                 "sl-mem", "sl-mem-log"],
     "labels": {
         "direct": "direct to the backend",
         "nginx": "nginx (access_log off)",
         "nginx-log": "nginx (access_log buffered 64k)",
-        "sl-redis": "stickless, Redis (--access-log off)",
-        "sl-redis-log": "stickless, Redis (--access-log on)",
+        "sl-redis": "stickless, Redis, --local-cache 0 (--access-log off)",
+        "sl-redis-log": "stickless, Redis, --local-cache 0 (--access-log on)",
         "sl-cache": f"stickless, Redis + --local-cache {e['LOCAL_CACHE']} (--access-log off)",
-        "sl-cache-w2": f"stickless, Redis + --local-cache {e['LOCAL_CACHE']} + --workers 2 (--access-log off)",
         "sl-mem": "stickless, embedded (--access-log off)",
         "sl-mem-log": "stickless, embedded (--access-log on)",
     },
     "workloads": ["no-cookie", "read", "read-write", "zipf"],
     "latency_workloads": ["no-cookie", "read", "read-write"],
-    "latency_targets": ["direct", "nginx", "sl-redis", "sl-cache", "sl-cache-w2", "sl-mem"],
+    "latency_targets": ["direct", "nginx", "sl-redis", "sl-cache", "sl-mem"],
     "rates": dict(zip(["25", "50", "75"], rates)),
     "latency_tool": "oha, open loop" if oha else "wrk, CLOSED loop",
     "latency_note": (

@@ -221,7 +221,7 @@ def report(tsv, meta_json, out_md, out_png):
            "local cache, the invalidation channel's own checks (`INFO` twice a second) are left out.", "",
            "| target | workload | commands / request | scripts / request | reads / request | breakdown (per request) |",
            "|---|---|---|---|---|---|"]
-    for t in ("sl-redis", "sl-cache", "sl-cache-w2"):
+    for t in ("sl-redis", "sl-cache"):
         if t not in targets:
             continue
         for w in workloads:

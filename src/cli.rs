@@ -157,6 +157,10 @@ pub struct ServeArgs {
     /// Default: 10000, or off with --read-from replica
     #[arg(long, env = "STICKLESS_LOCAL_CACHE")]
     pub local_cache: Option<usize>,
+    /// Memory the local cache may hold, about (names, values and keys of the sessions in it, and
+    /// their bookkeeping): a number of bytes, or with KiB, MiB or GiB. The oldest sessions go first
+    #[arg(long, env = "STICKLESS_LOCAL_CACHE_BYTES", default_value = "32MiB", value_parser = config::parse_bytes)]
+    pub local_cache_bytes: u64,
     /// Where session loads go: primary, or replica (a replica of the primary; a copy older than
     /// the user's own last change, or no replica answering, sends the load to the primary).
     /// Changes always go to the primary.
@@ -335,6 +339,7 @@ impl ServeArgs {
                     ReadFrom::Replica => 0,
                     ReadFrom::Primary => DEFAULT_LOCAL_CACHE,
                 }),
+                local_cache_bytes: self.local_cache_bytes,
                 read_from: self.read_from,
             },
         };

@@ -308,6 +308,11 @@ pub const MAX_FIELDS_LIMIT: usize = 1000;
 /// Sessions `--local-cache` holds when not told: the hot sessions of a busy instance, in a few
 /// MiB (each is at most `--max-session-bytes` and its key).
 pub const DEFAULT_LOCAL_CACHE: usize = 10_000;
+/// Bytes the local cache holds at most when not told (`--local-cache-bytes`): with sessions of
+/// up to 3 KiB, the default 10,000 of them.
+pub const DEFAULT_LOCAL_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+/// Bounds of `--local-cache-bytes`.
+pub const LOCAL_CACHE_BYTES_RANGE: (u64, u64) = (64 * 1024, 64 * 1024 * 1024 * 1024);
 /// The most sessions `--local-cache` may hold.
 pub const MAX_LOCAL_CACHE: usize = 10_000_000;
 
@@ -410,6 +415,7 @@ impl Config {
             key_prefix,
             iam,
             local_cache,
+            local_cache_bytes,
             read_from,
             ..
         } = &settings.store
@@ -426,6 +432,15 @@ impl Config {
                     value: *local_cache,
                     min: 0,
                     max: MAX_LOCAL_CACHE,
+                });
+            }
+            let (min, max) = LOCAL_CACHE_BYTES_RANGE;
+            if !(min..=max).contains(local_cache_bytes) {
+                return Err(ConfigError::OutOfRange {
+                    setting: "local-cache-bytes",
+                    value: usize::try_from(*local_cache_bytes).unwrap_or(usize::MAX),
+                    min: min as usize,
+                    max: max as usize,
                 });
             }
             // fred's replica routing is made for clusters, but stickless's tests cover replicas of
@@ -609,6 +624,8 @@ pub enum StoreConfig {
         iam: Option<IamAuth>,
         /// Sessions kept in the local cache (`--local-cache`); 0 for none.
         local_cache: usize,
+        /// Bytes the local cache may hold at most (`--local-cache-bytes`), about.
+        local_cache_bytes: u64,
         /// Where session loads go (`--read-from`).
         read_from: ReadFrom,
     },
@@ -663,6 +680,7 @@ impl fmt::Debug for StoreConfig {
                 durability,
                 iam,
                 local_cache,
+                local_cache_bytes,
                 read_from,
                 ..
             } => f
@@ -673,6 +691,7 @@ impl fmt::Debug for StoreConfig {
                 .field("durability", durability)
                 .field("iam", iam)
                 .field("local_cache", local_cache)
+                .field("local_cache_bytes", local_cache_bytes)
                 .field("read_from", read_from)
                 .finish(),
         }
@@ -951,6 +970,31 @@ pub fn parse_duration(s: &str) -> Result<Duration, InvalidValue> {
     Ok(d)
 }
 
+/// Parses a size in bytes: a number, with `KiB`, `MiB` or `GiB` (like `32MiB`).
+///
+/// # Errors
+/// [`InvalidValue`] saying what is accepted.
+pub fn parse_bytes(s: &str) -> Result<u64, InvalidValue> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let err = || {
+        InvalidValue::new(
+            s,
+            "a size; use a number of bytes, or with KiB, MiB or GiB (like 32MiB)",
+        )
+    };
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let scale: u64 = match unit.trim() {
+        "" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(err()),
+    };
+    n.checked_mul(scale).ok_or_else(err)
+}
+
 /// Parses a duration as [`parse_duration`] does, and also zero (`0`, `0s`, `0ms`...).
 ///
 /// # Errors
@@ -983,6 +1027,20 @@ mod tests {
 
     #[test]
     fn durations() {
+        assert_eq!(parse_bytes("32MiB"), Ok(32 << 20));
+        assert_eq!(parse_bytes("65536"), Ok(65536));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("64KiB"), Ok(64 << 10));
+        for bad in [
+            "",
+            "32MB",
+            "32 mib",
+            "-1",
+            "1.5MiB",
+            "99999999999999999999GiB",
+        ] {
+            assert!(parse_bytes(bad).is_err(), "{bad:?}");
+        }
         assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
         assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
@@ -1064,6 +1122,7 @@ mod tests {
             durability: Durability::Acknowledged,
             iam: None,
             local_cache: 0,
+            local_cache_bytes: DEFAULT_LOCAL_CACHE_BYTES,
             read_from: ReadFrom::Primary,
         }
     }
@@ -1126,6 +1185,7 @@ mod tests {
                 durability: Durability::Acknowledged,
                 iam: None,
                 local_cache: 0,
+                local_cache_bytes: DEFAULT_LOCAL_CACHE_BYTES,
                 read_from: ReadFrom::Primary,
             };
             Config::new(s)
@@ -1170,6 +1230,7 @@ mod tests {
                 durability: Durability::Acknowledged,
                 iam: Some(iam),
                 local_cache: 0,
+                local_cache_bytes: DEFAULT_LOCAL_CACHE_BYTES,
                 read_from: ReadFrom::Primary,
             };
             Config::new(s)
@@ -1277,6 +1338,7 @@ mod tests {
                 serverless: false,
             }),
             local_cache: 0,
+            local_cache_bytes: DEFAULT_LOCAL_CACHE_BYTES,
             read_from: ReadFrom::Primary,
         };
         let shown = format!("{store:?}");
@@ -1323,6 +1385,7 @@ mod tests {
                 durability: Durability::Acknowledged,
                 iam: None,
                 local_cache: 0,
+                local_cache_bytes: DEFAULT_LOCAL_CACHE_BYTES,
                 read_from: ReadFrom::Primary,
             };
             s.ttl.rotation_grace = Duration::from_secs(3);
@@ -1339,6 +1402,7 @@ mod tests {
                 durability: Durability::Acknowledged,
                 iam: None,
                 local_cache: 0,
+                local_cache_bytes: DEFAULT_LOCAL_CACHE_BYTES,
                 read_from: ReadFrom::Primary,
             };
         });
@@ -1352,6 +1416,7 @@ mod tests {
                 durability: Durability::Acknowledged,
                 iam: None,
                 local_cache: 0,
+                local_cache_bytes: DEFAULT_LOCAL_CACHE_BYTES,
                 read_from: ReadFrom::Primary,
             };
         });
@@ -1369,10 +1434,27 @@ mod tests {
                     durability: Durability::Acknowledged,
                     iam: None,
                     local_cache: size,
+                    local_cache_bytes: DEFAULT_LOCAL_CACHE_BYTES,
                     read_from: ReadFrom::Primary,
                 };
             });
             assert_eq!(e.setting(), "local-cache");
+        }
+        for bytes in [0, 1024, 65 * 1024 * 1024 * 1024] {
+            let e = refused(&|s| {
+                s.keys = Some(SigningKeys::random());
+                s.store = StoreConfig::Redis {
+                    url: "redis://h".into(),
+                    key_prefix: "k:".into(),
+                    timeout: Duration::from_secs(1),
+                    durability: Durability::Acknowledged,
+                    iam: None,
+                    local_cache: 10,
+                    local_cache_bytes: bytes,
+                    read_from: ReadFrom::Primary,
+                };
+            });
+            assert_eq!(e.setting(), "local-cache-bytes", "{bytes}");
         }
         let e = refused(&|s| {
             s.keys = Some(SigningKeys::random());
@@ -1383,6 +1465,7 @@ mod tests {
                 durability: Durability::Acknowledged,
                 iam: None,
                 local_cache: 0,
+                local_cache_bytes: DEFAULT_LOCAL_CACHE_BYTES,
                 read_from: ReadFrom::Replica,
             };
         });

@@ -138,6 +138,7 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Redis
             durability,
             iam,
             local_cache,
+            local_cache_bytes,
             read_from,
         } => {
             let redis = RedisStore::connect(RedisSettings {
@@ -149,6 +150,7 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Redis
                 durability: *durability,
                 iam: iam.clone(),
                 local_cache: *local_cache,
+                local_cache_bytes: *local_cache_bytes,
                 read_from: *read_from,
             })
             .await?;

@@ -70,6 +70,7 @@ async fn redis_store(
         durability: Default::default(),
         iam: None,
         local_cache: 0,
+        local_cache_bytes: stickless::config::DEFAULT_LOCAL_CACHE_BYTES,
         read_from: Default::default(),
     })
     .await

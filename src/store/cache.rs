@@ -33,6 +33,8 @@ use crate::metrics::{CacheLookup, Metrics};
 pub struct LocalCache {
     slots: Mutex<Slots>,
     capacity: usize,
+    /// Bound on the sum of the entries' [`footprint`]s.
+    max_bytes: u64,
     max_age: Duration,
     ttl: TtlPolicy,
     /// Whether the invalidation channel is up: without it, no lookup hits and no fill is kept.
@@ -58,6 +60,8 @@ struct Slots {
     /// Insertion order, for eviction: `(key, token)`; an item whose token is no longer the key's
     /// is stale and skipped.
     order: VecDeque<(String, u64)>,
+    /// The sum of the ready entries' footprints.
+    bytes: u64,
 }
 
 enum Slot {
@@ -67,7 +71,22 @@ enum Slot {
         token: u64,
         session: Session,
         loaded: Instant,
+        /// Its [`footprint`].
+        size: u64,
     },
+}
+
+/// What an entry holds in memory, about: its key, its fields' names and values, and the
+/// bookkeeping around them (map nodes, string headers, the order queue).
+fn footprint(key: &str, session: &Session) -> u64 {
+    const PER_ENTRY: usize = 192;
+    const PER_FIELD: usize = 64;
+    let fields: usize = session
+        .fields
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + PER_FIELD)
+        .sum();
+    (2 * key.len() + fields + PER_ENTRY) as u64
 }
 
 impl Slot {
@@ -80,7 +99,42 @@ impl Slot {
 
 impl Slots {
     fn remove(&mut self, key: &str) -> bool {
-        self.map.remove(key).is_some()
+        match self.map.remove(key) {
+            Some(slot) => {
+                self.forget(&slot);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes a removed slot's size off the total.
+    fn forget(&mut self, slot: &Slot) {
+        if let Slot::Ready { size, .. } = slot {
+            self.bytes = self.bytes.saturating_sub(*size);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.order.clear();
+        self.bytes = 0;
+    }
+
+    /// Drops the oldest entries, `keep` excepted, until the total is within `max_bytes`.
+    fn shrink_to(&mut self, max_bytes: u64, keep: &str) {
+        let mut turns = self.order.len();
+        while self.bytes > max_bytes && turns > 0 {
+            turns -= 1;
+            let Some((old, token)) = self.order.pop_front() else {
+                break;
+            };
+            if old == keep {
+                self.order.push_back((old, token));
+            } else if self.map.get(&old).is_some_and(|s| s.token() == token) {
+                self.remove(&old);
+            }
+        }
     }
 
     /// Drops stale order items once they outnumber the live ones, so that the order stays
@@ -95,12 +149,14 @@ impl Slots {
 }
 
 impl LocalCache {
-    /// A cache of at most `capacity` sessions under `ttl`; it answers nothing until
-    /// [`LocalCache::go_live`], [`LocalCache::set_down`] says its invalidation channel is up.
-    pub fn new(capacity: usize, ttl: TtlPolicy) -> Self {
+    /// A cache of at most `capacity` sessions and about `max_bytes` under `ttl`; it answers
+    /// nothing until [`LocalCache::go_live`], [`LocalCache::set_down`] says its invalidation
+    /// channel is up.
+    pub fn new(capacity: usize, max_bytes: u64, ttl: TtlPolicy) -> Self {
         LocalCache {
             slots: Mutex::new(Slots::default()),
             capacity: capacity.max(1),
+            max_bytes,
             max_age: ttl.idle / 8,
             ttl,
             live: AtomicBool::new(false),
@@ -172,7 +228,7 @@ impl LocalCache {
         if slots.map.len() >= self.capacity && !slots.map.contains_key(key) {
             while let Some((old, token)) = slots.order.pop_front() {
                 if slots.map.get(&old).is_some_and(|s| s.token() == token) {
-                    slots.map.remove(&old);
+                    slots.remove(&old);
                     break;
                 }
             }
@@ -196,7 +252,11 @@ impl LocalCache {
         let valid =
             self.live.load(Ordering::Acquire) && self.epoch.load(Ordering::Acquire) == fill.epoch;
         match session {
-            Some(session) if valid => {
+            // A session larger than the whole cache is not kept.
+            Some(session) if valid && footprint(&fill.key, &session) <= self.max_bytes => {
+                let size = footprint(&fill.key, &session);
+                slots.bytes += size;
+                slots.shrink_to(self.max_bytes, &fill.key);
                 slots.map.insert(
                     fill.key,
                     Slot::Ready {
@@ -204,11 +264,12 @@ impl LocalCache {
                         session,
                         // The TTL was renewed when the load ran, after this.
                         loaded: fill.started,
+                        size,
                     },
                 );
             }
             _ => {
-                slots.map.remove(&fill.key);
+                slots.remove(&fill.key);
             }
         }
     }
@@ -227,8 +288,7 @@ impl LocalCache {
     pub fn flush(&self) {
         let mut slots = self.lock();
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        slots.map.clear();
-        slots.order.clear();
+        slots.clear();
         drop(slots);
         if let Some(m) = self.metrics.get() {
             m.local_cache_flushed();
@@ -241,8 +301,7 @@ impl LocalCache {
         let mut slots = self.lock();
         let was_live = self.live.swap(false, Ordering::AcqRel);
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        slots.map.clear();
-        slots.order.clear();
+        slots.clear();
         drop(slots);
         if was_live {
             if let Some(m) = self.metrics.get() {
@@ -264,8 +323,7 @@ impl LocalCache {
             return false;
         }
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        slots.map.clear();
-        slots.order.clear();
+        slots.clear();
         self.live.store(true, Ordering::Release);
         true
     }
@@ -302,8 +360,13 @@ mod tests {
     }
 
     fn cache(capacity: usize) -> LocalCache {
+        cache_of(capacity, u64::MAX)
+    }
+
+    fn cache_of(capacity: usize, max_bytes: u64) -> LocalCache {
         let c = LocalCache::new(
             capacity,
+            max_bytes,
             TtlPolicy {
                 idle: Duration::from_secs(400),
                 absolute: None,
@@ -317,6 +380,48 @@ mod tests {
     fn fill(c: &LocalCache, key: &str, v: &str) {
         let f = c.begin_fill(key).expect("live");
         c.finish_fill(f, Some(session(v)));
+    }
+
+    /// The byte bound: the oldest entries go first, the total never passes it, and a session
+    /// larger than the whole cache is not kept.
+    #[test]
+    fn the_cache_holds_no_more_bytes_than_its_bound() {
+        let one = footprint("k0", &session("v"));
+        let c = cache_of(1000, 3 * one);
+        for i in 0..10 {
+            fill(&c, &format!("k{i}"), "v");
+            assert!(
+                c.lock().bytes <= 3 * one,
+                "{} > {}",
+                c.lock().bytes,
+                3 * one
+            );
+        }
+        assert_eq!(c.len(), 3);
+        assert!(c.get("k6", 0).is_none(), "the oldest went first");
+        assert!(c.get("k9", 0).is_some() && c.get("k7", 0).is_some());
+        let total: u64 = c
+            .lock()
+            .map
+            .values()
+            .map(|s| match s {
+                Slot::Ready { size, .. } => *size,
+                Slot::Filling(_) => 0,
+            })
+            .sum();
+        assert_eq!(c.lock().bytes, total, "the total follows the entries");
+
+        // Invalidations and flushes give the bytes back.
+        c.invalidate("k9");
+        assert_eq!(c.lock().bytes, 2 * one);
+        c.flush();
+        assert_eq!(c.lock().bytes, 0);
+
+        let big = session(&"x".repeat(4 * one as usize));
+        let f = c.begin_fill("big").expect("live");
+        c.finish_fill(f, Some(big));
+        assert!(c.get("big", 0).is_none(), "larger than the cache: not kept");
+        assert_eq!(c.lock().bytes, 0);
     }
 
     #[test]
@@ -407,6 +512,7 @@ mod tests {
     fn no_session_is_served_past_its_absolute_timeout() {
         let c = LocalCache::new(
             10,
+            u64::MAX,
             TtlPolicy {
                 idle: Duration::from_secs(400),
                 absolute: Some(Duration::from_secs(60)),

@@ -263,6 +263,8 @@ pub struct RedisSettings {
     pub iam: Option<IamAuth>,
     /// Sessions kept in the local cache (`--local-cache`); 0 for none.
     pub local_cache: usize,
+    /// Bytes the local cache may hold, about (`--local-cache-bytes`).
+    pub local_cache_bytes: u64,
     /// Where session loads go (`--read-from`).
     pub read_from: ReadFrom,
 }
@@ -887,8 +889,13 @@ impl RedisStore {
             config.credential_provider = Some(Arc::new(credentials));
         }
         let timeout = settings.timeout;
-        let cache = (settings.local_cache > 0)
-            .then(|| Arc::new(LocalCache::new(settings.local_cache, settings.ttl)));
+        let cache = (settings.local_cache > 0).then(|| {
+            Arc::new(LocalCache::new(
+                settings.local_cache,
+                settings.local_cache_bytes,
+                settings.ttl,
+            ))
+        });
         if let Some(cache) = &cache {
             follow_invalidations(config.clone(), &settings, cache)?;
         }

@@ -58,7 +58,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let mut h = request.clone();
             protocol.strip(&mut h);
-            protocol.inject(&mut h, Some(black_box(&fields)));
+            protocol.inject(&mut h, Some(&protocol.field_headers(black_box(&fields))));
             h
         })
     });

@@ -433,30 +433,39 @@ impl Protocol {
         count
     }
 
-    /// Adds the session headers for the backend: the status and one header per field. Fields
-    /// whose names are not valid protocol names (which only a direct write to the store can make)
-    /// are skipped.
-    pub fn inject(&self, headers: &mut HeaderMap, fields: Option<&Fields>) {
+    /// Adds the session headers for the backend: the status and `fields`, the headers made by
+    /// [`Protocol::field_headers`].
+    pub fn inject(&self, headers: &mut HeaderMap, fields: Option<&[(HeaderName, HeaderValue)]>) {
         match fields {
             None => {
                 headers.insert(self.status.clone(), NONE);
             }
             Some(fields) => {
                 headers.insert(self.status.clone(), ACTIVE);
-                let mut name = String::with_capacity(self.field_prefix.len() + 16);
-                for (k, v) in fields {
-                    if !is_valid_name(k) {
-                        continue;
-                    }
-                    name.clear();
-                    name.push_str(&self.field_prefix);
-                    name.push_str(k);
-                    if let Ok(h) = HeaderName::from_bytes(name.as_bytes()) {
-                        headers.append(h, encode_value(v));
-                    }
+                for (name, value) in fields {
+                    headers.append(name.clone(), value.clone());
                 }
             }
         }
+    }
+
+    /// The request headers of a session's fields, one per field. Fields whose names are not
+    /// valid protocol names (which only a direct write to the store can make) are skipped.
+    pub fn field_headers(&self, fields: &Fields) -> Vec<(HeaderName, HeaderValue)> {
+        let mut name = String::with_capacity(self.field_prefix.len() + 16);
+        let mut made = Vec::with_capacity(fields.len());
+        for (k, v) in fields {
+            if !is_valid_name(k) {
+                continue;
+            }
+            name.clear();
+            name.push_str(&self.field_prefix);
+            name.push_str(k);
+            if let Ok(h) = HeaderName::from_bytes(name.as_bytes()) {
+                made.push((h, encode_value(v)));
+            }
+        }
+        made
     }
 
     /// Marks the request as sent while the session could not be loaded (`X-Session: unavailable`,
@@ -743,7 +752,7 @@ mod tests {
         f.insert("user".into(), "zoë".into());
         f.insert("_created".into(), "1".into());
         let mut h = HeaderMap::new();
-        p.inject(&mut h, Some(&f));
+        p.inject(&mut h, Some(&p.field_headers(&f)));
         assert_eq!(h["x-session"], "active");
         assert_eq!(h["x-session-field-user"], "zo%C3%AB");
         assert_eq!(h.len(), 2);

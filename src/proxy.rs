@@ -11,6 +11,7 @@
 //! unless `--on-store-error fail-open`: then the request goes on without a session, marked
 //! `unavailable`, and only a response that would change the session is answered 503.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{self, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{Either, Empty, Full};
@@ -524,9 +526,13 @@ impl Proxy {
             }
         }
         match resolved {
-            Resolved::Live(_, session) => self
-                .protocol
-                .inject(req.headers_mut(), Some(&session.fields)),
+            // Made once per loaded copy: a session served from the local cache shares them.
+            Resolved::Live(_, session) => {
+                let fields = session
+                    .fields
+                    .headers(|fields| self.protocol.field_headers(fields));
+                self.protocol.inject(req.headers_mut(), Some(fields))
+            }
             Resolved::NoSession(_) | Resolved::Rotated => {
                 self.protocol.inject(req.headers_mut(), None)
             }
@@ -863,18 +869,19 @@ impl Proxy {
 
     /// Points the request at the backend and adds the forwarding headers.
     fn set_target(&self, req: &mut Request<Incoming>, peer: SocketAddr) -> Result<(), ProxyError> {
+        // The path shares the request head's buffer: no copy.
         let path = req
             .uri()
             .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let original_authority = req.uri().authority().cloned();
-        *req.uri_mut() = Uri::builder()
-            .scheme("http")
-            .authority(self.upstream.authority.clone())
-            .path_and_query(path)
-            .build()
-            .map_err(|_| ProxyError::BadRequest(BadRequest::Target))?;
+        let mut target = uri::Parts::default();
+        target.scheme = Some(Scheme::HTTP);
+        target.authority = Some(self.upstream.authority.clone());
+        target.path_and_query = Some(path);
+        *req.uri_mut() =
+            Uri::from_parts(target).map_err(|_| ProxyError::BadRequest(BadRequest::Target))?;
         *req.version_mut() = Version::HTTP_11;
         let headers = req.headers_mut();
         // HTTP/2 requests carry the host in the URI; the backend gets it as `Host`.
@@ -884,16 +891,17 @@ impl Proxy {
                 headers.insert(header::HOST, a);
             }
         }
-        let ip = peer.ip().to_string();
         // Earlier hops may have sent several headers: keep them all, in order, then this peer.
-        let mut xff: Vec<&str> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        xff.push(&ip);
-        let xff = xff.join(", ");
-        if let Ok(v) = HeaderValue::from_str(&xff) {
+        // Written in one buffer, and given to the header without a copy.
+        let mut xff = Vec::with_capacity(48);
+        for earlier in headers.get_all(&X_FORWARDED_FOR) {
+            if earlier.to_str().is_ok() {
+                xff.extend_from_slice(earlier.as_bytes());
+                xff.extend_from_slice(b", ");
+            }
+        }
+        let _ = write!(xff, "{}", peer.ip());
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
             headers.insert(X_FORWARDED_FOR.clone(), v);
         }
         // A load balancer in front (an ELB) already says how the client connected: keep its word.

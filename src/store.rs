@@ -23,10 +23,11 @@ pub mod memory;
 pub mod redis;
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use http::{HeaderName, HeaderValue};
 
 use crate::config::TtlPolicy;
 use crate::cookie::SessionId;
@@ -71,9 +72,8 @@ impl Loaded {
 /// A loaded session.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Session {
-    /// The fields the backend sees. Shared: a copy served from the local cache is not copied
-    /// again for each request.
-    pub fields: Arc<Fields>,
+    /// The fields the backend sees.
+    pub fields: SessionFields,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_ms: u64,
     /// The version: 1 when created, one more with every change ([`VERSION_FIELD`]).
@@ -87,6 +87,68 @@ impl fmt::Debug for Session {
             .field("created_ms", &self.created_ms)
             .field("version", &self.version)
             .finish()
+    }
+}
+
+/// A session's fields, shared: a copy served from the local cache is not copied again for each
+/// request, and the request headers made from it are made once ([`SessionFields::headers`]).
+#[derive(Clone, Default)]
+pub struct SessionFields(Arc<SharedFields>);
+
+#[derive(Default)]
+struct SharedFields {
+    fields: Fields,
+    headers: OnceLock<Box<[(HeaderName, HeaderValue)]>>,
+}
+
+impl SessionFields {
+    /// The request headers made from these fields by `make`, which runs once per copy: later
+    /// requests get clones that share the first one's bytes.
+    pub fn headers(
+        &self,
+        make: impl FnOnce(&Fields) -> Vec<(HeaderName, HeaderValue)>,
+    ) -> &[(HeaderName, HeaderValue)] {
+        self.0
+            .headers
+            .get_or_init(|| make(&self.0.fields).into_boxed_slice())
+    }
+}
+
+impl From<Fields> for SessionFields {
+    fn from(fields: Fields) -> Self {
+        SessionFields(Arc::new(SharedFields {
+            fields,
+            headers: OnceLock::new(),
+        }))
+    }
+}
+
+impl std::ops::Deref for SessionFields {
+    type Target = Fields;
+
+    fn deref(&self) -> &Fields {
+        &self.0.fields
+    }
+}
+
+impl PartialEq for SessionFields {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.fields == other.0.fields
+    }
+}
+
+impl Eq for SessionFields {}
+
+impl PartialEq<Fields> for SessionFields {
+    fn eq(&self, other: &Fields) -> bool {
+        &self.0.fields == other
+    }
+}
+
+/// Names only: values never reach a `Debug` output.
+impl fmt::Debug for SessionFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.fields.keys()).finish()
     }
 }
 

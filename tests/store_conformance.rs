@@ -667,7 +667,7 @@ async fn delete_set_incr_order(kind: Kind) {
     );
     assert_eq!(
         load().await,
-        fields(&[("a", "new"), ("b", "keep"), ("c", "3"), ("n", "5")]).into()
+        fields(&[("a", "new"), ("b", "keep"), ("c", "3"), ("n", "5")])
     );
 
     // Negative increments, through zero, on an existing and on a missing field.
@@ -738,7 +738,6 @@ async fn delete_set_incr_order(kind: Kind) {
             ("m", "-4"),
             ("s", "0")
         ])
-        .into()
     );
     let raw = f.raw(&id).await;
     assert_eq!(raw.len(), 7, "five fields, `_created` and `_v`: {raw:?}");

@@ -800,58 +800,32 @@ async fn serve_plain<F, Fut, B>(
     }
     if may_be_h2(&stream, first_head).await {
         let io = TokioIo::new(stream);
-        serve_connection(builder, io, handler, peer, limits, accepted, drain, cut).await;
+        // Boxed, so that it does not make every plain connection's task as large as its own.
+        Box::pin(serve_connection(
+            builder, io, handler, peer, limits, accepted, drain, cut,
+        ))
+        .await;
         return;
     }
-    let backlog = stream.backlog();
     let mut unread = Bytes::new();
     let mut start = accepted;
     loop {
-        let activity = Arc::new(Activity::new(start));
-        let io = Rewind {
-            unread,
-            stream,
-            activity: activity.clone(),
-        };
-        let (tracker, backlog, draining) = (activity.clone(), backlog.clone(), drain.clone());
-        let handler = handler.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
-            respond(req, &handler, peer, &tracker, &backlog, &draining)
-        });
-        let mut conn = http1
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades();
-        let head_by = start + limits.header_read_timeout;
-        let served = drive(
-            Pin::new(&mut conn),
-            |c| c.graceful_shutdown(),
-            &activity,
-            (limits, head_by, true),
+        // Boxed: the hyper connection and its state are held only while it serves, and the
+        // connection's task stays small while it waits for its next request.
+        let serving = serve_http1(
+            &http1,
+            (stream, unread),
+            &handler,
+            peer,
+            (limits, start),
             &mut drain,
             &mut cut,
-        )
-        .await;
-        if served == Served::Closed {
-            return;
-        }
-        // (None: upgraded, the socket is the tunnel's now.)
-        let Some(parts) = conn.into_parts() else {
+        );
+        let Some((idle, rest, idle_since)) = Box::pin(serving).await else {
             return;
         };
-        let rewind = parts.io.into_inner();
-        unread = if rewind.unread.is_empty() {
-            parts.read_buf
-        } else if parts.read_buf.is_empty() {
-            rewind.unread
-        } else {
-            // What hyper had read came first.
-            let mut both = bytes::BytesMut::from(&parts.read_buf[..]);
-            both.extend_from_slice(&rewind.unread);
-            both.freeze()
-        };
-        stream = rewind.stream;
-        let idle_by = activity.idle_since() + limits.keep_alive_timeout;
-        drop(activity);
+        (stream, unread) = (idle, rest);
+        let idle_by = idle_since + limits.keep_alive_timeout;
         if unread.is_empty() && !wait_for_bytes(&stream, idle_by, true, &mut drain, &mut cut).await
         {
             tracing::debug!(timeout = ?limits.keep_alive_timeout, "idle past the keep-alive timeout, or draining; closing");
@@ -859,6 +833,68 @@ async fn serve_plain<F, Fut, B>(
         }
         start = Instant::now();
     }
+}
+
+/// Serves requests on `stream` (after its `unread` bytes) with one hyper HTTP/1 connection,
+/// started at `start`, until it ends ([`drive`]). Once it has been idle long enough to be taken
+/// back: the socket, what hyper had read and not used, and when its last request ended.
+async fn serve_http1<F, Fut, B>(
+    http1: &http1::Builder,
+    (stream, unread): (Counted, Bytes),
+    handler: &F,
+    peer: SocketAddr,
+    (limits, start): (ConnLimits, Instant),
+    drain: &mut Drain,
+    cut: &mut watch::Receiver<bool>,
+) -> Option<(Counted, Bytes, Instant)>
+where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let activity = Arc::new(Activity::new(start));
+    let backlog = stream.backlog();
+    let io = Rewind {
+        unread,
+        stream,
+        activity: activity.clone(),
+    };
+    let (tracker, draining, handler) = (activity.clone(), drain.clone(), handler.clone());
+    let service = service_fn(move |req: Request<Incoming>| {
+        respond(req, &handler, peer, &tracker, &backlog, &draining)
+    });
+    let mut conn = http1
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let head_by = start + limits.header_read_timeout;
+    let served = drive(
+        Pin::new(&mut conn),
+        |c| c.graceful_shutdown(),
+        &activity,
+        (limits, head_by, true),
+        drain,
+        cut,
+    )
+    .await;
+    if served == Served::Closed {
+        return None;
+    }
+    // (None: upgraded, the socket is the tunnel's now.)
+    let parts = conn.into_parts()?;
+    let rewind = parts.io.into_inner();
+    let unread = if rewind.unread.is_empty() {
+        parts.read_buf
+    } else if parts.read_buf.is_empty() {
+        rewind.unread
+    } else {
+        // What hyper had read came first.
+        let mut both = bytes::BytesMut::from(&parts.read_buf[..]);
+        both.extend_from_slice(&rewind.unread);
+        both.freeze()
+    };
+    Some((rewind.stream, unread, activity.idle_since()))
 }
 
 /// Whether the first bytes of a plain connection may be h2's connection preface (all of it, or
@@ -1328,12 +1364,49 @@ mod tests {
         assert_eq!(a.next_deadline(idle + ka, first_head, ka), Deadline::Idle);
     }
 
+    /// A plain connection's task is as large as its largest state: the hyper connection and the
+    /// auto builder's are boxed, so that one waiting for its next request holds little more than
+    /// its socket.
+    #[tokio::test]
+    async fn a_plain_connection_task_is_small() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, (stream, peer)) =
+            tokio::join!(client, async { listener.accept().await.unwrap() });
+        let slots = Arc::new(Semaphore::new(1));
+        let permit = slots.try_acquire_owned().unwrap();
+        let stream = Counted::new(stream, (permit, None), None);
+        let handler = |_req: Request<Incoming>, _peer: SocketAddr| async {
+            Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
+        };
+        let (_control, drain) = Drain::new();
+        let (_cut_tx, cut) = watch::channel(false);
+        let builders = (
+            Arc::new(auto::Builder::new(TokioExecutor::new())),
+            Arc::new(http1::Builder::new()),
+        );
+        let limits = ConnLimits::default();
+        let task = serve_plain(
+            builders,
+            stream,
+            handler,
+            peer,
+            limits,
+            Instant::now(),
+            drain,
+            cut,
+        );
+        let size = std::mem::size_of_val(&task);
+        assert!(size < 2048, "a plain connection's task takes {size} bytes");
+        drop((task, client));
+    }
+
     /// hyper keeps the slot for a request's future for the connection's whole life: what the
     /// service returns must stay small however large the request path's future is, or every idle
     /// keep-alive connection holds the request path's size.
     #[tokio::test]
     async fn an_idle_connection_does_not_hold_the_request_path() {
-        let handler = |_req: Request<()>, _peer: SocketAddr| async {
+        let handler = |_req: Request<http_body_util::Empty<Bytes>>, _peer: SocketAddr| async {
             // A future that holds 16 KiB across an await, as a long request path does.
             let state = [1u8; 16 * 1024];
             tokio::task::yield_now().await;
@@ -1345,7 +1418,7 @@ mod tests {
         let (_control, drain) = Drain::new();
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let answering = respond(
-            Request::new(()),
+            Request::new(http_body_util::Empty::new()),
             &handler,
             peer,
             &tracker,

@@ -884,13 +884,14 @@ where
     // (None: upgraded, the socket is the tunnel's now.)
     let parts = conn.into_parts()?;
     let rewind = parts.io.into_inner();
-    let unread = if rewind.unread.is_empty() {
-        parts.read_buf
-    } else if parts.read_buf.is_empty() {
+    // Copied out: `read_buf` shares hyper's whole read buffer, which is what must not be held.
+    // (Usually empty; a next request's first bytes otherwise.)
+    let unread = if parts.read_buf.is_empty() {
         rewind.unread
     } else {
+        let mut both = bytes::BytesMut::with_capacity(parts.read_buf.len() + rewind.unread.len());
         // What hyper had read came first.
-        let mut both = bytes::BytesMut::from(&parts.read_buf[..]);
+        both.extend_from_slice(&parts.read_buf);
         both.extend_from_slice(&rewind.unread);
         both.freeze()
     };

@@ -10,6 +10,10 @@
 //! handshake included), and an idle
 //! timeout once requests are done. The admin listener has its own small cap, so `/healthz` and
 //! `/metrics` keep answering while the proxy's listener is full.
+//!
+//! A plain HTTP/1.1 connection that has been idle for a second is taken back from hyper and waits
+//! for its next request without hyper's buffers (see `serve_plain`): what an idle keep-alive
+//! connection holds is then about its socket.
 
 use std::convert::Infallible;
 use std::future::Future;

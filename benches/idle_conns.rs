@@ -5,7 +5,8 @@
 //! Run with `cargo bench --bench idle_conns`. N clients each open a connection, send one request,
 //! read the whole response and keep the connection open without a word more (what a browser or
 //! a load balancer's pool does between requests). stickless's RSS (`VmRSS` in /proc/PID/status)
-//! is read before, with all N connections open, and after they are closed; the growth divided by
+//! is read before, with all N connections open (2 s and 12 s after the last answer), and after
+//! they are closed; the growth divided by
 //! N is what one idle connection costs. For scale, the bench then holds as many connections
 //! (as many as its open-file limit allows) to its own backend, which is stickless's HTTP server with
 //! a handler that only answers, and reports its own RSS growth. BENCHMARKS.md ("Memory per open connection") records the
@@ -168,6 +169,10 @@ fn main() {
         // Past the proxy's idle timeout for backend connections (1 s): what stays is the clients'.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let rss_settled = proc_status_kib(pid, "VmRSS:");
+        // Idle connections give hyper's buffers back after a second; what jemalloc does not reuse
+        // is returned to the system by its background thread after its dirty decay (10 s).
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let rss_later = proc_status_kib(pid, "VmRSS:");
         let n = open.len();
         drop(open);
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -184,6 +189,7 @@ fn main() {
         println!("| idle (after one request) | {rss_idle} | |");
         println!("| {n} connections open, just answered | {rss_open} | {:.0} |", per(rss_open));
         println!("| {n} connections open, 2 s later | {rss_settled} | {:.0} |", per(rss_settled));
+        println!("| {n} connections open, 12 s later | {rss_later} | {:.0} |", per(rss_later));
         println!("| all closed, 2 s later | {rss_closed} | {:.0} |", per(rss_closed));
         println!("| peak (VmHWM) | {hwm} | {:.0} |", per(hwm));
         drop(proxy);

@@ -455,6 +455,9 @@ for t in sl-redis nginx; do
   if [ "$ok" -ne "$IDLE_CONNS" ]; then
     die "only $ok of $IDLE_CONNS idle connections to $t were answered"
   fi
+  # Idle, not just answered: stickless frees an HTTP/1 connection's buffers after 1 s of
+  # idleness, and jemalloc gives the pages back after its 10 s dirty decay.
+  sleep 12
   if [ "$t" = nginx ]; then
     record mem nginx-10k - - value "$(read -r -a p <<<"$(nginx_pids proxy | tr '\n' ' ')"; rss_kb "${p[@]}")"
   else

@@ -10,6 +10,10 @@
 //! handshake included), and an idle
 //! timeout once requests are done. The admin listener has its own small cap, so `/healthz` and
 //! `/metrics` keep answering while the proxy's listener is full.
+//!
+//! A plain HTTP/1.1 connection that has been idle for a second is taken back from hyper and waits
+//! for its next request without hyper's buffers (see `serve_plain`): what an idle keep-alive
+//! connection holds is then about its socket.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,8 +25,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -69,6 +75,13 @@ const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration
 /// Shortest time between two "connection limit reached" warnings, so that a listener held at
 /// its cap logs once in a while instead of once per connection.
 const LIMIT_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a plain HTTP/1 connection stays idle (every request answered) before it is taken back
+/// from hyper, which frees hyper's buffers (16 KiB) until its next request. Not at once: a new
+/// hyper connection per request costs about 2 us of CPU per request under load, while a
+/// connection idle for this long is asked little enough that the cost does not count (and the
+/// check runs on the connection's one timer, once per this interval at most).
+const IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// Most response body bytes an HTTP/1 connection hands to hyper ahead of what the client's socket
 /// has taken: a client that reads slowly holds at most this much (plus one chunk) in the proxy,
@@ -378,6 +391,15 @@ async fn serve_http_shared<F, Fut, B>(
         .max_send_buf_size(H2_MAX_SEND_BUF)
         .max_concurrent_streams(H2_MAX_STREAMS);
     let builder = Arc::new(builder);
+    // Plain connections that turn out to be HTTP/1 are served by hyper's HTTP/1 server alone, so
+    // that an idle one can be taken back from it (see `serve_plain`). The same settings as the
+    // auto builder's HTTP/1 side.
+    let mut http1 = http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.keep_alive_timeout)
+        .max_buf_size(MAX_HEADER_BYTES);
+    let http1 = Arc::new(http1);
     // One permit per open connection: held by the socket itself, so also by an upgraded tunnel.
     // Under a shared cap, the connections of this listener are counted apart as well, so that
     // it waits for (and cuts, and reports) its own: the shared permits of another listener that
@@ -445,8 +467,9 @@ async fn serve_http_shared<F, Fut, B>(
             .then(|| mine.clone().try_acquire_owned().ok())
             .flatten();
         let stream = Counted::new(stream, (permit, own), open.clone());
-        let (builder, handler, drain, cut) = (
+        let (builder, http1, handler, drain, cut) = (
             builder.clone(),
+            http1.clone(),
             handler.clone(),
             drain.clone(),
             cut_rx.clone(),
@@ -458,13 +481,13 @@ async fn serve_http_shared<F, Fut, B>(
         match tls.clone() {
             None => {
                 let serve = async move {
-                    let io = TokioIo::new(stream);
-                    serve_connection(builder, io, handler, peer, limits, accepted, drain, cut)
-                        .await;
+                    let http = (builder, http1);
+                    serve_plain(http, stream, handler, peer, limits, accepted, drain, cut).await;
                 };
                 tokio::spawn(serve.instrument(span));
             }
             Some(tls) => {
+                let _ = http1;
                 let serve = async move {
                     let deadline = accepted + limits.header_read_timeout;
                     let handshake = handshake(&tls, stream, deadline, drain.clone());
@@ -538,6 +561,13 @@ struct Activity {
     in_flight: AtomicUsize,
     /// When a request last ended, in nanoseconds from `origin` (read once `in_flight` is zero).
     idle_since: AtomicU64,
+    /// Whether the last request's answer leaves the connection reusable with nothing of it left
+    /// to read: HTTP/1.1 kept alive, no request body (one that is not read to its end is
+    /// skipped or makes hyper close, which must not be raced), no upgrade. Written before the
+    /// request stops counting as in flight.
+    reusable: AtomicBool,
+    /// Whether hyper's end of the connection leaves the socket open: it is being taken back.
+    keep_open: AtomicBool,
 }
 
 impl Activity {
@@ -547,7 +577,19 @@ impl Activity {
             started: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
+            reusable: AtomicBool::new(false),
+            keep_open: AtomicBool::new(false),
         }
+    }
+
+    /// Whether every request is answered and the last one left the connection reusable.
+    fn reusable(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0 && self.reusable.load(Ordering::Acquire)
+    }
+
+    /// When the last request ended (the origin if none has).
+    fn idle_since(&self) -> Instant {
+        self.origin + Duration::from_nanos(self.idle_since.load(Ordering::Acquire))
     }
 
     /// What the connection's deadline is now: `None` for a request head not yet in by its
@@ -566,9 +608,7 @@ impl Activity {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return Deadline::At(now + keep_alive);
         }
-        let idle_since =
-            self.origin + Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
-        let at = idle_since + keep_alive;
+        let at = self.idle_since() + keep_alive;
         if now >= at {
             Deadline::Idle
         } else {
@@ -730,9 +770,181 @@ async fn handshake(
     }
 }
 
-/// Serves one connection until it ends or misses a deadline of `limits`, following `drain`: while
-/// draining it is asked to close once its requests are answered, once the listener is closing a
-/// connection that has asked nothing is closed, and once `cut` turns true it is dropped.
+/// Serves a plain connection. One that starts with HTTP/1 is served request after request by
+/// hyper's HTTP/1 server, and taken back from it each time it has answered everything it was
+/// asked and stayed idle for [`IDLE_AFTER`]: an idle keep-alive connection then holds no hyper connection (whose read and
+/// response-head buffers are 8 KiB each, kept for its whole life), only its socket and the bytes
+/// of a next request hyper had already read. It waits for its next request without a buffer, and
+/// gets a new hyper connection when the socket turns readable, as nginx allocates a keep-alive
+/// connection's buffers again when its next request arrives. A connection that starts with what
+/// may be h2's preface is served by the auto builder as a TLS connection is, for its whole life.
+///
+/// The deadlines are those of [`serve_connection`], per hyper connection: the keep-alive timeout
+/// from the end of the last request while waiting, and the header read timeout from the first
+/// byte of each request head (from the accept for the first).
+#[allow(clippy::too_many_arguments)]
+async fn serve_plain<F, Fut, B>(
+    (builder, http1): (Arc<auto::Builder<TokioExecutor>>, Arc<http1::Builder>),
+    mut stream: Counted,
+    handler: F,
+    peer: SocketAddr,
+    limits: ConnLimits,
+    accepted: Instant,
+    mut drain: Drain,
+    mut cut: watch::Receiver<bool>,
+) where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let first_head = accepted + limits.header_read_timeout;
+    if !wait_for_bytes(&stream, first_head, false, &mut drain, &mut cut).await {
+        tracing::debug!(timeout = ?limits.header_read_timeout, "no request in time, or the listener closed; closing");
+        return;
+    }
+    if may_be_h2(&stream, first_head).await {
+        let io = TokioIo::new(stream);
+        // Boxed, so that it does not make every plain connection's task as large as its own.
+        Box::pin(serve_connection(
+            builder, io, handler, peer, limits, accepted, drain, cut,
+        ))
+        .await;
+        return;
+    }
+    let mut unread = Bytes::new();
+    let mut start = accepted;
+    loop {
+        // Boxed: the hyper connection and its state are held only while it serves, and the
+        // connection's task stays small while it waits for its next request.
+        let serving = serve_http1(
+            &http1,
+            (stream, unread),
+            &handler,
+            peer,
+            (limits, start),
+            &mut drain,
+            &mut cut,
+        );
+        let Some((idle, rest, idle_since)) = Box::pin(serving).await else {
+            return;
+        };
+        (stream, unread) = (idle, rest);
+        let idle_by = idle_since + limits.keep_alive_timeout;
+        if unread.is_empty() && !wait_for_bytes(&stream, idle_by, true, &mut drain, &mut cut).await
+        {
+            tracing::debug!(timeout = ?limits.keep_alive_timeout, "idle past the keep-alive timeout, or draining; closing");
+            return;
+        }
+        start = Instant::now();
+    }
+}
+
+/// Serves requests on `stream` (after its `unread` bytes) with one hyper HTTP/1 connection,
+/// started at `start`, until it ends ([`drive`]). Once it has been idle long enough to be taken
+/// back: the socket, what hyper had read and not used, and when its last request ended.
+async fn serve_http1<F, Fut, B>(
+    http1: &http1::Builder,
+    (stream, unread): (Counted, Bytes),
+    handler: &F,
+    peer: SocketAddr,
+    (limits, start): (ConnLimits, Instant),
+    drain: &mut Drain,
+    cut: &mut watch::Receiver<bool>,
+) -> Option<(Counted, Bytes, Instant)>
+where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let activity = Arc::new(Activity::new(start));
+    let backlog = stream.backlog();
+    let io = Rewind {
+        unread,
+        stream,
+        activity: activity.clone(),
+    };
+    let (tracker, draining, handler) = (activity.clone(), drain.clone(), handler.clone());
+    let service = service_fn(move |req: Request<Incoming>| {
+        respond(req, &handler, peer, &tracker, &backlog, &draining)
+    });
+    let mut conn = http1
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let head_by = start + limits.header_read_timeout;
+    let served = drive(
+        Pin::new(&mut conn),
+        |c| c.graceful_shutdown(),
+        &activity,
+        (limits, head_by, true),
+        drain,
+        cut,
+    )
+    .await;
+    if served == Served::Closed {
+        return None;
+    }
+    // (None: upgraded, the socket is the tunnel's now.)
+    let parts = conn.into_parts()?;
+    let rewind = parts.io.into_inner();
+    // Copied out: `read_buf` shares hyper's whole read buffer, which is what must not be held.
+    // (Usually empty; a next request's first bytes otherwise.)
+    let unread = if parts.read_buf.is_empty() {
+        rewind.unread
+    } else {
+        let mut both = bytes::BytesMut::with_capacity(parts.read_buf.len() + rewind.unread.len());
+        // What hyper had read came first.
+        both.extend_from_slice(&parts.read_buf);
+        both.extend_from_slice(&rewind.unread);
+        both.freeze()
+    };
+    Some((rewind.stream, unread, activity.idle_since()))
+}
+
+/// Whether the first bytes of a plain connection may be h2's connection preface (all of it, or
+/// as much as has arrived): such a connection goes to the auto builder, which tells them apart.
+/// Looked at once the socket is readable, by the first request head's deadline.
+async fn may_be_h2(stream: &Counted, deadline: Instant) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut first = [0u8; PREFACE.len()];
+    match tokio::time::timeout_at(deadline, stream.stream.peek(&mut first)).await {
+        Ok(Ok(n)) => n > 0 && first[..n] == PREFACE[..n],
+        // An error, or nothing yet: the auto builder finds out as well.
+        _ => true,
+    }
+}
+
+/// Waits until `stream` has bytes to read (or is closed by the peer): `false` when `deadline`
+/// passes first, when the listener closes, at the cut, or, for an `idle` connection (one that
+/// has answered all it was asked), as soon as the drain begins.
+async fn wait_for_bytes(
+    stream: &Counted,
+    deadline: Instant,
+    idle: bool,
+    drain: &mut Drain,
+    cut: &mut watch::Receiver<bool>,
+) -> bool {
+    loop {
+        let phase = drain.phase_and_mark_seen();
+        if phase >= Phase::Closing || (idle && phase >= Phase::Draining) {
+            return false;
+        }
+        tokio::select! {
+            biased;
+            ready = stream.stream.readable() => return ready.is_ok(),
+            () = tokio::time::sleep_until(deadline) => return false,
+            () = drain.changed() => continue,
+            // (An error is a sender gone: only once every connection has ended.)
+            Ok(_) = cut.wait_for(|c| *c) => return false,
+        }
+    }
+}
+
+/// Serves one connection with the auto builder (HTTP/1 or h2, TLS or not) until it ends or
+/// misses a deadline of `limits`, as [`drive`] describes.
 #[allow(clippy::too_many_arguments)]
 async fn serve_connection<I, F, Fut, B>(
     builder: Arc<auto::Builder<TokioExecutor>>,
@@ -761,11 +973,64 @@ async fn serve_connection<I, F, Fut, B>(
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let first_head = accepted + limits.header_read_timeout;
+    let limits = (limits, first_head, false);
+    drive(
+        conn,
+        |c| c.graceful_shutdown(),
+        &activity,
+        limits,
+        &mut drain,
+        &mut cut,
+    )
+    .await;
+}
+
+/// How [`drive`] left a hyper connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Served {
+    /// Ended: closed, upgraded, or dropped.
+    Closed,
+    /// Ended without closing the socket, every request answered: the socket can wait for its
+    /// next request without it.
+    Idle,
+}
+
+/// Runs one hyper connection (`conn`, asked to close by `graceful_shutdown`) until it ends or
+/// misses a deadline of `limits`, following `drain`: while draining it is asked to close once its
+/// requests are answered, once the listener is closing a connection that has asked nothing is
+/// closed, and once `cut` turns true it is dropped. With `recycle` (an HTTP/1 connection over a
+/// [`Rewind`]), it is ended without a word once it has been idle for [`IDLE_AFTER`], every
+/// request answered and the connection kept alive: [`Served::Idle`].
+async fn drive<C, E>(
+    mut conn: Pin<&mut C>,
+    graceful_shutdown: impl Fn(Pin<&mut C>),
+    activity: &Activity,
+    (limits, first_head, recycle): (ConnLimits, Instant, bool),
+    drain: &mut Drain,
+    cut: &mut watch::Receiver<bool>,
+) -> Served
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     // One timer for the connection's life, looked at when it fires and set again: requests do
     // not wake this task as they start and end. It fires at the latest a keep-alive timeout
     // after any moment, so an idle connection is closed on time (and at the first request
-    // head's deadline if none has come).
-    let timer = tokio::time::sleep_until(first_head.min(accepted + limits.keep_alive_timeout));
+    // head's deadline if none has come); with `recycle`, every `IDLE_AFTER` while the
+    // connection may yet be taken back from hyper.
+    let watching = || {
+        recycle
+            && (!activity.started.load(Ordering::Acquire)
+                || activity.in_flight.load(Ordering::Acquire) > 0
+                || activity.reusable.load(Ordering::Acquire))
+    };
+    let first_look = first_head.min(activity.origin + limits.keep_alive_timeout);
+    let first_look = if watching() {
+        first_look.min(activity.origin + IDLE_AFTER)
+    } else {
+        first_look
+    };
+    let timer = tokio::time::sleep_until(first_look);
     tokio::pin!(timer);
     let mut asked_to_close = false;
     let grace = loop {
@@ -775,28 +1040,47 @@ async fn serve_connection<I, F, Fut, B>(
                 // HTTP/1.1 closes once its response is out (at once if idle), h2 sends GOAWAY
                 // and lets its open streams finish. Not before a request has come: the protocol
                 // is not known yet, and hyper would drop the connection unanswered.
-                conn.as_mut().graceful_shutdown();
+                graceful_shutdown(conn.as_mut());
                 asked_to_close = true;
             } else if phase >= Phase::Closing {
                 tracing::debug!("listener closed before this connection asked anything; closing");
-                return;
+                return Served::Closed;
             }
         }
         tokio::select! {
             ended = conn.as_mut() => {
+                if ended.is_ok() && activity.keep_open.load(Ordering::Acquire) {
+                    return Served::Idle;
+                }
                 if let Err(e) = ended {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
-                return;
+                return Served::Closed;
             }
             () = timer.as_mut() => {
-                match activity.next_deadline(Instant::now(), first_head, limits.keep_alive_timeout) {
+                let now = Instant::now();
+                if recycle && !asked_to_close && activity.reusable() {
+                    let idle_from = activity.idle_since() + IDLE_AFTER;
+                    if now >= idle_from {
+                        // Idle in hyper's eyes too (a complete message each way, nothing of a
+                        // next head parsed), so it ends at once and writes nothing; the socket
+                        // stays open, and what hyper had read of a next request is kept.
+                        activity.keep_open.store(true, Ordering::Release);
+                        graceful_shutdown(conn.as_mut());
+                        asked_to_close = true;
+                    } else {
+                        timer.as_mut().reset(idle_from);
+                    }
+                    continue;
+                }
+                match activity.next_deadline(now, first_head, limits.keep_alive_timeout) {
+                    Deadline::At(at) if watching() => timer.as_mut().reset(at.min(now + IDLE_AFTER)),
                     Deadline::At(at) => timer.as_mut().reset(at),
                     Deadline::FirstHeadMissed => {
                         // Nothing was asked: there is nothing to finish, and no need to wait
                         // for a client that has been silent all along.
                         tracing::debug!(timeout = ?limits.header_read_timeout, "no complete request head in time; closing");
-                        return;
+                        return Served::Closed;
                     }
                     Deadline::Idle => {
                         tracing::debug!(timeout = ?limits.keep_alive_timeout, "idle; closing");
@@ -808,16 +1092,17 @@ async fn serve_connection<I, F, Fut, B>(
             // (An error is a sender gone: only once every connection has ended.)
             Ok(_) = cut.wait_for(|c| *c) => {
                 tracing::debug!("shutdown timeout reached; dropping the connection");
-                return;
+                return Served::Closed;
             }
         }
     };
     // HTTP/1.1 closes once its response is out, h2 sends GOAWAY and lets open streams finish.
-    conn.as_mut().graceful_shutdown();
+    activity.keep_open.store(false, Ordering::Release);
+    graceful_shutdown(conn.as_mut());
     if tokio::time::timeout(grace, conn).await.is_err() {
         tracing::debug!("connection did not close in time; dropped");
     }
-    drop(activity);
+    Served::Closed
 }
 
 /// Answers one request with `handler`: counts it as in flight on `tracker` until its response
@@ -832,12 +1117,18 @@ fn respond<R, F, Fut, B>(
     draining: &Drain,
 ) -> impl Future<Output = Result<Response<Tracked<B>>, Infallible>> + Send + 'static
 where
+    R: Body,
     F: Fn(Request<R>, SocketAddr) -> Fut,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: Body + Send + 'static,
 {
     let in_flight = InFlight::start(tracker);
     let http1 = req.version() <= http::Version::HTTP_11;
+    // Whether the connection may be taken back from hyper once this is answered (see
+    // `Activity::reusable`): HTTP/1.1 kept alive, and no request body that may still be unread.
+    let reusable = req.version() == http::Version::HTTP_11
+        && req.body().is_end_stream()
+        && !asks_to_close(req.headers());
     let backlog = http1.then(|| backlog.clone());
     let draining = draining.clone();
     // Boxed: hyper keeps the slot for a request's future for as long as the connection is open,
@@ -855,12 +1146,21 @@ where
                 http::HeaderValue::from_static("close"),
             );
         }
+        let reusable = reusable
+            && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            && !asks_to_close(resp.headers());
+        in_flight.0.reusable.store(reusable, Ordering::Release);
         Ok(resp.map(|inner| Tracked {
             inner,
             in_flight,
             backlog,
         }))
     }
+}
+
+/// Whether a message's `Connection` header asks to close the connection after it.
+fn asks_to_close(headers: &http::HeaderMap) -> bool {
+    crate::hop::connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("close"))
 }
 
 /// A client connection as hyper serves it: the counted socket, plain or inside TLS.
@@ -967,6 +1267,63 @@ impl AsyncWrite for Counted {
     }
 }
 
+/// A plain HTTP/1 connection's socket as one hyper connection serves it: the bytes the previous
+/// one had read and not used (a next request's, or part of it) come first, and the socket is
+/// not shut down when hyper ends the connection to hand it back (`keep_open`).
+struct Rewind {
+    unread: Bytes,
+    stream: Counted,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.unread.is_empty() {
+            return Pin::new(&mut self.stream).poll_read(cx, buf);
+        }
+        let n = self.unread.len().min(buf.remaining());
+        buf.put_slice(&self.unread.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.activity.keep_open.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1014,12 +1371,49 @@ mod tests {
         assert_eq!(a.next_deadline(idle + ka, first_head, ka), Deadline::Idle);
     }
 
+    /// A plain connection's task is as large as its largest state: the hyper connection and the
+    /// auto builder's are boxed, so that one waiting for its next request holds little more than
+    /// its socket.
+    #[tokio::test]
+    async fn a_plain_connection_task_is_small() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, (stream, peer)) =
+            tokio::join!(client, async { listener.accept().await.unwrap() });
+        let slots = Arc::new(Semaphore::new(1));
+        let permit = slots.try_acquire_owned().unwrap();
+        let stream = Counted::new(stream, (permit, None), None);
+        let handler = |_req: Request<Incoming>, _peer: SocketAddr| async {
+            Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
+        };
+        let (_control, drain) = Drain::new();
+        let (_cut_tx, cut) = watch::channel(false);
+        let builders = (
+            Arc::new(auto::Builder::new(TokioExecutor::new())),
+            Arc::new(http1::Builder::new()),
+        );
+        let limits = ConnLimits::default();
+        let task = serve_plain(
+            builders,
+            stream,
+            handler,
+            peer,
+            limits,
+            Instant::now(),
+            drain,
+            cut,
+        );
+        let size = std::mem::size_of_val(&task);
+        assert!(size < 2048, "a plain connection's task takes {size} bytes");
+        drop((task, client));
+    }
+
     /// hyper keeps the slot for a request's future for the connection's whole life: what the
     /// service returns must stay small however large the request path's future is, or every idle
     /// keep-alive connection holds the request path's size.
     #[tokio::test]
     async fn an_idle_connection_does_not_hold_the_request_path() {
-        let handler = |_req: Request<()>, _peer: SocketAddr| async {
+        let handler = |_req: Request<http_body_util::Empty<Bytes>>, _peer: SocketAddr| async {
             // A future that holds 16 KiB across an await, as a long request path does.
             let state = [1u8; 16 * 1024];
             tokio::task::yield_now().await;
@@ -1031,7 +1425,7 @@ mod tests {
         let (_control, drain) = Drain::new();
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let answering = respond(
-            Request::new(()),
+            Request::new(http_body_util::Empty::new()),
             &handler,
             peer,
             &tracker,

@@ -240,3 +240,133 @@ fn bad_connection_flags_exit_2_naming_the_flag() {
         assert!(stderr.contains(flag), "{flag}={value}: {stderr}");
     }
 }
+
+/// Appends what `s` reads next to `pending`, failing at `end` or the end of the stream.
+async fn read_more(s: &mut TcpStream, pending: &mut Vec<u8>, end: tokio::time::Instant) {
+    let mut buf = [0u8; 4096];
+    match tokio::time::timeout_at(end, s.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => pending.extend_from_slice(&buf[..n]),
+        other => panic!(
+            "no whole response ({other:?}): {}",
+            String::from_utf8_lossy(pending)
+        ),
+    }
+}
+
+/// One HTTP/1.1 response from `s`, whose body has a Content-Length: its head and its body.
+/// Bytes read past it stay in `pending` for the next call.
+async fn read_response(s: &mut TcpStream, pending: &mut Vec<u8>) -> (String, String) {
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    let head_len = loop {
+        if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        read_more(s, pending, end).await;
+    };
+    let head = String::from_utf8_lossy(&pending[..head_len]).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no Content-Length: {head}"));
+    while pending.len() < head_len + length {
+        read_more(s, pending, end).await;
+    }
+    let body = String::from_utf8_lossy(&pending[head_len..head_len + length]).into_owned();
+    pending.drain(..head_len + length);
+    (head, body)
+}
+
+/// An idle HTTP/1.1 connection is served again by a new hyper connection when its next request
+/// comes (the previous one is ended once everything is answered): requests pipelined in one
+/// write, or cut anywhere, are answered in order, and the kept-alive connection is still closed
+/// after `--keep-alive-timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_and_slow_requests_on_a_kept_alive_connection_are_answered_in_order() {
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::start(
+        &backend.url(),
+        &["--keep-alive-timeout", "3s", "--header-read-timeout", "5s"],
+    );
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut pending = Vec::new();
+
+    // Two requests and the start of a third in one write.
+    let mut write = [get("/one"), get("/two")].concat();
+    let third = get("/three");
+    write.extend_from_slice(&third[..7]);
+    s.write_all(&write).await.unwrap();
+    for path in ["/one", "/two"] {
+        let (head, body) = read_response(&mut s, &mut pending).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(body.contains(&format!("\"path\":\"{path}\"")), "{body}");
+    }
+    // The rest of the third after a pause, long enough for the connection to be taken back from
+    // hyper with the start of the third read.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.write_all(&third[7..]).await.unwrap();
+    let (_, body) = read_response(&mut s, &mut pending).await;
+    assert!(body.contains("\"path\":\"/three\""), "{body}");
+
+    // Idle long enough to be taken back, then a request byte by byte.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for b in get("/four") {
+        s.write_all(&[b]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (head, body) = read_response(&mut s, &mut pending).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.contains("\"path\":\"/four\""), "{body}");
+    assert!(pending.is_empty(), "{}", String::from_utf8_lossy(&pending));
+
+    // Then nothing: closed after the keep-alive timeout.
+    let idle = Instant::now();
+    closed_by_server(&mut s, Duration::from_secs(10)).await;
+    assert!(idle.elapsed() >= Duration::from_millis(2900));
+    assert_eq!(backend.hits(), 4);
+}
+
+/// The head of a request after the first on a kept-alive connection must be complete within
+/// `--header-read-timeout` of its first byte, not merely within the keep-alive timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_second_request_head_is_cut_by_the_header_read_timeout() {
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::start(
+        &backend.url(),
+        &["--keep-alive-timeout", "60s", "--header-read-timeout", "1s"],
+    );
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut pending = Vec::new();
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut s, &mut pending).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // A head that never ends, a header line every 100 ms: cut long before the keep-alive
+    // timeout.
+    s.write_all(b"GET /second HTTP/1.1\r\n").await.unwrap();
+    let started = Instant::now();
+    let mut cut = false;
+    for i in 0..200 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if s.write_all(format!("X-{i}: y\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            cut = true;
+            break;
+        }
+        let mut buf = [0u8; 1024];
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::ZERO, s.read(&mut buf)).await {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut, "still open after {:?}", started.elapsed());
+    assert_eq!(backend.hits(), 1);
+}

@@ -76,19 +76,26 @@ async fn while_draining_readyz_is_503_and_new_connections_are_served_until_the_l
         &["--drain-delay", LONG, "--shutdown-timeout", "20s"],
     );
     assert_eq!(readyz(&proxy).await.0, 200);
-    // A keep-alive connection that has served a request and sits idle.
-    let mut idle = TcpStream::connect(proxy.addr).unwrap();
-    idle.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    idle.write_all(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
+    // Keep-alive connections that have served a request and sit idle: one long enough to have
+    // been taken back from hyper (a second), one not.
     let mut buf = [0u8; 4096];
-    let n = idle.read(&mut buf).unwrap();
-    assert!(
-        buf[..n].starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&buf[..n])
-    );
+    let mut one_request = || {
+        let mut idle = TcpStream::connect(proxy.addr).unwrap();
+        idle.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        idle.write_all(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let n = idle.read(&mut buf).unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        idle
+    };
+    let mut idle_longer = one_request();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut idle = one_request();
 
     proxy.terminate();
     let (status, body) = readyz(&proxy).await;
@@ -96,14 +103,16 @@ async fn while_draining_readyz_is_503_and_new_connections_are_served_until_the_l
     assert!(body.contains("draining"), "{body}");
 
     // Idle keep-alive connections are closed, so that their clients reconnect elsewhere.
-    let closed = blocking(|| loop {
-        match idle.read(&mut buf) {
-            Ok(0) => break true,
-            Ok(_) => continue,
-            Err(e) => break e.kind() == std::io::ErrorKind::ConnectionReset,
-        }
-    });
-    assert!(closed, "the idle keep-alive connection was not closed");
+    for idle in [&mut idle, &mut idle_longer] {
+        let closed = blocking(|| loop {
+            match idle.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => continue,
+                Err(e) => break e.kind() == std::io::ErrorKind::ConnectionReset,
+            }
+        });
+        assert!(closed, "an idle keep-alive connection was not closed");
+    }
 
     // New connections are still served during the drain delay, and told to close.
     let r = Http::new().get(&proxy.url("/during")).await;

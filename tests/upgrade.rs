@@ -100,6 +100,18 @@ async fn upgrade(
     (head, reader)
 }
 
+/// A response head read line by line, lowercased.
+async fn head(reader: &mut BufReader<tokio::net::TcpStream>) -> String {
+    let mut lines = String::new();
+    loop {
+        let l = line(reader).await;
+        if l.is_empty() || l == "\r\n" {
+            return lines.to_ascii_lowercase();
+        }
+        lines.push_str(&l);
+    }
+}
+
 async fn line(reader: &mut BufReader<tokio::net::TcpStream>) -> String {
     let mut s = String::new();
     tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut s))
@@ -172,4 +184,36 @@ async fn a_backend_switching_protocols_unasked_is_a_502() {
     let proxy = Stickless::start(&backend, &[]);
     let r = Http::new().get(&proxy.url("/rogue")).await;
     assert_eq!(r.status, 502);
+}
+
+/// An upgrade asked on a kept-alive connection that sat idle long enough to be taken back from
+/// hyper (a second) and served again by a new one: the tunnel works as on a fresh connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_after_an_idle_pause_on_a_kept_alive_connection_works() {
+    let (backend, _stop) = echo_backend().await;
+    let proxy = Stickless::start(&backend, &[]);
+    let conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut reader = BufReader::new(conn);
+    reader
+        .get_mut()
+        .write_all(b"GET /plain HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let first = head(&mut reader).await;
+    assert!(first.starts_with("http/1.1 200"), "{first}");
+    assert!(first.contains("content-length: 0"), "{first}");
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    reader
+        .get_mut()
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let second = head(&mut reader).await;
+    assert!(second.starts_with("http/1.1 101"), "{second}");
+    assert_eq!(line(&mut reader).await, "hello nobody\n");
+    reader.get_mut().write_all(b"ping\n").await.unwrap();
+    assert_eq!(line(&mut reader).await, "ping\n");
 }

@@ -398,7 +398,10 @@ async fn serve_http_shared<F, Fut, B>(
     http1
         .timer(TokioTimer::new())
         .header_read_timeout(limits.keep_alive_timeout)
-        .max_buf_size(MAX_HEADER_BYTES);
+        .max_buf_size(MAX_HEADER_BYTES)
+        // The buffer's bound alone lets a larger head through when one read brings all of it
+        // (the socket waited readable before hyper's first read).
+        .max_header_size(MAX_HEADER_BYTES);
     let http1 = Arc::new(http1);
     // One permit per open connection: held by the socket itself, so also by an upgraded tunnel.
     // Under a shared cap, the connections of this listener are counted apart as well, so that

@@ -391,7 +391,7 @@ RESULTS=$TMP/results.tsv
 : >"$RESULTS"
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
-log "starting redis-server, the nginx backend, the nginx proxy and four stickless on loopback"
+log "starting redis-server, the nginx backend, the nginx proxy and five stickless on loopback"
 start_all
 record mem sl-redis-idle - - value "$(rss_kb "${PID[sl-redis]}")"
 record mem sl-mem-idle - - value "$(rss_kb "${PID[sl-mem]}")"

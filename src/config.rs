@@ -942,9 +942,7 @@ impl Default for ProtocolConfig {
 /// # Errors
 /// [`InvalidValue`] saying what is accepted.
 pub fn parse_duration(s: &str) -> Result<Duration, InvalidValue> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
+    let (num, unit) = number_and_unit(s);
     let err = || {
         InvalidValue::new(
             s,
@@ -970,14 +968,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, InvalidValue> {
     Ok(d)
 }
 
+/// The leading digits of `s` (trimmed) and what follows them.
+fn number_and_unit(s: &str) -> (&str, &str) {
+    let t = s.trim();
+    t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()))
+}
+
 /// Parses a size in bytes: a number, with `KiB`, `MiB` or `GiB` (like `32MiB`).
 ///
 /// # Errors
 /// [`InvalidValue`] saying what is accepted.
 pub fn parse_bytes(s: &str) -> Result<u64, InvalidValue> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
+    let (num, unit) = number_and_unit(s);
     let err = || {
         InvalidValue::new(
             s,
@@ -1000,9 +1002,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, InvalidValue> {
 /// # Errors
 /// As [`parse_duration`].
 pub fn parse_duration_or_zero(s: &str) -> Result<Duration, InvalidValue> {
-    let t = s.trim();
-    let unit_at = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(unit_at);
+    let (num, unit) = number_and_unit(s);
     let zero = !num.is_empty() && num.bytes().all(|b| b == b'0');
     if zero && matches!(unit.trim(), "" | "ms" | "s" | "m" | "h" | "d") {
         return Ok(Duration::ZERO);

@@ -629,3 +629,88 @@ async fn drill_reads_through_another_instance_never_miss_the_users_own_writes() 
         "reads through B that missed the user's own acknowledged write"
     );
 }
+
+/// With the cache on (the default) and a Redis that refuses `CLIENT TRACKING` (an ACL without
+/// `CLIENT` here; a server older than 6 alike), stickless serves every session from Redis, says
+/// so once, and asks again less and less often.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_that_refuses_tracking_leaves_the_cache_off_and_sessions_served() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let () = cmd(
+        &redis,
+        &[
+            "ACL",
+            "SETUSER",
+            "app",
+            "on",
+            ">app-pass",
+            "~*",
+            "+@all",
+            "-client",
+        ],
+    )
+    .await;
+    let url = format!("redis://app:app-pass@127.0.0.1:{}", redis.port);
+    let proxy = Stickless::on_redis_url(&backend.url(), &url, &[]);
+    let mut http = Http::with_jar();
+    let r = http
+        .get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    assert_eq!(r.status, 200);
+
+    let loads_before = hgetall_calls(&redis).await;
+    let () = cmd(&redis, &["ACL", "LOG", "RESET"]).await;
+    let started = Instant::now();
+    for _ in 0..20 {
+        let r = http.get(&proxy.url("/")).await;
+        assert_eq!(field(&r, "user").as_deref(), Some("alice"));
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let elapsed = started.elapsed();
+    let loads = hgetall_calls(&redis).await - loads_before;
+    assert!(loads >= 20, "every read went to Redis: {loads} loads");
+    assert_eq!(
+        hits(&proxy).await,
+        0.0,
+        "nothing served from a cache that is off"
+    );
+    // Refused attempts back off: at a fixed 100 ms pause there would be one every 100 ms.
+    // (MONITOR does not show a command the ACL refuses; the ACL log counts them.)
+    let log: Vec<Vec<redis::Value>> = cmd(&redis, &["ACL", "LOG"]).await;
+    let attempts: usize = log
+        .iter()
+        .filter_map(|entry| {
+            let at = entry
+                .iter()
+                .position(|v| matches!(v, redis::Value::BulkString(k) if k == b"count"))?;
+            match entry.get(at + 1) {
+                Some(redis::Value::Int(n)) => usize::try_from(*n).ok(),
+                _ => None,
+            }
+        })
+        .sum();
+    assert!(attempts > 0, "the ACL refused no CLIENT TRACKING: {log:?}");
+    let fixed_pace = (elapsed.as_millis() / 100) as usize;
+    assert!(
+        attempts * 2 < fixed_pace,
+        "{attempts} CLIENT TRACKING attempts in {elapsed:?}"
+    );
+    let logs = proxy.logs();
+    assert_eq!(
+        logs.matches("could not turn on redis client tracking")
+            .count(),
+        1,
+        "one warning: {logs}"
+    );
+}
+
+/// How many HGETALL `redis` has run (`INFO commandstats`).
+async fn hgetall_calls(redis: &RedisServer) -> usize {
+    let info: String = cmd(redis, &["INFO", "commandstats"]).await;
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_hgetall:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}

@@ -494,6 +494,9 @@ fn follow_invalidations(
 /// tracking is tried again while it is not.
 const TRACKING_CHECK: Duration = Duration::from_millis(500);
 const TRACKING_RETRY: Duration = Duration::from_millis(100);
+/// The longest pause between attempts while Redis refuses to turn tracking on (a server older
+/// than 6, an ACL without `CLIENT`): the cache stays off, and the attempts cost next to nothing.
+const TRACKING_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Turns tracking on whenever the cache is not live (at start, after a reconnection or a failed
 /// check), and checks the channel while it is: a connection that stopped answering may have
@@ -505,6 +508,8 @@ async fn keep_tracking(
     timeout: Duration,
 ) {
     let mut failing = false;
+    // Doubles with every refusal in a row, up to TRACKING_RETRY_MAX.
+    let mut retry = TRACKING_RETRY;
     // The cluster primaries tracking was turned on on (empty for one server).
     let mut tracked = Vec::new();
     loop {
@@ -542,6 +547,7 @@ async fn keep_tracking(
                         tracing::info!("redis invalidations followed again; local cache on");
                     }
                     failing = false;
+                    retry = TRACKING_RETRY;
                     TRACKING_CHECK
                 }
                 result => {
@@ -552,7 +558,9 @@ async fn keep_tracking(
                         }
                     }
                     failing = true;
-                    TRACKING_RETRY
+                    let pause = retry;
+                    retry = (retry * 2).min(TRACKING_RETRY_MAX);
+                    pause
                 }
             }
         };

@@ -726,10 +726,11 @@ impl Durability {
 /// Where session loads go (`--read-from`). Changes always go to the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ReadFrom {
-    /// The primary: every load reads and renews in one script.
+    /// The primary: `HGETALL` and `PTTL` in one round trip, the TTL renewed in the background
+    /// when due.
     #[default]
     Primary,
-    /// A replica of the primary, found with `ROLE`; a copy older than the user's own last
+    /// A replica of the primary, found in its `INFO replication`; a copy older than the user's own last
     /// change, a replica that cannot answer, and no replica at all send the load to the primary.
     Replica,
 }

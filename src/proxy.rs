@@ -844,9 +844,7 @@ impl Proxy {
         if changes.rotate || !changes.field_changes().is_empty() {
             self.metrics.event(Event::Dropped);
             in_request(|| {
-                tracing::warn!(
-                "request carried the cookie of a session rotated meanwhile; its changes were dropped"
-            )
+                tracing::warn!("request carried the cookie of a session rotated meanwhile; its changes were dropped")
             });
         }
         if changes.destroy {

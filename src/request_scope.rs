@@ -24,7 +24,6 @@ tokio::task_local! {
 
 /// What the `request` span of a request holds. Cheap to make: the method, the URI and the id
 /// share the request's buffers.
-#[derive(Clone)]
 pub struct Scope {
     peer: SocketAddr,
     method: Method,

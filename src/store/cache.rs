@@ -251,10 +251,12 @@ impl LocalCache {
         }
         let valid =
             self.live.load(Ordering::Acquire) && self.epoch.load(Ordering::Acquire) == fill.epoch;
-        match session {
+        let sized = session
+            .filter(|_| valid)
+            .map(|session| (footprint(&fill.key, &session), session));
+        match sized {
             // A session larger than the whole cache is not kept.
-            Some(session) if valid && footprint(&fill.key, &session) <= self.max_bytes => {
-                let size = footprint(&fill.key, &session);
+            Some((size, session)) if size <= self.max_bytes => {
                 slots.bytes += size;
                 slots.shrink_to(self.max_bytes, &fill.key);
                 slots.map.insert(

@@ -1,0 +1,587 @@
+//! HTTP/1 framing through stickless, seen at the wire: a raw client writes bytes to stickless and
+//! decodes what comes back, a raw backend reads what stickless forwarded and answers with bytes
+//! each test scripts. What is asserted is what a client can observe (status, headers, decoded
+//! body bytes, whether its connection stays usable or is closed), never how the proxy happens to
+//! format a message: header case and order, `Date`, and whether a body of unknown length comes
+//! back chunked or delimited by the close are all decoded alike.
+
+mod support;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// How long one read waits for bytes before the test gives up on it.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest message head either side reads.
+const MAX_HEAD: usize = 1024 * 1024;
+/// Largest body either side reads.
+const MAX_BODY: usize = 64 * 1024 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Reading HTTP/1 off a socket
+// ---------------------------------------------------------------------------------------------
+
+/// Why a message could not be read whole.
+#[derive(Debug)]
+enum WireError {
+    /// The peer closed (or reset) the connection before the message was complete.
+    Closed,
+    /// Nothing arrived for the read timeout.
+    Timeout,
+    /// Bytes that are not HTTP/1, or past a bound.
+    Malformed(String),
+}
+
+/// A message head: its first line and its fields, names lower-cased.
+#[derive(Debug, Clone)]
+struct Head {
+    line: String,
+    fields: Vec<(String, String)>,
+}
+
+impl Head {
+    fn header(&self, name: &str) -> Option<&str> {
+        field(&self.fields, name)
+    }
+
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.fields
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// Whether the body is chunked: `chunked` is the last transfer coding.
+    fn chunked(&self) -> bool {
+        self.all("transfer-encoding")
+            .last()
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
+    }
+
+    fn content_length(&self) -> Result<Option<usize>, WireError> {
+        match self.header("content-length") {
+            None => Ok(None),
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| WireError::Malformed(format!("content-length {v:?}"))),
+        }
+    }
+}
+
+fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// One side of a TCP connection, read as HTTP/1 with every read bounded by a timeout.
+struct Wire {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    timeout: Duration,
+}
+
+impl Wire {
+    fn new(stream: TcpStream) -> Self {
+        Wire {
+            stream,
+            buf: Vec::new(),
+            timeout: READ_TIMEOUT,
+        }
+    }
+
+    /// Reads more bytes into the buffer: how many, 0 at the end of the stream (a reset counts
+    /// as the end: the peer is gone either way).
+    async fn fill(&mut self, at_most: usize) -> Result<usize, WireError> {
+        let mut chunk = vec![0u8; at_most];
+        match tokio::time::timeout(self.timeout, self.stream.read(&mut chunk)).await {
+            Err(_) => Err(WireError::Timeout),
+            Ok(Err(_)) => Ok(0),
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                Ok(n)
+            }
+        }
+    }
+
+    /// One line without its LF (and the CR before it, if any).
+    async fn line(&mut self) -> Result<String, WireError> {
+        loop {
+            if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=end).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return String::from_utf8(line)
+                    .map_err(|_| WireError::Malformed("a line that is not UTF-8".into()));
+            }
+            if self.buf.len() > MAX_HEAD {
+                return Err(WireError::Malformed("a line past the head limit".into()));
+            }
+            if self.fill(16 * 1024).await? == 0 {
+                return Err(WireError::Closed);
+            }
+        }
+    }
+
+    /// A message head, or `None` when the peer closed before sending any of it.
+    async fn head(&mut self) -> Result<Option<Head>, WireError> {
+        if self.buf.is_empty() && self.fill(16 * 1024).await? == 0 {
+            return Ok(None);
+        }
+        let line = self.line().await?;
+        let fields = self.fields().await?;
+        Ok(Some(Head { line, fields }))
+    }
+
+    /// Header (or trailer) lines up to the empty line that ends them.
+    async fn fields(&mut self) -> Result<Vec<(String, String)>, WireError> {
+        let mut fields = Vec::new();
+        let mut size = 0;
+        loop {
+            let line = self.line().await?;
+            if line.is_empty() {
+                return Ok(fields);
+            }
+            size += line.len();
+            if size > MAX_HEAD {
+                return Err(WireError::Malformed("a head past its limit".into()));
+            }
+            let (k, v) = line
+                .split_once(':')
+                .ok_or_else(|| WireError::Malformed(format!("field line {line:.80?}")))?;
+            fields.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+    }
+
+    async fn exact(&mut self, n: usize) -> Result<Vec<u8>, WireError> {
+        if n > MAX_BODY {
+            return Err(WireError::Malformed(format!("a {n}-byte body")));
+        }
+        while self.buf.len() < n {
+            if self.fill(64 * 1024).await? == 0 {
+                return Err(WireError::Closed);
+            }
+        }
+        Ok(self.buf.drain(..n).collect())
+    }
+
+    async fn to_eof(&mut self) -> Result<Vec<u8>, WireError> {
+        while self.fill(64 * 1024).await? > 0 {
+            if self.buf.len() > MAX_BODY {
+                return Err(WireError::Malformed("a body past its limit".into()));
+            }
+        }
+        Ok(std::mem::take(&mut self.buf))
+    }
+
+    /// A chunked body, decoded, and its trailers.
+    async fn chunked(&mut self) -> Result<(Vec<u8>, Vec<(String, String)>), WireError> {
+        let mut body = Vec::new();
+        loop {
+            let line = self.line().await?;
+            let size = line.split(';').next().unwrap_or("").trim();
+            let size = usize::from_str_radix(size, 16)
+                .map_err(|_| WireError::Malformed(format!("chunk size {line:?}")))?;
+            if size == 0 {
+                return Ok((body, self.fields().await?));
+            }
+            if body.len() + size > MAX_BODY {
+                return Err(WireError::Malformed("a body past its limit".into()));
+            }
+            body.extend(self.exact(size).await?);
+            if !self.line().await?.is_empty() {
+                return Err(WireError::Malformed("no CRLF after a chunk".into()));
+            }
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client
+// ---------------------------------------------------------------------------------------------
+
+/// A response as the client decoded it.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    fields: Vec<(String, String)>,
+    body: Vec<u8>,
+    trailers: Vec<(String, String)>,
+    /// The statuses of the interim (1xx) responses that came before this one.
+    interim: Vec<u16>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        field(&self.fields, name)
+    }
+
+    fn has_header_starting(&self, prefix: &str) -> bool {
+        self.fields.iter().any(|(k, _)| k.starts_with(prefix))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A raw client connection to stickless.
+struct Client {
+    wire: Wire,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).await.expect("connect to stickless");
+        Client {
+            wire: Wire::new(stream),
+        }
+    }
+
+    /// Writes raw bytes; a proxy that already closed the connection may refuse them.
+    async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.wire.write(bytes).await
+    }
+
+    /// Reads the response head only (interim responses included).
+    async fn head(&mut self) -> Result<Head, WireError> {
+        self.wire.head().await?.ok_or(WireError::Closed)
+    }
+
+    /// Reads the next final response to a `method` request, skipping interim ones.
+    async fn answer(&mut self, method: &str) -> Result<Answer, WireError> {
+        let mut interim = Vec::new();
+        loop {
+            let head = self.head().await?;
+            let status: u16 = head
+                .line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| WireError::Malformed(format!("status line {:?}", head.line)))?;
+            if !head.line.starts_with("HTTP/1.") {
+                return Err(WireError::Malformed(format!("status line {:?}", head.line)));
+            }
+            if (100..200).contains(&status) && status != 101 {
+                interim.push(status);
+                continue;
+            }
+            let (body, trailers) = if method == "HEAD" || status == 204 || status == 304 {
+                (Vec::new(), Vec::new())
+            } else if head.chunked() {
+                self.wire.chunked().await?
+            } else if let Some(n) = head.content_length()? {
+                (self.wire.exact(n).await?, Vec::new())
+            } else {
+                (self.wire.to_eof().await?, Vec::new())
+            };
+            return Ok(Answer {
+                status,
+                fields: head.fields,
+                body,
+                trailers,
+                interim,
+            });
+        }
+    }
+
+    /// Sends `request` and reads its final response, which must arrive whole.
+    async fn exchange(&mut self, method: &str, request: &[u8]) -> Answer {
+        self.send(request).await.expect("the request is written");
+        self.answer(method)
+            .await
+            .unwrap_or_else(|e| panic!("no whole response to {method}: {e:?}"))
+    }
+
+    /// Whether stickless has closed the connection: the next read finds its end, not bytes,
+    /// within the read timeout.
+    async fn closed(&mut self) -> bool {
+        if !self.wire.buf.is_empty() {
+            return false;
+        }
+        matches!(self.wire.fill(1024).await, Ok(0))
+    }
+}
+
+/// `GET path` on a kept-alive HTTP/1.1 connection.
+fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").into_bytes()
+}
+
+/// A request with a `Content-Length` body.
+fn with_body(method: &str, path: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// The backend
+// ---------------------------------------------------------------------------------------------
+
+/// A request as the backend received it, body decoded.
+#[derive(Debug, Clone)]
+struct Received {
+    method: String,
+    target: String,
+    head: Head,
+    body: Vec<u8>,
+    /// Which backend connection it came on (0 for the first accepted).
+    connection: usize,
+}
+
+/// One accepted backend connection, handed to the test's script.
+struct Peer {
+    wire: Wire,
+    connection: usize,
+    seen: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Peer {
+    /// Reads the next request (its body too, answering `Expect: 100-continue` first), records
+    /// it, and returns it; `None` once the connection has ended or failed.
+    async fn request(&mut self) -> Option<Received> {
+        // A kept-alive connection may stay quiet for a long time between requests.
+        self.wire.timeout = Duration::from_secs(60);
+        let head = self.wire.head().await.ok()??;
+        self.wire.timeout = READ_TIMEOUT;
+        let mut words = head.line.split_whitespace();
+        let method = words.next()?.to_owned();
+        let target = words.next()?.to_owned();
+        if head
+            .header("expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+        {
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+        }
+        let body = if head.chunked() {
+            self.wire.chunked().await.ok()?.0
+        } else {
+            match head.content_length().ok()? {
+                Some(n) => self.wire.exact(n).await.ok()?,
+                None => Vec::new(),
+            }
+        };
+        let received = Received {
+            method,
+            target,
+            head,
+            body,
+            connection: self.connection,
+        };
+        self.seen.lock().unwrap().push(received.clone());
+        Some(received)
+    }
+
+    /// Writes raw bytes; stickless may have gone away, which its test then checks.
+    async fn write(&mut self, bytes: &[u8]) {
+        let _ = self.wire.write(bytes).await;
+    }
+}
+
+/// A raw backend on a free loopback port: each connection is handed to the script.
+struct Backend {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    async fn start<F, Fut>(script: F) -> Self
+    where
+        F: Fn(Peer) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let peer = Peer {
+                    wire: Wire::new(stream),
+                    connection: accepted.fetch_add(1, Ordering::SeqCst),
+                    seen: s.clone(),
+                };
+                tokio::spawn(script(peer));
+            }
+        });
+        Backend { addr, seen, task }
+    }
+
+    /// A keep-alive backend answering every request with `reply(request)`.
+    async fn answering(reply: impl Fn(&Received) -> Vec<u8> + Send + Sync + 'static) -> Self {
+        let reply = Arc::new(reply);
+        Self::start(move |mut peer| {
+            let reply = reply.clone();
+            async move {
+                while let Some(req) = peer.request().await {
+                    peer.write(&reply(&req)).await;
+                }
+            }
+        })
+        .await
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn requests(&self) -> Vec<Received> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `200 OK` with a `Content-Length` body.
+fn ok(body: &[u8]) -> Vec<u8> {
+    let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+/// The body each path gets from a backend that names it.
+fn body_for(req: &Received) -> Vec<u8> {
+    format!("body of {} {}", req.method, req.target).into_bytes()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Response bodies of every framing
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunked_response_with_a_trailer_arrives_whole_and_the_connection_is_reused() {
+    let backend = Backend::answering(|req| {
+        if req.target == "/chunked" {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n\
+              5\r\nhello\r\n1\r\n \r\n6;name=value\r\nworld!\r\n10\r\n0123456789abcdef\r\n\
+              0\r\nX-Checksum: abc\r\n\r\n"
+                .to_vec()
+        } else {
+            ok(&body_for(req))
+        }
+    })
+    .await;
+    let proxy = Stickless::start(&backend.url(), &[]);
+    let mut client = Client::connect(proxy.addr).await;
+    let r = client
+        .exchange(
+            "GET",
+            b"GET /chunked HTTP/1.1\r\nHost: test\r\nTE: trailers\r\n\r\n",
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "hello world!0123456789abcdef");
+    // Trailers go to a client that asked for them with `TE: trailers`.
+    assert_eq!(field(&r.trailers, "x-checksum"), Some("abc"));
+    let r = client.exchange("GET", &get("/second")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "body of GET /second");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_response_ended_by_the_backend_closing_arrives_whole() {
+    let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let sent = body.clone();
+    let backend = Backend::start(move |mut peer| {
+        let body = sent.clone();
+        async move {
+            if peer.request().await.is_some() {
+                peer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n")
+                    .await;
+                peer.write(&body).await;
+            }
+            // Dropping the connection ends the body.
+        }
+    })
+    .await;
+    let proxy = Stickless::start(&backend.url(), &[]);
+    let mut client = Client::connect(proxy.addr).await;
+    let r = client.exchange("GET", &get("/until-close")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), body.len());
+    assert!(r.body == body, "the body arrived changed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_head_request_gets_the_head_alone_and_the_connection_is_reused() {
+    let backend = Backend::answering(|req| {
+        if req.method == "HEAD" {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nContent-Type: text/plain\r\n\r\n".to_vec()
+        } else {
+            ok(&body_for(req))
+        }
+    })
+    .await;
+    let proxy = Stickless::start(&backend.url(), &[]);
+    let mut client = Client::connect(proxy.addr).await;
+    let r = client
+        .exchange("HEAD", b"HEAD /file HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    // The length the backend announced, if any is passed on: the length of a GET's body.
+    assert!(
+        matches!(r.header("content-length"), None | Some("1000")),
+        "{:?}",
+        r.fields
+    );
+    let r = client.exchange("GET", &get("/after-head")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "body of GET /after-head");
+    assert_eq!(backend.requests()[0].method, "HEAD");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_204_and_304_carry_no_body_and_the_connection_is_reused() {
+    let backend = Backend::answering(|req| match req.target.as_str() {
+        "/no-content" => b"HTTP/1.1 204 No Content\r\nX-Kind: none\r\n\r\n".to_vec(),
+        "/not-modified" => b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n".to_vec(),
+        _ => ok(&body_for(req)),
+    })
+    .await;
+    let proxy = Stickless::start(&backend.url(), &[]);
+    let mut client = Client::connect(proxy.addr).await;
+    let r = client.exchange("GET", &get("/no-content")).await;
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("x-kind"), Some("none"));
+    let r = client
+        .exchange(
+            "GET",
+            b"GET /not-modified HTTP/1.1\r\nHost: test\r\nIf-None-Match: \"v1\"\r\n\r\n",
+        )
+        .await;
+    assert_eq!(r.status, 304);
+    assert_eq!(r.header("etag"), Some("\"v1\""));
+    // Had either carried a body, its bytes would be read here as the next response's head.
+    let r = client.exchange("GET", &get("/after")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "body of GET /after");
+}

@@ -90,6 +90,9 @@ struct Wire {
     stream: TcpStream,
     buf: Vec<u8>,
     timeout: Duration,
+    /// Read at most this many bytes at a time, with a pause now and then: a slow reader.
+    small_reads: Option<usize>,
+    reads: usize,
 }
 
 impl Wire {
@@ -98,12 +101,24 @@ impl Wire {
             stream,
             buf: Vec::new(),
             timeout: READ_TIMEOUT,
+            small_reads: None,
+            reads: 0,
         }
     }
 
     /// Reads more bytes into the buffer: how many, 0 at the end of the stream (a reset counts
     /// as the end: the peer is gone either way).
     async fn fill(&mut self, at_most: usize) -> Result<usize, WireError> {
+        let at_most = match self.small_reads {
+            Some(small) => {
+                self.reads += 1;
+                if self.reads % 32 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                small.min(at_most)
+            }
+            None => at_most,
+        };
         let mut chunk = vec![0u8; at_most];
         match tokio::time::timeout(self.timeout, self.stream.read(&mut chunk)).await {
             Err(_) => Err(WireError::Timeout),
@@ -736,4 +751,122 @@ async fn a_chunked_request_body_reaches_the_backend_whole() {
     let seen = backend.requests();
     assert_eq!(seen[0].body, b"hello 0123456789");
     assert_eq!(seen[1].target, "/after");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Broken responses, large and slow bodies, the end of a connection
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_response_head_too_large_or_with_an_invalid_content_length_is_a_502() {
+    let backend = Backend::answering(|req| {
+        let head = match req.target.as_str() {
+            "/big-head" => {
+                let filler = "x".repeat(1000);
+                let mut h = String::from("HTTP/1.1 200 OK\r\n");
+                for i in 0..200 {
+                    h.push_str(&format!("X-Filler-{i}: {filler}\r\n"));
+                }
+                h + "Content-Length: 2\r\n\r\nok"
+            }
+            "/letters" => "HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nok".into(),
+            "/negative" => "HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\nok".into(),
+            "/two-lengths" => {
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok".into()
+            }
+            _ => return ok(&body_for(req)),
+        };
+        head.into_bytes()
+    })
+    .await;
+    let proxy = Stickless::start(&backend.url(), &[]);
+    for path in ["/big-head", "/letters", "/negative", "/two-lengths"] {
+        let mut client = Client::connect(proxy.addr).await;
+        let r = client.exchange("GET", &get(path)).await;
+        assert_eq!(r.status, 502, "{path}: {}", r.text());
+        assert_eq!(r.text(), "backend failed\n", "{path}");
+        assert!(!r.has_header_starting("x-filler"), "{path}");
+    }
+    let mut client = Client::connect(proxy.addr).await;
+    let r = client.exchange("GET", &get("/fine")).await;
+    assert_eq!(r.text(), "body of GET /fine");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_shorter_than_its_content_length_is_not_passed_off_as_complete() {
+    // 400 of the 1000 bytes announced, then the backend closes.
+    let backend = Backend::start(|mut peer| async move {
+        if peer.request().await.is_some() {
+            let mut r = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n".to_vec();
+            r.extend([b'a'; 400]);
+            peer.write(&r).await;
+        }
+    })
+    .await;
+    let proxy = Stickless::start(&backend.url(), &[]);
+    let mut client = Client::connect(proxy.addr).await;
+    client.send(&get("/short")).await.unwrap();
+    match client.answer("GET").await {
+        Err(WireError::Closed) => {}
+        other => panic!("the client got {other:?} instead of a cut-off response"),
+    }
+    // What came of the cut-off body is no use; nothing more comes on this connection.
+    client.wire.buf.clear();
+    let _ = client.send(&get("/next")).await;
+    assert!(client.closed().await, "the connection stayed open");
+    assert_eq!(backend.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_four_mebibyte_body_read_slowly_in_small_reads_arrives_intact() {
+    const SIZE: usize = 4 * 1024 * 1024;
+    let body: Arc<Vec<u8>> = Arc::new((0..SIZE).map(|i| (i % 253) as u8).collect());
+    let sent = body.clone();
+    let backend = Backend::answering(move |req| {
+        if req.target == "/large" {
+            [
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n").as_bytes(),
+                &sent[..],
+            ]
+            .concat()
+        } else {
+            ok(&body_for(req))
+        }
+    })
+    .await;
+    let proxy = Stickless::start(&backend.url(), &[]);
+    let mut client = Client::connect(proxy.addr).await;
+    client.wire.small_reads = Some(1024);
+    let r = client.exchange("GET", &get("/large")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), SIZE);
+    let first_wrong = r.body.iter().zip(body.iter()).position(|(a, b)| a != b);
+    assert_eq!(first_wrong, None, "the body differs from the backend's");
+    let r = client.exchange("GET", &get("/after")).await;
+    assert_eq!(r.text(), "body of GET /after");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_close_and_http_1_0_requests_are_answered_then_closed() {
+    let backend = Backend::answering(|req| ok(&body_for(req))).await;
+    let proxy = Stickless::start(&backend.url(), &[]);
+
+    let mut client = Client::connect(proxy.addr).await;
+    let r = client
+        .exchange(
+            "GET",
+            b"GET /bye HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+    assert_eq!(r.text(), "body of GET /bye");
+    assert!(client.closed().await, "open after Connection: close");
+
+    let mut client = Client::connect(proxy.addr).await;
+    let r = client
+        .exchange("GET", b"GET /old HTTP/1.0\r\nHost: test\r\n\r\n")
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "body of GET /old");
+    assert!(client.closed().await, "open after an HTTP/1.0 request");
+    assert_eq!(backend.requests().len(), 2);
 }

@@ -93,6 +93,8 @@ struct Wire {
     /// Read at most this many bytes at a time, with a pause now and then: a slow reader.
     small_reads: Option<usize>,
     reads: usize,
+    /// Every line [`Wire::line`] took, raw, while recording.
+    recorded: Option<Vec<u8>>,
 }
 
 impl Wire {
@@ -103,6 +105,7 @@ impl Wire {
             timeout: READ_TIMEOUT,
             small_reads: None,
             reads: 0,
+            recorded: None,
         }
     }
 
@@ -135,6 +138,9 @@ impl Wire {
         loop {
             if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
                 let mut line: Vec<u8> = self.buf.drain(..=end).collect();
+                if let Some(recorded) = &mut self.recorded {
+                    recorded.extend_from_slice(&line);
+                }
                 line.pop();
                 if line.last() == Some(&b'\r') {
                     line.pop();
@@ -361,6 +367,8 @@ struct Received {
     method: String,
     target: String,
     head: Head,
+    /// The head as it came, byte for byte.
+    raw_head: Vec<u8>,
     body: Vec<u8>,
     /// Which backend connection it came on (0 for the first accepted).
     connection: usize,
@@ -379,7 +387,9 @@ impl Peer {
     async fn request(&mut self) -> Option<Received> {
         // A kept-alive connection may stay quiet for a long time between requests.
         self.wire.timeout = Duration::from_secs(60);
+        self.wire.recorded = Some(Vec::new());
         let head = self.wire.head().await.ok()??;
+        let raw_head = self.wire.recorded.take().unwrap_or_default();
         self.wire.timeout = READ_TIMEOUT;
         let mut words = head.line.split_whitespace();
         let method = words.next()?.to_owned();
@@ -402,6 +412,7 @@ impl Peer {
             method,
             target,
             head,
+            raw_head,
             body,
             connection: self.connection,
         };
@@ -869,4 +880,201 @@ async fn connection_close_and_http_1_0_requests_are_answered_then_closed() {
     assert_eq!(r.text(), "body of GET /old");
     assert!(client.closed().await, "open after an HTTP/1.0 request");
     assert_eq!(backend.requests().len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sessions, a stalled backend, Expect, malformed requests, an unreachable backend
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_changes_in_headers_are_applied_and_session_trailers_never_reach_the_client() {
+    let backend = Backend::answering(|req| match req.target.as_str() {
+        "/login" => b"HTTP/1.1 200 OK\r\nX-Session-Set-User: alice\r\nContent-Length: 2\r\n\r\nok"
+            .to_vec(),
+        "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\
+              Trailer: X-Session-Set-Role, X-Checksum\r\n\r\n\
+              4\r\ndata\r\n0\r\nX-Session-Set-Role: admin\r\nX-Checksum: abc\r\n\r\n"
+            .to_vec(),
+        _ => ok(&body_for(req)),
+    })
+    .await;
+    let proxy = Stickless::start(&backend.url(), &[]);
+    let mut client = Client::connect(proxy.addr).await;
+    let r = client.exchange("GET", &get("/login")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "ok");
+    assert!(!r.has_header_starting("x-session"), "{:?}", r.fields);
+    let cookie = r
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .filter(|c| c.starts_with("sid="))
+        .expect("a session cookie")
+        .to_owned();
+
+    let request = format!("GET /whoami HTTP/1.1\r\nHost: test\r\nCookie: {cookie}\r\n\r\n");
+    let r = client.exchange("GET", request.as_bytes()).await;
+    assert_eq!(r.text(), "body of GET /whoami");
+    let seen = backend.requests();
+    assert_eq!(seen[1].head.header("x-session-field-user"), Some("alice"));
+
+    let request = format!(
+        "GET /chunked HTTP/1.1\r\nHost: test\r\nTE: trailers\r\nCookie: {cookie}\r\n\r\n"
+    );
+    let r = client.exchange("GET", request.as_bytes()).await;
+    assert_eq!(r.text(), "data");
+    assert!(
+        !r.trailers.iter().any(|(k, _)| k.starts_with("x-session")),
+        "a session trailer reached the client: {:?}",
+        r.trailers
+    );
+    assert!(!r.has_header_starting("x-session"), "{:?}", r.fields);
+    // Other trailers pass: the one above was taken out, not lost with all of them.
+    assert_eq!(field(&r.trailers, "x-checksum"), Some("abc"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_that_stalls_mid_body_gets_the_client_connection_closed() {
+    let backend = Backend::start(|mut peer| async move {
+        if peer.request().await.is_some() {
+            let mut r = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n".to_vec();
+            r.extend([b'a'; 100]);
+            peer.write(&r).await;
+            // Silent, with the connection open, for far longer than the upstream timeout.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+    })
+    .await;
+    let proxy = Stickless::start(&backend.url(), &["--upstream-timeout", "1s"]);
+    let mut client = Client::connect(proxy.addr).await;
+    // Generous: the proxy cuts the body after 1 s of silence.
+    client.wire.timeout = Duration::from_secs(20);
+    client.send(&get("/stall")).await.unwrap();
+    match client.answer("GET").await {
+        Err(WireError::Closed) => {}
+        other => panic!("the client got {other:?} instead of a cut-off response"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expect_100_continue_post_gets_its_body_to_the_backend() {
+    let backend = Backend::answering(|req| ok(&body_for(req))).await;
+    let proxy = Stickless::start(&backend.url(), &[]);
+    let mut client = Client::connect(proxy.addr).await;
+    client
+        .send(
+            b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: 11\r\n\
+              Expect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // The client waits for the 100 before it sends the body. It may come from stickless (today,
+    // as soon as the body is wanted) or be the backend's passed on; the backend here sends one
+    // whenever it gets `Expect: 100-continue`.
+    let head = client.head().await.expect("100 Continue");
+    assert!(head.line.starts_with("HTTP/1.1 100 "), "{head:?}");
+    client.send(b"hello world").await.unwrap();
+    let r = client.answer("POST").await.expect("the answer");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "body of POST /upload");
+    let seen = backend.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, b"hello world");
+    let r = client.exchange("GET", &get("/after")).await;
+    assert_eq!(r.text(), "body of GET /after");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_request_heads_are_400_and_never_reach_the_backend() {
+    let backend = Backend::answering(|req| ok(&body_for(req))).await;
+    let proxy = Stickless::start(&backend.url(), &[]);
+    let malformed: [(&str, &[u8]); 4] = [
+        (
+            "an obs-folded header line",
+            b"GET /folded HTTP/1.1\r\nHost: test\r\nX-Folded: a\r\n b\r\n\r\n",
+        ),
+        (
+            "a space before the colon",
+            b"GET /space HTTP/1.1\r\nHost: test\r\nX-Name : v\r\n\r\n",
+        ),
+        (
+            "a space before the colon of Host",
+            b"GET /host-space HTTP/1.1\r\nHost : test\r\n\r\n",
+        ),
+        (
+            "a bare CR",
+            b"GET /cr HTTP/1.1\r\nHost: test\r\nX-A: 1\rX-B: 2\r\n\r\n",
+        ),
+    ];
+    for (what, request) in malformed {
+        let mut client = Client::connect(proxy.addr).await;
+        let r = client.exchange("GET", request).await;
+        assert_eq!(r.status, 400, "{what}");
+        // The rest of the bytes cannot be trusted to start a next request.
+        assert!(client.closed().await, "{what}: the connection stayed open");
+    }
+    assert_eq!(backend.requests().len(), 0, "{:?}", backend.requests());
+    let mut client = Client::connect(proxy.addr).await;
+    let r = client.exchange("GET", &get("/fine")).await;
+    assert_eq!(r.text(), "body of GET /fine");
+}
+
+/// RFC 9112 (2.2) lets a recipient read a bare LF as the end of a line, and stickless does today:
+/// harmless as long as what reaches the backend is plain CRLF, each field on its own line, so
+/// that the backend cannot read the head another way than stickless did.
+#[tokio::test(flavor = "multi_thread")]
+async fn bare_lf_line_ends_are_read_as_line_ends_and_forwarded_as_crlf() {
+    let backend = Backend::answering(|req| ok(&body_for(req))).await;
+    let proxy = Stickless::start(&backend.url(), &[]);
+    let requests: [&[u8]; 2] = [
+        b"GET /lf-inside HTTP/1.1\r\nHost: test\r\nX-A: 1\nX-B: 2\r\n\r\n",
+        b"GET /lf-only HTTP/1.1\nHost: test\nX-A: 1\nX-B: 2\n\n",
+    ];
+    let mut client = Client::connect(proxy.addr).await;
+    for request in requests {
+        let r = client.exchange("GET", request).await;
+        assert_eq!(r.status, 200);
+    }
+    let r = client.exchange("GET", &get("/after")).await;
+    assert_eq!(r.text(), "body of GET /after");
+    let seen = backend.requests();
+    assert_eq!(seen.len(), 3);
+    for req in &seen[..2] {
+        assert_eq!(req.head.all("x-a"), ["1"], "{}", req.target);
+        assert_eq!(req.head.all("x-b"), ["2"], "{}", req.target);
+        let raw = &req.raw_head;
+        let bare_lf = (0..raw.len()).any(|i| raw[i] == b'\n' && (i == 0 || raw[i - 1] != b'\r'));
+        assert!(
+            !bare_lf,
+            "a bare LF reached the backend: {:?}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusing_backend_is_a_502_and_a_silent_one_a_504() {
+    // Held but not listening: connections to it are refused.
+    let dead = ReservedPort::new();
+    let proxy = Stickless::start(
+        &format!("http://127.0.0.1:{}", dead.port),
+        &["--upstream-timeout", "1s"],
+    );
+    let mut client = Client::connect(proxy.addr).await;
+    let r = client.exchange("GET", &get("/refused")).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.text(), "backend unavailable\n");
+
+    let silent = Backend::start(|mut peer| async move {
+        if peer.request().await.is_some() {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+    })
+    .await;
+    let proxy = Stickless::start(&silent.url(), &["--upstream-timeout", "1s"]);
+    let mut client = Client::connect(proxy.addr).await;
+    client.wire.timeout = Duration::from_secs(20);
+    let r = client.exchange("GET", &get("/silent")).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.text(), "backend timed out\n");
+    assert_eq!(silent.requests().len(), 1);
 }

@@ -658,8 +658,14 @@ async fn a_get_on_a_pooled_connection_the_backend_closed_is_retried_on_a_fresh_o
         "no GET went out on a pooled connection: {seen:?}"
     );
     for path in &paths {
-        let answered = seen.iter().filter(|r| r.nth == 0 && &r.target == path);
-        assert_eq!(answered.count(), 1, "{path}");
+        let answered: Vec<&Received> = seen
+            .iter()
+            .filter(|r| r.nth == 0 && &r.target == path)
+            .collect();
+        assert_eq!(answered.len(), 1, "{path}");
+        for lost in dropped.iter().filter(|r| &r.target == path) {
+            assert_ne!(lost.connection, answered[0].connection, "{path}");
+        }
     }
 }
 

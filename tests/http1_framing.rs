@@ -1151,3 +1151,61 @@ async fn a_refusing_backend_is_a_502_and_a_silent_one_a_504() {
     assert_eq!(r.text(), "backend timed out\n");
     assert_eq!(silent.requests().len(), 1);
 }
+
+/// RFC 9112 (6.1, 6.3): a request with both `Transfer-Encoding` and `Content-Length` is read by
+/// its transfer coding alone (or refused), the `Content-Length` never goes on beside it, and the
+/// connection is closed after the answer; two different lengths, or a transfer coding that does
+/// not end with `chunked`, are a 400. Today the first is answered and the others refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_with_conflicting_framing_are_read_one_safe_way_or_refused() {
+    let backend = Backend::answering(|req| ok(&body_for(req))).await;
+    let proxy = Stickless::start(&backend.url(), &[]);
+
+    let mut client = Client::connect(proxy.addr).await;
+    let r = client
+        .exchange(
+            "POST",
+            b"POST /te-cl HTTP/1.1\r\nHost: test\r\nContent-Length: 3\r\n\
+              Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        )
+        .await;
+    assert!([200, 400].contains(&r.status), "{}", r.status);
+    let _ = client.send(&get("/next")).await;
+    assert!(
+        client.closed().await,
+        "open after Transfer-Encoding with Content-Length"
+    );
+    let seen = backend.requests();
+    if r.status == 200 {
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0].body, b"hello");
+        let lengths = seen[0].head.all("content-length");
+        assert!(
+            lengths.is_empty() || (lengths == ["5"] && !seen[0].head.chunked()),
+            "{:?}",
+            String::from_utf8_lossy(&seen[0].raw_head)
+        );
+    } else {
+        assert!(seen.is_empty(), "{seen:?}");
+    }
+
+    let refused: [(&str, &[u8]); 2] = [
+        (
+            "two different lengths",
+            b"POST /two-cl HTTP/1.1\r\nHost: test\r\nContent-Length: 3\r\n\
+              Content-Length: 5\r\n\r\nhello",
+        ),
+        (
+            "a transfer coding that does not end with chunked",
+            b"POST /gzip HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+        ),
+    ];
+    let before = backend.requests().len();
+    for (what, request) in refused {
+        let mut client = Client::connect(proxy.addr).await;
+        let r = client.exchange("POST", request).await;
+        assert_eq!(r.status, 400, "{what}");
+        assert!(client.closed().await, "{what}: the connection stayed open");
+    }
+    assert_eq!(backend.requests().len(), before, "{:?}", backend.requests());
+}

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Buf;
-use http::{Method, Request, StatusCode, Version};
+use http::{Method, Request, StatusCode, Uri, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
@@ -103,12 +103,13 @@ impl Outcome {
 }
 
 /// One request's access line in the making; written when dropped.
-#[derive(Debug)]
 pub struct AccessRecord {
     started: Instant,
     peer: SocketAddr,
     method: Method,
-    path: String,
+    /// The request's target (sharing its buffer): the path is made loggable only when a line is
+    /// written.
+    uri: Uri,
     version: Version,
     request_id: RequestId,
     /// The session's state so far.
@@ -127,7 +128,7 @@ impl AccessRecord {
             started: Instant::now(),
             peer,
             method: req.method().clone(),
-            path: loggable_path(req.uri().path()),
+            uri: req.uri().clone(),
             version: req.version(),
             request_id,
             session: SessionState::None,
@@ -138,10 +139,43 @@ impl AccessRecord {
         }
     }
 
+    /// Records that the body was sent to its end, `bytes` of it.
+    pub fn complete(&mut self, bytes: u64) {
+        self.bytes = bytes;
+        self.outcome = Outcome::Complete;
+    }
+
+    /// Records that the body failed on the way (the backend's fault) after `bytes`.
+    pub fn failed(&mut self, bytes: u64) {
+        self.bytes = bytes;
+        self.outcome = Outcome::Failed;
+    }
+
+    /// Records that the client went away (or stopped reading) after `bytes` of the body.
+    pub fn aborted(&mut self, bytes: u64) {
+        self.bytes = bytes;
+        self.outcome = Outcome::Aborted;
+    }
+
     /// Records that the response head is ready with `status`.
     pub fn responded(&mut self, status: StatusCode) {
         self.status = Some((status, self.started.elapsed()));
         self.outcome = Outcome::Responding;
+    }
+}
+
+impl std::fmt::Debug for AccessRecord {
+    /// What the line would say of the request: never its query.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessRecord")
+            .field("peer", &self.peer)
+            .field("method", &self.method)
+            .field("path", &loggable_path(self.uri.path()))
+            .field("request_id", &self.request_id)
+            .field("session", &self.session)
+            .field("status", &self.status)
+            .field("outcome", &self.outcome)
+            .finish_non_exhaustive()
     }
 }
 
@@ -158,7 +192,7 @@ impl Drop for AccessRecord {
             target: TARGET,
             peer = %self.peer,
             method = %self.method,
-            path = %self.path,
+            path = %loggable_path(self.uri.path()),
             version = ?self.version,
             status,
             head_ms = head,

@@ -21,6 +21,18 @@ pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Removes the hop-by-hop headers of RFC 9110 section 7.6.1: those named in `Connection`, and
 /// `Connection`, `Proxy-Connection`, `Keep-Alive`, `TE`, `Transfer-Encoding` and `Upgrade`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages have none of them: one look at each name (standard names compare as
+    // numbers) instead of a lookup per hop-by-hop header.
+    if !headers.keys().any(|n| {
+        n == header::CONNECTION
+            || n == PROXY_CONNECTION
+            || n == KEEP_ALIVE
+            || n == header::TE
+            || n == header::TRANSFER_ENCODING
+            || n == header::UPGRADE
+    }) {
+        return;
+    }
     // Most requests name nothing in `Connection` (or send no such header): no allocation then.
     let named: Vec<HeaderName> = connection_tokens(headers)
         .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))

@@ -42,6 +42,7 @@ pub mod body;
 pub mod config;
 pub mod cookie;
 pub mod demo;
+pub mod h1;
 pub mod hop;
 pub mod log_limit;
 pub mod log_writer;

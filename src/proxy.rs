@@ -31,7 +31,7 @@ use hyper_util::rt::TokioExecutor;
 use tracing::Instrument;
 
 use crate::access_log::{AccessRecord, Logged, SessionState};
-use crate::body::{ClientBody, Detached, IdleTimeout, StripTrailers};
+use crate::body::{BoxError, ClientBody, Detached, IdleTimeout, StripTrailers};
 use crate::config::{Config, OnStoreError, TtlPolicy, Upstream};
 use crate::cookie::{split_cookies, CookieWriter, SessionId, SigningKeys};
 use crate::hop;
@@ -43,6 +43,9 @@ use crate::request_scope::{in_request, Scope};
 use crate::store::{now_ms, Applied, Loaded, Session, SessionStore, StoreError, Target};
 use crate::tunnel;
 use crate::upstream::Connector;
+
+mod direct;
+pub use direct::{DirectLimits, Ended};
 
 /// The body of every response stickless sends: the backend's, streamed (and cut off if the
 /// backend goes silent for the upstream timeout), or its own short text.
@@ -57,6 +60,9 @@ const RETRY_AFTER_SECS: HeaderValue = HeaderValue::from_static("1");
 /// Session cookies of one name checked per request. Browsers send one per matching path and
 /// domain, so a handful covers every real case; past that a forged flood costs nothing more.
 pub const MAX_SESSION_COOKIES: usize = 4;
+
+/// Most idle backend connections kept for reuse, per pool.
+const MAX_IDLE_BACKENDS: usize = 256;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -80,10 +86,10 @@ pub enum ProxyError {
     Store(#[from] StoreError),
     /// The backend could not be reached.
     #[error("backend unreachable")]
-    UpstreamConnect(#[source] hyper_util::client::legacy::Error),
+    UpstreamConnect(#[source] BoxError),
     /// The backend failed while answering.
     #[error("backend failed")]
-    Upstream(#[source] hyper_util::client::legacy::Error),
+    Upstream(#[source] BoxError),
     /// The backend sent no response headers in time.
     #[error("backend did not answer within {0:?}")]
     UpstreamTimeout(Duration),
@@ -123,7 +129,18 @@ impl ProxyError {
     /// could leak session data. `close` asks the client to close an HTTP/1 connection whose state
     /// is in doubt (a request body that may not have been read to its end).
     pub fn into_response(self, close: bool) -> Response<ProxyBody> {
-        let (status, text) = match &self {
+        let (status, text) = self.status_and_text();
+        let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
+            text.as_bytes(),
+        ))));
+        *resp.status_mut() = status;
+        error_headers(status, close, resp.headers_mut());
+        resp
+    }
+
+    /// The status of this error's response and its plain-text body.
+    fn status_and_text(&self) -> (StatusCode, &'static str) {
+        match self {
             ProxyError::Store(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "session store unavailable, retry shortly\n",
@@ -148,12 +165,13 @@ impl ProxyError {
                 (StatusCode::BAD_REQUEST, "bad request\n")
             }
             ProxyError::ClientBody(_) => (StatusCode::BAD_REQUEST, "bad request: malformed body\n"),
-        };
-        let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
-            text.as_bytes(),
-        ))));
-        *resp.status_mut() = status;
-        let h = resp.headers_mut();
+        }
+    }
+}
+
+/// The headers of an error response with `status`; `close` asks an HTTP/1 client to close.
+fn error_headers(status: StatusCode, close: bool, h: &mut HeaderMap) {
+    {
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -165,7 +183,6 @@ impl ProxyError {
         if close {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        resp
     }
 }
 
@@ -235,6 +252,12 @@ pub struct Proxy {
     client: Client<Connector, UpstreamBody>,
     /// Fresh connections only, for a retry.
     fresh: Client<Connector, UpstreamBody>,
+    /// Idle backend connections of the direct path.
+    pool: direct::Pool,
+    /// Longest a new backend connection may take.
+    connect_timeout: Duration,
+    /// Largest response head the backend may send.
+    response_head_limit: usize,
     metrics: Metrics,
 }
 
@@ -243,7 +266,8 @@ impl Proxy {
     pub fn new(config: &Config, store: Arc<dyn SessionStore>, metrics: Metrics) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.upstream_timeout.min(Duration::from_secs(5))));
+        let connect_timeout = config.upstream_timeout.min(Duration::from_secs(5));
+        connector.set_connect_timeout(Some(connect_timeout));
         let connector = Connector::new(connector);
         // The backend's response is read at the client's pace, one buffer at a time, and the
         // buffer is capped (hyper's default is ~400 KiB) so that a slow client, or an idle
@@ -254,7 +278,7 @@ impl Proxy {
             (config.protocol.max_session_bytes.saturating_mul(3) + 16 * 1024).max(64 * 1024);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.upstream_idle_timeout)
-            .pool_max_idle_per_host(256)
+            .pool_max_idle_per_host(MAX_IDLE_BACKENDS)
             .http1_max_buf_size(response_head_limit)
             .build(connector.clone());
         // Never reuses a connection: a retry must not meet another one the backend has closed.
@@ -277,6 +301,9 @@ impl Proxy {
             versions,
             client,
             fresh,
+            pool: direct::Pool::new(MAX_IDLE_BACKENDS, config.upstream_idle_timeout),
+            connect_timeout,
+            response_head_limit,
             metrics,
         }
     }
@@ -335,20 +362,9 @@ impl Proxy {
         log: &mut AccessRecord,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         check_host(&req)?;
-        // Over stickless's own TLS the request is HTTPS whatever it says; otherwise the load
-        // balancer in front says.
-        let https = self.tls
-            || req
-                .headers()
-                .get(&X_FORWARDED_PROTO)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+        let https = self.is_https(req.headers());
         let upgrade = Upgrade::requested(&mut req);
-        // The client's hop-by-hop headers go first: a `Connection` header naming a header could
-        // otherwise remove one that stickless injects below.
-        hop::remove_hop_by_hop(req.headers_mut());
-
-        let resolved = self.resolve(req.headers_mut()).await?;
-        log.session = resolved.state();
+        let resolved = self.open(req.headers_mut(), log).await?;
         let prepared = self.prepare(req, peer, id, &resolved, upgrade.as_ref())?;
         let sent = Instant::now();
         let forwarded = self.forward(prepared).await;
@@ -359,14 +375,48 @@ impl Proxy {
         let backend_upgrade = resp.headers().get(header::UPGRADE).cloned();
         hop::remove_hop_by_hop(resp.headers_mut());
         let tunnel = Upgrade::accept(upgrade, backend_upgrade, &mut resp)?;
+        let action = self.settle(resolved, &changes, log).await?;
+        Ok(self.answer(resp, action, https, tunnel))
+    }
+
+    /// Whether the request came over HTTPS: always over stickless's own TLS; otherwise as the
+    /// load balancer in front says.
+    fn is_https(&self, headers: &HeaderMap) -> bool {
+        self.tls
+            || headers
+                .get(&X_FORWARDED_PROTO)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"))
+    }
+
+    /// The request's session: the client's hop-by-hop headers out (a `Connection` header naming
+    /// a header could otherwise remove one that stickless injects), then the cookie taken and its
+    /// session loaded.
+    async fn open(
+        &self,
+        headers: &mut HeaderMap,
+        log: &mut AccessRecord,
+    ) -> Result<Resolved, ProxyError> {
+        hop::remove_hop_by_hop(headers);
+        let resolved = self.resolve(headers).await?;
+        log.session = resolved.state();
+        Ok(resolved)
+    }
+
+    /// Stores the backend's `changes` to the `resolved` session: what the cookies must say.
+    async fn settle(
+        &self,
+        resolved: Resolved,
+        changes: &Changes,
+        log: &mut AccessRecord,
+    ) -> Result<CookieAction, ProxyError> {
         let action = match resolved {
             _ if changes.is_empty() => CookieAction::Keep,
-            Resolved::Rotated => self.drop_after_rotation(&changes),
+            Resolved::Rotated => self.drop_after_rotation(changes),
             // Changes to a session that could not be read can be neither checked nor stored:
             // the client is told to retry rather than have them dropped silently.
             Resolved::Unavailable(e) => return Err(e.into()),
-            Resolved::Live(id, session) => self.commit(Some((id, session)), &changes).await?,
-            Resolved::NoSession(_) => self.commit(None, &changes).await?,
+            Resolved::Live(id, session) => self.commit(Some((id, session)), changes).await?,
+            Resolved::NoSession(_) => self.commit(None, changes).await?,
         };
         log.session = match action {
             CookieAction::Keep | CookieAction::Changed { .. } => log.session,
@@ -374,7 +424,7 @@ impl Proxy {
             CookieAction::Set { rotated: false, .. } => SessionState::Created,
             CookieAction::Clear => SessionState::Destroyed,
         };
-        Ok(self.answer(resp, action, https, tunnel))
+        Ok(action)
     }
 
     /// Logs a failed request: the reason, never a value. What a client can cause at will is
@@ -512,7 +562,34 @@ impl Proxy {
         resolved: &Resolved,
         upgrade: Option<&Upgrade>,
     ) -> Result<Prepared, ProxyError> {
-        let stripped = self.protocol.strip(req.headers_mut());
+        self.set_target(&mut req)?;
+        self.backend_headers(req.headers_mut(), peer, id, resolved);
+        if let Some(upgrade) = upgrade {
+            hop::mark_upgrade(req.headers_mut(), upgrade.protocol.clone());
+        }
+        let replay = Replay::of(&req);
+        let client_failed = Arc::new(AtomicBool::new(false));
+        let protocol = self.protocol.clone();
+        let failed = client_failed.clone();
+        let req = req
+            .map(|body| Either::Left(ClientBody::new(StripTrailers::new(body, protocol), failed)));
+        Ok(Prepared {
+            req,
+            replay,
+            client_failed,
+        })
+    }
+
+    /// The backend's request headers: the client's protocol headers out, the session's in, the
+    /// forwarding headers and the request id set.
+    fn backend_headers(
+        &self,
+        headers: &mut HeaderMap,
+        peer: SocketAddr,
+        id: &RequestId,
+        resolved: &Resolved,
+    ) {
+        let stripped = self.protocol.strip(headers);
         if stripped > 0 {
             self.metrics.spoofed_headers.inc_by(stripped as u64);
             if let Some(held_back) = SPOOF_WARNINGS.allow() {
@@ -531,31 +608,14 @@ impl Proxy {
                 let fields = session
                     .fields
                     .headers(|fields| self.protocol.field_headers(fields));
-                self.protocol.inject(req.headers_mut(), Some(fields))
+                self.protocol.inject(headers, Some(fields))
             }
-            Resolved::NoSession(_) | Resolved::Rotated => {
-                self.protocol.inject(req.headers_mut(), None)
-            }
-            Resolved::Unavailable(_) => self.protocol.inject_unavailable(req.headers_mut()),
+            Resolved::NoSession(_) | Resolved::Rotated => self.protocol.inject(headers, None),
+            Resolved::Unavailable(_) => self.protocol.inject_unavailable(headers),
         }
-        self.set_target(&mut req, peer)?;
+        self.forwarding_headers(headers, peer);
         // Replaces whatever the client sent: the backend gets the one id that is logged.
-        req.headers_mut()
-            .insert(X_REQUEST_ID.clone(), id.header_value().clone());
-        if let Some(upgrade) = upgrade {
-            hop::mark_upgrade(req.headers_mut(), upgrade.protocol.clone());
-        }
-        let replay = Replay::of(&req);
-        let client_failed = Arc::new(AtomicBool::new(false));
-        let protocol = self.protocol.clone();
-        let failed = client_failed.clone();
-        let req = req
-            .map(|body| Either::Left(ClientBody::new(StripTrailers::new(body, protocol), failed)));
-        Ok(Prepared {
-            req,
-            replay,
-            client_failed,
-        })
+        headers.insert(X_REQUEST_ID.clone(), id.header_value().clone());
     }
 
     /// Sends the request to the backend and waits for its response head, at most
@@ -590,11 +650,11 @@ impl Proxy {
             Ok(Err(e)) if client_failed.load(Ordering::Relaxed) => Err(ProxyError::ClientBody(e)),
             Ok(Err(e)) if e.is_connect() => {
                 self.metrics.upstream_error(UpstreamFailure::Connect);
-                Err(ProxyError::UpstreamConnect(e))
+                Err(ProxyError::UpstreamConnect(e.into()))
             }
             Ok(Err(e)) => {
                 self.metrics.upstream_error(UpstreamFailure::Response);
-                Err(ProxyError::Upstream(e))
+                Err(ProxyError::Upstream(e.into()))
             }
         }
     }
@@ -608,6 +668,21 @@ impl Proxy {
         https: bool,
         tunnel: Option<(OnUpgrade, OnUpgrade)>,
     ) -> Response<ProxyBody> {
+        self.set_cookies(resp.headers_mut(), action, https);
+        if let Some((client, backend)) = tunnel {
+            // The changes are stored and the cookie set before the protocol switches.
+            tokio::spawn(tunnel::splice(client, backend, self.upstream_timeout));
+        }
+        let (idle, protocol) = (self.upstream_timeout, self.protocol.clone());
+        resp.map(|body| {
+            let body = StripTrailers::new(Detached::new(body), protocol);
+            Either::Left(IdleTimeout::new(body, idle))
+        })
+    }
+
+    /// Sets or clears the session cookie (and the version cookie) as `action` says, beside the
+    /// backend's own cookies in `headers`.
+    fn set_cookies(&self, headers: &mut HeaderMap, action: CookieAction, https: bool) {
         let max_age = |created_ms: u64| {
             self.ttl.absolute.map(|abs| {
                 let end = created_ms + abs.as_millis() as u64;
@@ -649,7 +724,7 @@ impl Proxy {
             ),
         };
         if cookie.is_some() || version_cookie.is_some() {
-            let h = resp.headers_mut();
+            let h = headers;
             h.extend(
                 cookie
                     .into_iter()
@@ -659,15 +734,6 @@ impl Proxy {
             // A response that sets a session cookie must never be cached and served to another user.
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         }
-        if let Some((client, backend)) = tunnel {
-            // The changes are stored and the cookie set before the protocol switches.
-            tokio::spawn(tunnel::splice(client, backend, self.upstream_timeout));
-        }
-        let (idle, protocol) = (self.upstream_timeout, self.protocol.clone());
-        resp.map(|body| {
-            let body = StripTrailers::new(Detached::new(body), protocol);
-            Either::Left(IdleTimeout::new(body, idle))
-        })
     }
 
     /// Applies the backend's changes in the documented order: Destroy, Rotate, Delete, Set, Incr.
@@ -865,8 +931,8 @@ impl Proxy {
         result
     }
 
-    /// Points the request at the backend and adds the forwarding headers.
-    fn set_target(&self, req: &mut Request<Incoming>, peer: SocketAddr) -> Result<(), ProxyError> {
+    /// Points the request at the backend.
+    fn set_target(&self, req: &mut Request<Incoming>) -> Result<(), ProxyError> {
         // The path shares the request head's buffer: no copy.
         let path = req
             .uri()
@@ -889,6 +955,11 @@ impl Proxy {
                 headers.insert(header::HOST, a);
             }
         }
+        Ok(())
+    }
+
+    /// Adds the forwarding headers of a request from `peer`.
+    fn forwarding_headers(&self, headers: &mut HeaderMap, peer: SocketAddr) {
         // Earlier hops may have sent several headers: keep them all, in order, then this peer.
         // Written in one buffer, and given to the header without a copy.
         let mut xff = Vec::with_capacity(48);
@@ -912,7 +983,6 @@ impl Proxy {
                 headers.insert(X_FORWARDED_HOST.clone(), host);
             }
         }
-        Ok(())
     }
 }
 

@@ -46,7 +46,7 @@ use crate::config::{Config, StoreConfig};
 use crate::log_limit::LogLimit;
 use crate::metrics::{Listener, Metrics};
 use crate::notify;
-use crate::proxy::Proxy;
+use crate::proxy::{DirectLimits, Ended, Proxy};
 use crate::shutdown::{self, Drain, Phase, Shutdown};
 use crate::store::breaker::Breaker;
 use crate::store::memory::MemoryStore;
@@ -233,7 +233,7 @@ pub async fn serve_proxy(
                     let proxy = Arc::new(Proxy::new(&config, store, metrics));
                     serve_http_shared(
                         listener,
-                        tls,
+                        (tls, Some(proxy.clone())),
                         proxy_limits,
                         (slots, true),
                         Some(open),
@@ -265,7 +265,7 @@ pub async fn serve_proxy(
     ));
     let proxy_server = serve_http_shared(
         listener,
-        tls,
+        (tls, Some(proxy.clone())),
         proxy_limits,
         (slots, !workers_done.is_empty()),
         Some(proxy_open),
@@ -347,16 +347,28 @@ pub async fn serve_http_with<F, Fut, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    serve_http_shared(listener, tls, limits, (slots, false), open, handler, drain).await;
+    let plain = (tls, None);
+    serve_http_shared(
+        listener,
+        plain,
+        limits,
+        (slots, false),
+        open,
+        handler,
+        drain,
+    )
+    .await;
 }
 
 /// [`serve_http_with`] under a cap that may be shared with other listeners (`shared`): `slots`
 /// holds `limits.max_connections` permits, one taken by each connection open on any of them.
-/// Once closing, this waits until every connection under the cap has ended (or the cut).
+/// Once closing, this waits until every connection under the cap has ended (or the cut). With
+/// `direct`, plain HTTP/1.1 requests without a body go through the proxy's direct path (see
+/// `serve_plain`).
 #[allow(clippy::too_many_arguments)]
 async fn serve_http_shared<F, Fut, B>(
     listener: TcpListener,
-    tls: Option<Arc<Tls>>,
+    (tls, direct): (Option<Arc<Tls>>, Option<Arc<Proxy>>),
     limits: ConnLimits,
     (slots, shared): (Arc<Semaphore>, bool),
     open: Option<IntGauge>,
@@ -470,12 +482,13 @@ async fn serve_http_shared<F, Fut, B>(
             .then(|| mine.clone().try_acquire_owned().ok())
             .flatten();
         let stream = Counted::new(stream, (permit, own), open.clone());
-        let (builder, http1, handler, drain, cut) = (
+        let (builder, http1, handler, drain, cut, direct) = (
             builder.clone(),
             http1.clone(),
             handler.clone(),
             drain.clone(),
             cut_rx.clone(),
+            direct.clone(),
         );
         let span = tracing::debug_span!("conn", %peer);
         // Two tasks rather than one with a branch: a task's future is as large as its largest
@@ -484,13 +497,13 @@ async fn serve_http_shared<F, Fut, B>(
         match tls.clone() {
             None => {
                 let serve = async move {
-                    let http = (builder, http1);
+                    let http = (builder, http1, direct);
                     serve_plain(http, stream, handler, peer, limits, accepted, drain, cut).await;
                 };
                 tokio::spawn(serve.instrument(span));
             }
             Some(tls) => {
-                let _ = http1;
+                let _ = (http1, direct);
                 let serve = async move {
                     let deadline = accepted + limits.header_read_timeout;
                     let handshake = handshake(&tls, stream, deadline, drain.clone());
@@ -787,7 +800,11 @@ async fn handshake(
 /// byte of each request head (from the accept for the first).
 #[allow(clippy::too_many_arguments)]
 async fn serve_plain<F, Fut, B>(
-    (builder, http1): (Arc<auto::Builder<TokioExecutor>>, Arc<http1::Builder>),
+    (builder, http1, direct): (
+        Arc<auto::Builder<TokioExecutor>>,
+        Arc<http1::Builder>,
+        Option<Arc<Proxy>>,
+    ),
     mut stream: Counted,
     handler: F,
     peer: SocketAddr,
@@ -818,7 +835,45 @@ async fn serve_plain<F, Fut, B>(
     }
     let mut unread = Bytes::new();
     let mut start = accepted;
+    let direct_limits = DirectLimits {
+        header_read_timeout: limits.header_read_timeout,
+        keep_alive_timeout: limits.keep_alive_timeout,
+        idle_after: IDLE_AFTER,
+        max_head: MAX_HEADER_BYTES,
+    };
     loop {
+        if let Some(proxy) = &direct {
+            let mut buf = bytes::BytesMut::from(&unread[..]);
+            let head_by = start + limits.header_read_timeout;
+            let serving = proxy.serve_direct(
+                &mut stream.stream,
+                &mut buf,
+                peer,
+                direct_limits,
+                head_by,
+                &mut drain,
+            );
+            // Boxed, as hyper's connection is: held only while it serves.
+            let serving = Box::pin(serving);
+            let ended = tokio::select! {
+                ended = serving => ended,
+                // (An error is a sender gone: only once every connection has ended.)
+                Ok(_) = cut.wait_for(|c| *c) => return,
+            };
+            match ended {
+                Ended::Closed => return,
+                Ended::Idle(idle_since) => {
+                    let idle_by = idle_since + limits.keep_alive_timeout;
+                    if !wait_for_bytes(&stream, idle_by, true, &mut drain, &mut cut).await {
+                        tracing::debug!(timeout = ?limits.keep_alive_timeout, "idle past the keep-alive timeout, or draining; closing");
+                        return;
+                    }
+                    (unread, start) = (Bytes::new(), Instant::now());
+                    continue;
+                }
+                Ended::Other => (unread, start) = (buf.freeze(), Instant::now()),
+            }
+        }
         // Boxed: the hyper connection and its state are held only while it serves, and the
         // connection's task stays small while it waits for its next request.
         let serving = serve_http1(
@@ -1394,6 +1449,7 @@ mod tests {
         let builders = (
             Arc::new(auto::Builder::new(TokioExecutor::new())),
             Arc::new(http1::Builder::new()),
+            None,
         );
         let limits = ConnLimits::default();
         let task = serve_plain(

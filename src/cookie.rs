@@ -18,6 +18,7 @@
 //! built valid, so that writing `Set-Cookie` can never fail.
 
 use std::fmt;
+use std::ops::Range;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -236,14 +237,48 @@ pub fn generate_key() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// Values kept of one cookie name: browsers send one per matching path and domain, so a handful
+/// covers every real case; past that a forged flood costs nothing more.
+pub const KEPT_COOKIE_VALUES: usize = 4;
+
+/// The first [`KEPT_COOKIE_VALUES`] values of one cookie name, in order: where each is in its
+/// header, which is shared (no allocation).
+#[derive(Default)]
+pub struct CookieValues {
+    values: [Option<(HeaderValue, Range<usize>)>; KEPT_COOKIE_VALUES],
+    len: usize,
+}
+
+impl CookieValues {
+    fn push(&mut self, header: &HeaderValue, at: Range<usize>) {
+        if let Some(slot) = self.values.get_mut(self.len) {
+            *slot = Some((header.clone(), at));
+            self.len += 1;
+        }
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The values, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.values
+            .iter()
+            .flatten()
+            .filter_map(|(header, at)| std::str::from_utf8(header.as_bytes().get(at.clone())?).ok())
+    }
+}
+
 /// What the request's `Cookie` headers held, once the session cookie is taken out. Its `Debug`
 /// output shows no value.
 #[derive(Default)]
 pub struct RequestCookies {
-    /// Values of every cookie with the session cookie's name, in order.
-    pub session_values: Vec<String>,
-    /// Values of every version cookie (the session cookie's name and `_v`), in order.
-    pub version_values: Vec<String>,
+    /// The first values of the cookies with the session cookie's name, in order.
+    pub session_values: CookieValues,
+    /// The first values of the version cookies (the session cookie's name and `_v`), in order.
+    pub version_values: CookieValues,
     /// The other cookies, rejoined, or `None` when nothing else is left.
     pub rest: Option<HeaderValue>,
 }
@@ -251,8 +286,8 @@ pub struct RequestCookies {
 impl fmt::Debug for RequestCookies {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RequestCookies")
-            .field("session_values", &self.session_values.len())
-            .field("version_values", &self.version_values.len())
+            .field("session_values", &self.session_values.len)
+            .field("version_values", &self.version_values.len)
             .field("rest", &self.rest.as_ref().map(|_| "<redacted>"))
             .finish()
     }
@@ -268,6 +303,7 @@ pub fn split_cookies<'a>(
     let mut out = RequestCookies::default();
     let mut rest: Vec<&[u8]> = Vec::new();
     for value in headers {
+        let start = value.as_bytes().as_ptr() as usize;
         for pair in value.as_bytes().split(|&b| b == b';') {
             let pair = trim_ascii(pair);
             if pair.is_empty() {
@@ -289,8 +325,9 @@ pub fn split_cookies<'a>(
                     .strip_prefix(b"\"")
                     .and_then(|v| v.strip_suffix(b"\""))
                     .unwrap_or(v);
-                if let Ok(v) = std::str::from_utf8(v) {
-                    values.push(v.to_owned());
+                if std::str::from_utf8(v).is_ok() {
+                    let at = v.as_ptr() as usize - start;
+                    values.push(value, at..at + v.len());
                 }
             } else {
                 rest.push(pair);
@@ -671,8 +708,11 @@ mod tests {
             HeaderValue::from_static("sid=\"q\"; c; sid_v=3.t; sid_vv=1; xsid_v=2"),
         ];
         let c = split_cookies(h.iter(), "sid");
-        assert_eq!(c.session_values, vec!["abc.def", "q"]);
-        assert_eq!(c.version_values, vec!["3.t"]);
+        assert_eq!(
+            c.session_values.iter().collect::<Vec<_>>(),
+            ["abc.def", "q"]
+        );
+        assert_eq!(c.version_values.iter().collect::<Vec<_>>(), ["3.t"]);
         assert_eq!(c.rest.unwrap(), "a=1; b=2; c; sid_vv=1; xsid_v=2");
         let only = [HeaderValue::from_static("sid=x")];
         let c = split_cookies(only.iter(), "sid");
@@ -680,6 +720,16 @@ mod tests {
         let c = split_cookies(only.iter(), "other");
         assert!(c.session_values.is_empty());
         assert_eq!(c.rest.unwrap(), "sid=x");
+        // Only the first few of one name are kept; the others are not passed on either.
+        let flood = [HeaderValue::from_static(
+            "sid=1; sid=2; sid=3; sid=4; sid=5; a=b",
+        )];
+        let c = split_cookies(flood.iter(), "sid");
+        assert_eq!(
+            c.session_values.iter().collect::<Vec<_>>(),
+            ["1", "2", "3", "4"]
+        );
+        assert_eq!(c.rest.unwrap(), "a=b");
     }
 
     #[test]

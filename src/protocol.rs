@@ -468,6 +468,12 @@ impl Protocol {
         made
     }
 
+    /// Marks the request as carrying a live session whose field headers are written to the
+    /// request head directly (see [`crate::store::FieldHeaders::wire`]).
+    pub fn mark_active(&self, headers: &mut HeaderMap) {
+        headers.insert(self.status.clone(), ACTIVE);
+    }
+
     /// Marks the request as sent while the session could not be loaded (`X-Session: unavailable`,
     /// no fields): the store is down and stickless fails open.
     pub fn inject_unavailable(&self, headers: &mut HeaderMap) {

@@ -59,7 +59,7 @@ const RETRY_AFTER_SECS: HeaderValue = HeaderValue::from_static("1");
 
 /// Session cookies of one name checked per request. Browsers send one per matching path and
 /// domain, so a handful covers every real case; past that a forged flood costs nothing more.
-pub const MAX_SESSION_COOKIES: usize = 4;
+pub const MAX_SESSION_COOKIES: usize = crate::cookie::KEPT_COOKIE_VALUES;
 
 /// Most idle backend connections kept for reuse, per pool.
 const MAX_IDLE_BACKENDS: usize = 256;
@@ -563,7 +563,7 @@ impl Proxy {
         upgrade: Option<&Upgrade>,
     ) -> Result<Prepared, ProxyError> {
         self.set_target(&mut req)?;
-        self.backend_headers(req.headers_mut(), peer, id, resolved);
+        self.backend_headers(req.headers_mut(), peer, id, resolved, false);
         if let Some(upgrade) = upgrade {
             hop::mark_upgrade(req.headers_mut(), upgrade.protocol.clone());
         }
@@ -581,14 +581,17 @@ impl Proxy {
     }
 
     /// The backend's request headers: the client's protocol headers out, the session's in, the
-    /// forwarding headers and the request id set.
-    fn backend_headers(
+    /// forwarding headers and the request id set. With `wire`, a live session's field headers
+    /// are not added to `headers` but returned as they go on the wire, made once per loaded copy,
+    /// for a request head written directly.
+    fn backend_headers<'r>(
         &self,
         headers: &mut HeaderMap,
         peer: SocketAddr,
         id: &RequestId,
-        resolved: &Resolved,
-    ) {
+        resolved: &'r Resolved,
+        wire: bool,
+    ) -> Option<&'r [u8]> {
         let stripped = self.protocol.strip(headers);
         if stripped > 0 {
             self.metrics.spoofed_headers.inc_by(stripped as u64);
@@ -602,13 +605,19 @@ impl Proxy {
                 });
             }
         }
+        let mut written = None;
         match resolved {
             // Made once per loaded copy: a session served from the local cache shares them.
             Resolved::Live(_, session) => {
                 let fields = session
                     .fields
                     .headers(|fields| self.protocol.field_headers(fields));
-                self.protocol.inject(headers, Some(fields))
+                if wire {
+                    self.protocol.mark_active(headers);
+                    written = Some(&fields.wire[..]);
+                } else {
+                    self.protocol.inject(headers, Some(&fields.pairs))
+                }
             }
             Resolved::NoSession(_) | Resolved::Rotated => self.protocol.inject(headers, None),
             Resolved::Unavailable(_) => self.protocol.inject_unavailable(headers),
@@ -616,6 +625,7 @@ impl Proxy {
         self.forwarding_headers(headers, peer);
         // Replaces whatever the client sent: the backend gets the one id that is logged.
         headers.insert(X_REQUEST_ID.clone(), id.header_value().clone());
+        written
     }
 
     /// Sends the request to the backend and waits for its response head, at most
@@ -961,15 +971,27 @@ impl Proxy {
     /// Adds the forwarding headers of a request from `peer`.
     fn forwarding_headers(&self, headers: &mut HeaderMap, peer: SocketAddr) {
         // Earlier hops may have sent several headers: keep them all, in order, then this peer.
-        // Written in one buffer, and given to the header without a copy.
-        let mut xff = Vec::with_capacity(48);
-        for earlier in headers.get_all(&X_FORWARDED_FOR) {
-            if earlier.to_str().is_ok() {
-                xff.extend_from_slice(earlier.as_bytes());
-                xff.extend_from_slice(b", ");
-            }
+        // Written in one buffer of the exact size, and given to the header without a copy (one
+        // allocation in all).
+        let mut ip = [0u8; 48];
+        let ip_len = {
+            let mut at = &mut ip[..];
+            let _ = write!(at, "{}", peer.ip());
+            48 - at.len()
+        };
+        let earlier = || {
+            headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter(|v| v.to_str().is_ok())
+        };
+        let len = earlier().map(|v| v.len() + 2).sum::<usize>() + ip_len;
+        let mut xff = Vec::with_capacity(len);
+        for v in earlier() {
+            xff.extend_from_slice(v.as_bytes());
+            xff.extend_from_slice(b", ");
         }
-        let _ = write!(xff, "{}", peer.ip());
+        xff.extend_from_slice(&ip[..ip_len]);
         if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
             headers.insert(X_FORWARDED_FOR.clone(), v);
         }

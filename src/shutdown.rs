@@ -14,6 +14,9 @@
 
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use tokio::sync::watch;
 
 /// Where a server is in its stop.
@@ -31,17 +34,19 @@ pub enum Phase {
 
 /// The phase of a stop, as the servers and the admin endpoint see it. Cloned into each of them.
 #[derive(Debug, Clone)]
-pub struct Drain(watch::Receiver<Phase>);
+pub struct Drain(watch::Receiver<Phase>, Arc<AtomicBool>);
 
 /// Moves a [`Drain`] through its phases; held by whatever runs the stop.
 #[derive(Debug)]
-pub struct DrainControl(watch::Sender<Phase>);
+pub struct DrainControl(watch::Sender<Phase>, Arc<AtomicBool>);
 
 impl Drain {
     /// A drain in [`Phase::Serving`], and the control that moves it on.
     pub fn new() -> (DrainControl, Drain) {
         let (tx, rx) = watch::channel(Phase::Serving);
-        (DrainControl(tx), Drain(rx))
+        // Whether the drain has begun, read by every request: an atomic, not the channel's lock.
+        let draining = Arc::new(AtomicBool::new(false));
+        (DrainControl(tx, draining.clone()), Drain(rx, draining))
     }
 
     /// The phase now.
@@ -51,7 +56,7 @@ impl Drain {
 
     /// Whether a stop has begun (`/readyz` then answers 503).
     pub fn is_draining(&self) -> bool {
-        self.phase() >= Phase::Draining
+        self.1.load(Ordering::Acquire)
     }
 
     /// Completes once the phase is `phase` or later. Also completes if the control is dropped
@@ -77,6 +82,9 @@ impl Drain {
 impl DrainControl {
     /// Moves to `phase`, unless the drain is already there or further on.
     pub fn enter(&self, phase: Phase) {
+        if phase >= Phase::Draining {
+            self.1.store(true, Ordering::Release);
+        }
         self.0.send_if_modified(|p| {
             let later = phase > *p;
             if later {

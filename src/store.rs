@@ -98,7 +98,37 @@ pub struct SessionFields(Arc<SharedFields>);
 #[derive(Default)]
 struct SharedFields {
     fields: Fields,
-    headers: OnceLock<Box<[(HeaderName, HeaderValue)]>>,
+    headers: OnceLock<FieldHeaders>,
+}
+
+/// The request headers of a session's fields, made once per copy.
+pub struct FieldHeaders {
+    /// One header per field.
+    pub pairs: Box<[(HeaderName, HeaderValue)]>,
+    /// The same headers as they go on the wire (`name: value` and CRLF each), for a request head
+    /// written directly.
+    pub wire: Box<[u8]>,
+}
+
+impl FieldHeaders {
+    /// The headers `pairs`, and their wire form.
+    pub fn new(pairs: Vec<(HeaderName, HeaderValue)>) -> Self {
+        let len = pairs
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        let mut wire = Vec::with_capacity(len);
+        for (name, value) in &pairs {
+            wire.extend_from_slice(name.as_str().as_bytes());
+            wire.extend_from_slice(b": ");
+            wire.extend_from_slice(value.as_bytes());
+            wire.extend_from_slice(b"\r\n");
+        }
+        FieldHeaders {
+            pairs: pairs.into_boxed_slice(),
+            wire: wire.into_boxed_slice(),
+        }
+    }
 }
 
 impl SessionFields {
@@ -107,10 +137,10 @@ impl SessionFields {
     pub fn headers(
         &self,
         make: impl FnOnce(&Fields) -> Vec<(HeaderName, HeaderValue)>,
-    ) -> &[(HeaderName, HeaderValue)] {
+    ) -> &FieldHeaders {
         self.0
             .headers
-            .get_or_init(|| make(&self.0.fields).into_boxed_slice())
+            .get_or_init(|| FieldHeaders::new(make(&self.0.fields)))
     }
 }
 

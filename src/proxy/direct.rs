@@ -50,6 +50,8 @@ use crate::shutdown::Drain;
 const READ_BYTES: usize = 8 * 1024;
 /// Bytes of response gathered before they are written to the client.
 const FLUSH_BYTES: usize = 32 * 1024;
+/// Largest read buffer an idle backend connection keeps.
+const MAX_POOLED_BUFFER: usize = 2 * READ_BYTES;
 
 /// The bounds of a client connection on the direct path.
 #[derive(Debug, Clone, Copy)]
@@ -89,7 +91,7 @@ struct Backend {
 /// worker's tasks run on its one thread), at most `max` connections, none kept past
 /// `idle_timeout` (`--upstream-idle-timeout`).
 pub(super) struct Pool {
-    idle: Mutex<VecDeque<(TcpStream, Instant)>>,
+    idle: Mutex<VecDeque<(Backend, Instant)>>,
     max: usize,
     idle_timeout: Duration,
 }
@@ -107,30 +109,31 @@ impl Pool {
     fn take(&self) -> Option<Backend> {
         let mut idle = self.idle.lock().ok()?;
         self.expire(&mut idle);
-        while let Some((stream, _)) = idle.pop_back() {
-            if still_open(&stream) {
-                return Some(Backend {
-                    stream,
-                    buf: BytesMut::new(),
-                });
+        while let Some((backend, _)) = idle.pop_back() {
+            if still_open(&backend.stream) {
+                return Some(backend);
             }
         }
         None
     }
 
     /// Keeps `backend` for the next request, if there is room. Its buffer (empty: the response
-    /// was read to its end and nothing followed) goes with it.
-    fn put(&self, backend: Backend) {
+    /// was read to its end and nothing followed) goes with it, to be used again.
+    fn put(&self, mut backend: Backend) {
+        if backend.buf.capacity() > MAX_POOLED_BUFFER {
+            // Grown for a large head: not kept for ever.
+            backend.buf = BytesMut::new();
+        }
         if let Ok(mut idle) = self.idle.lock() {
             self.expire(&mut idle);
             if idle.len() < self.max {
-                idle.push_back((backend.stream, Instant::now()));
+                idle.push_back((backend, Instant::now()));
             }
         }
     }
 
     /// Drops the connections idle for longer than the idle timeout (the oldest are in front).
-    fn expire(&self, idle: &mut VecDeque<(TcpStream, Instant)>) {
+    fn expire(&self, idle: &mut VecDeque<(Backend, Instant)>) {
         while idle
             .front()
             .is_some_and(|(_, since)| since.elapsed() >= self.idle_timeout)
@@ -409,9 +412,9 @@ impl Proxy {
         let https = self.is_https(request.headers());
         let (mut parts, ()) = request.into_parts();
         let resolved = self.open(&mut parts.headers, log).await?;
-        self.backend_headers(&mut parts.headers, peer, id, &resolved);
+        let fields = self.backend_headers(&mut parts.headers, peer, id, &resolved, true);
         let sent = Instant::now();
-        let forwarded = self.forward_direct(&parts, timer, conn).await;
+        let forwarded = self.forward_direct((&parts, fields), timer, conn).await;
         log.backend = Some(sent.elapsed());
         let Answer {
             head: mut resp,
@@ -432,13 +435,13 @@ impl Proxy {
         })
     }
 
-    /// Sends the request to the backend and reads its response head, within
-    /// `--upstream-timeout` in all (on the connection's `timer`). As on hyper's path, an
+    /// Sends the request (with the session's `fields` as header lines) to the backend and reads
+    /// its response head, within `--upstream-timeout` in all (on the connection's `timer`). As on hyper's path, an
     /// idempotent request that failed before any of its answer arrived is sent once more, on a
     /// new connection.
     async fn forward_direct(
         &self,
-        parts: &request::Parts,
+        (parts, fields): (&request::Parts, Option<&[u8]>),
         mut timer: Pin<&mut Sleep>,
         conn: &mut Conn,
     ) -> Result<Answer, ProxyError> {
@@ -446,7 +449,12 @@ impl Proxy {
         let out = &mut conn.out;
         out.clear();
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        h1::write_request_head(out, &parts.method, path, &parts.headers);
+        h1::write_request_head(
+            out,
+            (&parts.method, path),
+            &parts.headers,
+            fields.unwrap_or(&[]),
+        );
         let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
         let method = &parts.method;
         let attempts = async {

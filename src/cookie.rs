@@ -18,6 +18,7 @@
 //! built valid, so that writing `Set-Cookie` can never fail.
 
 use std::fmt;
+use std::sync::Mutex;
 use std::ops::Range;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -26,6 +27,7 @@ use hmac::{Mac, SimpleHmac};
 use http::HeaderValue;
 use rand::RngCore;
 use sha2::Sha256;
+use subtle::ConstantTimeEq;
 
 use crate::value::InvalidValue;
 
@@ -228,6 +230,94 @@ impl SigningKeys {
             .any(|k| Self::tag(k, &id).verify_slice(&tag_bytes).is_ok())
             .then_some(id)
     }
+}
+
+/// Cookie values that verified lately: a user's next requests skip the HMAC and the decoding of
+/// the id. A pure function remembered (a value verifies, or not, whatever the time, under the
+/// keys given at startup), in a table of a fixed number of slots, each holding the last value
+/// that verified there. A value is found by comparing it whole, in constant time; a value that
+/// does not verify is never kept, so a forged cookie costs its HMAC every time and can at most
+/// push a real one out of its slot (which then costs one HMAC again).
+pub struct VerifiedCookies {
+    slots: Box<[Mutex<Option<Verified>>]>,
+}
+
+/// One remembered value: for a version cookie (`version` is then `Some`), the session it
+/// belongs to and its version.
+struct Verified {
+    value: Box<str>,
+    id: SessionId,
+    version: Option<u64>,
+}
+
+impl VerifiedCookies {
+    /// A table of `slots` slots (at least one).
+    pub fn new(slots: usize) -> Self {
+        VerifiedCookies {
+            slots: (0..slots.max(1)).map(|_| Mutex::new(None)).collect(),
+        }
+    }
+
+    /// The slot of `value`: from its last bytes, the tag (random for a real cookie). A forged
+    /// value can aim at any slot, which costs it nothing and gains it nothing.
+    fn slot(&self, value: &str) -> &Mutex<Option<Verified>> {
+        let b = value.as_bytes();
+        let tail = &b[b.len().saturating_sub(8)..];
+        let mut word = [0u8; 8];
+        word[..tail.len()].copy_from_slice(tail);
+        let mixed = u64::from_le_bytes(word).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        &self.slots[(mixed >> 32) as usize % self.slots.len()]
+    }
+
+    /// [`SigningKeys::verify`] of `value`, remembered.
+    pub fn session(&self, keys: &SigningKeys, value: &str) -> Option<SessionId> {
+        let slot = self.slot(value);
+        if let Ok(held) = slot.lock() {
+            let found = held
+                .as_ref()
+                .filter(|v| v.version.is_none() && same(&v.value, value));
+            if let Some(v) = found {
+                return Some(v.id.clone());
+            }
+        }
+        let id = keys.verify(value)?;
+        if let Ok(mut held) = slot.lock() {
+            *held = Some(Verified {
+                value: value.into(),
+                id: id.clone(),
+                version: None,
+            });
+        }
+        Some(id)
+    }
+
+    /// [`SigningKeys::verify_version`] of `value` for the session `id`, remembered.
+    pub fn version(&self, keys: &SigningKeys, id: &SessionId, value: &str) -> Option<u64> {
+        let slot = self.slot(value);
+        if let Ok(held) = slot.lock() {
+            let found = held.as_ref().and_then(|v| {
+                let mine = same(&v.value, value) && same(v.id.as_str(), id.as_str());
+                v.version.filter(|_| mine)
+            });
+            if found.is_some() {
+                return found;
+            }
+        }
+        let version = keys.verify_version(id, value)?;
+        if let Ok(mut held) = slot.lock() {
+            *held = Some(Verified {
+                value: value.into(),
+                id: id.clone(),
+                version: Some(version),
+            });
+        }
+        Some(version)
+    }
+}
+
+/// Whether `a` and `b` are the same, in time that depends on their lengths only.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
 /// A fresh random secret key: 256 bits, base64url.
@@ -699,6 +789,35 @@ mod tests {
         );
         assert!(SigningKeys::parse(&generate_key()).is_ok());
         assert!(!format!("{:?}", SigningKeys::parse(K1).unwrap()).contains(K1));
+    }
+
+    #[test]
+    fn verified_cookies_are_remembered_and_forged_ones_never() {
+        let keys = SigningKeys::parse(K1).unwrap();
+        let other = SigningKeys::parse(K2).unwrap();
+        let memo = VerifiedCookies::new(4);
+        let (a, b) = (SessionId::generate(), SessionId::generate());
+        let (ca, cb) = (keys.sign(&a), keys.sign(&b));
+        assert_eq!(memo.session(&keys, &ca), Some(a.clone()));
+        // Remembered: found even under keys that would refuse it (the keys never change).
+        assert_eq!(memo.session(&other, &ca), Some(a.clone()));
+        assert_eq!(memo.session(&keys, &cb), Some(b.clone()));
+        // A forged value is refused and not remembered.
+        let forged = other.sign(&a);
+        assert_eq!(memo.session(&keys, &forged), None);
+        assert_eq!(memo.session(&keys, &forged), None);
+        let mut flipped = ca.clone().into_bytes();
+        flipped[10] ^= 1;
+        let flipped = String::from_utf8(flipped).unwrap();
+        assert_eq!(memo.session(&keys, &flipped), None);
+        // A version cookie is remembered for its own session only.
+        let v = keys.sign_version(&a, 7);
+        assert_eq!(memo.version(&keys, &a, &v), Some(7));
+        assert_eq!(memo.version(&other, &a, &v), Some(7));
+        assert_eq!(memo.version(&keys, &b, &v), None);
+        assert_eq!(memo.version(&other, &b, &v), None);
+        // A remembered version cookie is never taken for a session cookie.
+        assert_eq!(memo.session(&other, &v), None);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use tracing::Instrument;
 use crate::access_log::{AccessRecord, Logged, SessionState};
 use crate::body::{BoxError, ClientBody, Detached, IdleTimeout, StripTrailers};
 use crate::config::{Config, OnStoreError, TtlPolicy, Upstream};
-use crate::cookie::{split_cookies, CookieWriter, SessionId, SigningKeys};
+use crate::cookie::{split_cookies, CookieWriter, SessionId, SigningKeys, VerifiedCookies};
 use crate::hop;
 use crate::log_limit::LogLimit;
 use crate::metrics::{ClientFault, Event, Lookup, Metrics, StoreOp, UpstreamFailure};
@@ -60,6 +60,10 @@ const RETRY_AFTER_SECS: HeaderValue = HeaderValue::from_static("1");
 /// Session cookies of one name checked per request. Browsers send one per matching path and
 /// domain, so a handful covers every real case; past that a forged flood costs nothing more.
 pub const MAX_SESSION_COOKIES: usize = crate::cookie::KEPT_COOKIE_VALUES;
+
+/// Cookie values remembered as verified, per worker (a slot each; a few hundred KiB when all
+/// are used).
+const VERIFIED_COOKIES: usize = 1024;
 
 /// Most idle backend connections kept for reuse, per pool.
 const MAX_IDLE_BACKENDS: usize = 256;
@@ -237,6 +241,8 @@ enum CookieAction {
 pub struct Proxy {
     store: Arc<dyn SessionStore>,
     keys: SigningKeys,
+    /// Cookie values that verified lately, per worker.
+    verified: VerifiedCookies,
     cookies: CookieWriter,
     protocol: Arc<Protocol>,
     ttl: TtlPolicy,
@@ -291,6 +297,7 @@ impl Proxy {
         Proxy {
             store,
             keys: config.keys().clone(),
+            verified: VerifiedCookies::new(VERIFIED_COOKIES),
             cookies: CookieWriter::new(config.cookie.clone()),
             protocol: Arc::new(Protocol::new(config.protocol.clone())),
             ttl: config.ttl,
@@ -494,7 +501,7 @@ impl Proxy {
             .session_values
             .iter()
             .take(MAX_SESSION_COOKIES)
-            .find_map(|v| self.keys.verify(v))
+            .find_map(|v| self.verified.session(&self.keys, v))
         else {
             self.metrics.lookup(Lookup::Invalid);
             if let Some(held_back) = FORGED_WARNINGS.allow() {
@@ -514,7 +521,7 @@ impl Proxy {
                 .version_values
                 .iter()
                 .take(MAX_SESSION_COOKIES)
-                .find_map(|v| self.keys.verify_version(&id, v))
+                .find_map(|v| self.verified.version(&self.keys, &id, v))
                 .unwrap_or(0)
         } else {
             0

@@ -124,8 +124,18 @@ pub struct AccessRecord {
 impl AccessRecord {
     /// Starts the record of `req` from `peer`, identified by `request_id`.
     pub fn new<B>(req: &Request<B>, peer: SocketAddr, request_id: RequestId) -> Self {
+        Self::started_at(req, peer, request_id, Instant::now())
+    }
+
+    /// [`AccessRecord::new`] of a request that started at `started`.
+    pub fn started_at<B>(
+        req: &Request<B>,
+        peer: SocketAddr,
+        request_id: RequestId,
+        started: Instant,
+    ) -> Self {
         AccessRecord {
-            started: Instant::now(),
+            started,
             peer,
             method: req.method().clone(),
             uri: req.uri().clone(),
@@ -159,7 +169,12 @@ impl AccessRecord {
 
     /// Records that the response head is ready with `status`.
     pub fn responded(&mut self, status: StatusCode) {
-        self.status = Some((status, self.started.elapsed()));
+        self.responded_after(status, self.started.elapsed());
+    }
+
+    /// Records that the response head was ready with `status`, `elapsed` after the start.
+    pub fn responded_after(&mut self, status: StatusCode, elapsed: Duration) {
+        self.status = Some((status, elapsed));
         self.outcome = Outcome::Responding;
     }
 }

@@ -18,8 +18,8 @@
 //! built valid, so that writing `Set-Cookie` can never fail.
 
 use std::fmt;
-use std::sync::Mutex;
 use std::ops::Range;
+use std::sync::Mutex;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;

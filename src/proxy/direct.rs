@@ -106,9 +106,9 @@ impl Pool {
     }
 
     /// The most recently used connection that is still fresh and open, if any.
-    fn take(&self) -> Option<Backend> {
+    fn take(&self, now: Instant) -> Option<Backend> {
         let mut idle = self.idle.lock().ok()?;
-        self.expire(&mut idle);
+        self.expire(&mut idle, now);
         while let Some((backend, _)) = idle.pop_back() {
             if still_open(&backend.stream) {
                 return Some(backend);
@@ -119,24 +119,25 @@ impl Pool {
 
     /// Keeps `backend` for the next request, if there is room. Its buffer (empty: the response
     /// was read to its end and nothing followed) goes with it, to be used again.
-    fn put(&self, mut backend: Backend) {
+    fn put(&self, mut backend: Backend, now: Instant) {
         if backend.buf.capacity() > MAX_POOLED_BUFFER {
             // Grown for a large head: not kept for ever.
             backend.buf = BytesMut::new();
         }
         if let Ok(mut idle) = self.idle.lock() {
-            self.expire(&mut idle);
+            self.expire(&mut idle, now);
             if idle.len() < self.max {
-                idle.push_back((backend, Instant::now()));
+                idle.push_back((backend, now));
             }
         }
     }
 
-    /// Drops the connections idle for longer than the idle timeout (the oldest are in front).
-    fn expire(&self, idle: &mut VecDeque<(Backend, Instant)>) {
+    /// Drops the connections idle for longer than the idle timeout at `now` (the oldest are in
+    /// front).
+    fn expire(&self, idle: &mut VecDeque<(Backend, Instant)>, now: Instant) {
         while idle
             .front()
-            .is_some_and(|(_, since)| since.elapsed() >= self.idle_timeout)
+            .is_some_and(|(_, since)| now.saturating_duration_since(*since) >= self.idle_timeout)
         {
             idle.pop_front();
         }
@@ -294,7 +295,7 @@ impl Proxy {
             trailers,
         } = head;
         let id = RequestId::from_client(request.headers());
-        let mut log = AccessRecord::new(&request, peer, id.clone());
+        let mut log = AccessRecord::started_at(&request, peer, id.clone(), start.into_std());
         let scope = Scope::new(
             peer,
             request.method().clone(),
@@ -338,8 +339,9 @@ impl Proxy {
                     resp.headers
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
-                self.metrics.request(resp.status.as_u16(), start.elapsed());
-                log.responded(resp.status);
+                let head = start.elapsed();
+                self.metrics.request(resp.status.as_u16(), head);
+                log.responded_after(resp.status, head);
                 let framing = resp.framing;
                 let extra = match framing {
                     Framing::Chunked | Framing::Close => {
@@ -359,7 +361,7 @@ impl Proxy {
                     )
                     .await;
                 if pool && relayed.is_ok() && resp.reusable && from.buf.is_empty() {
-                    self.pool.put(from);
+                    self.pool.put(from, start + head);
                 }
                 relayed
             }
@@ -372,8 +374,9 @@ impl Proxy {
                 error_headers(status, !keep, &mut headers);
                 headers.insert(X_REQUEST_ID.clone(), id.header_value().clone());
                 headers.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
-                self.metrics.request(status.as_u16(), start.elapsed());
-                log.responded(status);
+                let head = start.elapsed();
+                self.metrics.request(status.as_u16(), head);
+                log.responded_after(status, head);
                 h1::write_response_head(out, status, &headers, "");
                 out.extend_from_slice(text.as_bytes());
                 if write_all(client, out, limits.keep_alive_timeout).await {
@@ -413,9 +416,8 @@ impl Proxy {
         let (mut parts, ()) = request.into_parts();
         let resolved = self.open(&mut parts.headers, log).await?;
         let fields = self.backend_headers(&mut parts.headers, peer, id, &resolved, true);
-        let sent = Instant::now();
-        let forwarded = self.forward_direct((&parts, fields), timer, conn).await;
-        log.backend = Some(sent.elapsed());
+        let (forwarded, waited) = self.forward_direct((&parts, fields), timer, conn).await;
+        log.backend = Some(waited);
         let Answer {
             head: mut resp,
             backend,
@@ -436,7 +438,8 @@ impl Proxy {
     }
 
     /// Sends the request (with the session's `fields` as header lines) to the backend and reads
-    /// its response head, within `--upstream-timeout` in all (on the connection's `timer`). As on hyper's path, an
+    /// its response head, within `--upstream-timeout` in all (on the connection's `timer`); also
+    /// how long that took. As on hyper's path, an
     /// idempotent request that failed before any of its answer arrived is sent once more, on a
     /// new connection.
     async fn forward_direct(
@@ -444,7 +447,7 @@ impl Proxy {
         (parts, fields): (&request::Parts, Option<&[u8]>),
         mut timer: Pin<&mut Sleep>,
         conn: &mut Conn,
-    ) -> Result<Answer, ProxyError> {
+    ) -> (Result<Answer, ProxyError>, Duration) {
         let started = Instant::now();
         let out = &mut conn.out;
         out.clear();
@@ -458,7 +461,7 @@ impl Proxy {
         let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
         let method = &parts.method;
         let attempts = async {
-            let mut first = match self.pool.take() {
+            let mut first = match self.pool.take(started) {
                 Some(b) => b,
                 None => self.connect().await?,
             };
@@ -485,16 +488,17 @@ impl Proxy {
                 Err(attempt) => Err(ProxyError::Upstream(attempt.error)),
             }
         };
-        timer.as_mut().reset(Instant::now() + self.upstream_timeout);
+        timer.as_mut().reset(started + self.upstream_timeout);
         let done = tokio::select! {
             biased;
             done = attempts => Ok(done),
             () = timer => Err(()),
         };
-        self.metrics.upstream(started.elapsed());
-        match done {
+        let waited = started.elapsed();
+        self.metrics.upstream(waited);
+        let answer = match done {
             Ok(Ok(answer)) => Ok(answer),
-            Err(_) => {
+            Err(()) => {
                 self.metrics.upstream_error(UpstreamFailure::Timeout);
                 Err(ProxyError::UpstreamTimeout(self.upstream_timeout))
             }
@@ -506,7 +510,8 @@ impl Proxy {
                 self.metrics.upstream_error(UpstreamFailure::Response);
                 Err(e)
             }
-        }
+        };
+        (answer, waited)
     }
 
     /// A new connection to the backend, within the connect timeout.

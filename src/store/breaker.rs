@@ -17,6 +17,7 @@
 //! does not move the breaker: only the probe closes it. The timers are tokio's, so the tests run
 //! on paused time.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
 use async_trait::async_trait;
@@ -41,6 +42,11 @@ struct Shared {
     config: BreakerConfig,
     // A std mutex: it is held for a few instructions, never across an await.
     state: Mutex<State>,
+    /// Mirrors of the state, written under the lock and read without it by every call: whether
+    /// the breaker is closed, and whether any failure is counted. A call that finds it closed
+    /// with nothing counted, and succeeds, takes no lock.
+    closed: AtomicBool,
+    failing: AtomicBool,
     metrics: OnceLock<Metrics>,
 }
 
@@ -64,6 +70,8 @@ impl Breaker {
                     failures: 0,
                     opened_at: None,
                 }),
+                closed: AtomicBool::new(true),
+                failing: AtomicBool::new(false),
                 metrics: OnceLock::new(),
             }),
         }
@@ -80,7 +88,7 @@ impl Breaker {
         &self,
         call: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        if self.state() != BreakerState::Closed {
+        if !self.shared.closed.load(Ordering::Acquire) {
             self.shared.count_error(&StoreError::CircuitOpen);
             return Err(StoreError::CircuitOpen);
         }
@@ -107,19 +115,25 @@ impl Shared {
 
     /// Counts a call's outcome while closed; true when this failure opened the breaker.
     fn after_call(&self, outage: bool) -> bool {
+        if !outage && !self.failing.load(Ordering::Acquire) {
+            return false;
+        }
         let mut state = self.lock();
         if state.now != BreakerState::Closed {
             return false;
         }
         if !outage {
             state.failures = 0;
+            self.failing.store(false, Ordering::Release);
             return false;
         }
         state.failures += 1;
+        self.failing.store(true, Ordering::Release);
         if state.failures < self.config.failures {
             return false;
         }
         state.now = BreakerState::Open;
+        self.closed.store(false, Ordering::Release);
         state.opened_at = Some(Instant::now());
         drop(state);
         in_request(|| {
@@ -136,8 +150,11 @@ impl Shared {
     fn set(&self, to: BreakerState) {
         let mut state = self.lock();
         let from = std::mem::replace(&mut state.now, to);
+        self.closed
+            .store(to == BreakerState::Closed, Ordering::Release);
         let outage = if to == BreakerState::Closed {
             state.failures = 0;
+            self.failing.store(false, Ordering::Release);
             state.opened_at.take().map(|t| t.elapsed())
         } else {
             None

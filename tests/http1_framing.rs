@@ -1209,3 +1209,44 @@ async fn requests_with_conflicting_framing_are_read_one_safe_way_or_refused() {
     }
     assert_eq!(backend.requests().len(), before, "{:?}", backend.requests());
 }
+
+/// A client that asks for a large body and stops reading cannot hold its connection (and the
+/// backend's) for ever: each write to it must make progress within the keep-alive timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_closed_after_the_keep_alive_timeout() {
+    const BODY: usize = 32 * 1024 * 1024;
+    let backend = Backend::start(|mut peer| async move {
+        if peer.request().await.is_some() {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {BODY}\r\n\r\n");
+            peer.write(head.as_bytes()).await;
+            let block = vec![b'x'; 64 * 1024];
+            for _ in 0..BODY / block.len() {
+                peer.write(&block).await;
+            }
+        }
+    })
+    .await;
+    let proxy = Stickless::start(&backend.url(), &["--keep-alive-timeout", "1s"]);
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"GET /big HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    // Never read: the socket buffers fill, and stickless's writes stop making progress.
+    let open = || async {
+        proxy
+            .metric("stickless_open_connections{listener=\"proxy\"}")
+            .await
+    };
+    eventually("the connection open", Duration::from_secs(5), || async {
+        (open().await == 1.0).then_some(())
+    })
+    .await;
+    eventually(
+        "the stalled connection closed",
+        Duration::from_secs(20),
+        || async { (open().await == 0.0).then_some(()) },
+    )
+    .await;
+    drop(client);
+}

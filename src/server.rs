@@ -863,6 +863,8 @@ async fn serve_plain<F, Fut, B>(
             match ended {
                 Ended::Closed => return,
                 Ended::Idle(idle_since) => {
+                    // It waits with nothing but its socket.
+                    drop(buf);
                     let idle_by = idle_since + limits.keep_alive_timeout;
                     if !wait_for_bytes(&stream, idle_by, true, &mut drain, &mut cut).await {
                         tracing::debug!(timeout = ?limits.keep_alive_timeout, "idle past the keep-alive timeout, or draining; closing");

@@ -45,11 +45,9 @@ use crate::request_id::{RequestId, X_REQUEST_ID};
 use crate::request_scope::Scope;
 use crate::shutdown::Drain;
 
-/// Most bytes read from a socket at once, and the size past which a response's bytes are
-/// written to the client before more are read.
+/// Most bytes read from the backend at once, as on hyper's path: everything read goes out to the
+/// client before the next read, so a client that reads slowly holds about this much unsent.
 const READ_BYTES: usize = 8 * 1024;
-/// Bytes of response gathered before they are written to the client.
-const FLUSH_BYTES: usize = 32 * 1024;
 /// Largest read buffer an idle backend connection keeps.
 const MAX_POOLED_BUFFER: usize = 2 * READ_BYTES;
 
@@ -640,7 +638,7 @@ impl Proxy {
             }
             let read = tokio::time::timeout(self.upstream_timeout, async {
                 // At most one buffer's worth at a time, whatever the buffer has grown to.
-                let mut limited = (&mut from.stream).take(FLUSH_BYTES as u64);
+                let mut limited = (&mut from.stream).take(READ_BYTES as u64);
                 limited.read_buf(&mut from.buf).await
             })
             .await;

@@ -21,6 +21,11 @@
 //!    leaves one line in the [`access_log`] once its response is done; a warning logged while it
 //!    is handled carries it ([`request_scope`]).
 //!
+//! Plain HTTP/1.1 requests without a body (nearly all of them) take [`proxy`]'s direct path: the
+//! head parsed and written back out by [`h1`], one pooled backend connection per request, no
+//! hyper; everything else (bodies, TLS, h2, upgrades, malformed heads) goes to hyper from the same
+//! bytes, through the same steps.
+//!
 //! Around that path: [`server`] bounds client connections (a cap, a deadline to the first request,
 //! an idle timeout, a cap on unsent response bytes) and terminates TLS with [`tls`] when given a
 //! certificate, [`upstream`] opens the backend's connections, [`hop`] handles hop-by-hop headers

@@ -11,8 +11,10 @@
 //! timeout once requests are done. The admin listener has its own small cap, so `/healthz` and
 //! `/metrics` keep answering while the proxy's listener is full.
 //!
-//! A plain HTTP/1.1 connection that has been idle for a second is taken back from hyper and waits
-//! for its next request without hyper's buffers (see `serve_plain`): what an idle keep-alive
+//! A plain HTTP/1.1 connection is served by the proxy's direct path (`Proxy::serve_direct`) for
+//! as long as its requests have no body, and by hyper from the first one that the direct path
+//! does not serve; a connection that has been idle for a second is taken back from either and
+//! waits for its next request without buffers (see `serve_plain`): what an idle keep-alive
 //! connection holds is then about its socket.
 
 use std::convert::Infallible;
@@ -786,18 +788,21 @@ async fn handshake(
     }
 }
 
-/// Serves a plain connection. One that starts with HTTP/1 is served request after request by
-/// hyper's HTTP/1 server, and taken back from it each time it has answered everything it was
-/// asked and stayed idle for [`IDLE_AFTER`]: an idle keep-alive connection then holds no hyper connection (whose read and
-/// response-head buffers are 8 KiB each, kept for its whole life), only its socket and the bytes
-/// of a next request hyper had already read. It waits for its next request without a buffer, and
-/// gets a new hyper connection when the socket turns readable, as nginx allocates a keep-alive
-/// connection's buffers again when its next request arrives. A connection that starts with what
+/// Serves a plain connection. One that starts with HTTP/1 is served request after request by the
+/// proxy's direct path (`direct`, for the proxy's listener) while its requests have no body, and
+/// by hyper's HTTP/1 server from the first one the direct path hands over (a body, an upgrade,
+/// HTTP/1.0, a malformed head); either gives it back each time it has answered everything it was
+/// asked and stayed idle for [`IDLE_AFTER`]: an idle keep-alive connection then holds no buffer
+/// and no hyper connection (whose read and response-head buffers are 8 KiB each, kept for its
+/// whole life), only its socket and the bytes of a next request hyper had already read. It waits
+/// for its next request without a buffer, and goes back to the direct path when the socket turns
+/// readable, as nginx allocates a keep-alive connection's buffers again when its next request
+/// arrives. A connection that starts with what
 /// may be h2's preface is served by the auto builder as a TLS connection is, for its whole life.
 ///
-/// The deadlines are those of [`serve_connection`], per hyper connection: the keep-alive timeout
-/// from the end of the last request while waiting, and the header read timeout from the first
-/// byte of each request head (from the accept for the first).
+/// The deadlines are those of [`serve_connection`], on both paths: the keep-alive timeout from
+/// the end of the last request while waiting, and the header read timeout from the first byte of
+/// each request head (from the accept for the first).
 #[allow(clippy::too_many_arguments)]
 async fn serve_plain<F, Fut, B>(
     (builder, http1, direct): (

@@ -509,22 +509,30 @@ fn body_for(req: &Received) -> Vec<u8> {
     format!("body of {} {}", req.method, req.target).into_bytes()
 }
 
+/// A backend that answers `/chunked` with the raw response `chunked` and any other path with
+/// its [`body_for`].
+async fn chunked_at(chunked: &'static [u8]) -> Backend {
+    Backend::answering(move |req| {
+        if req.target == "/chunked" {
+            chunked.to_vec()
+        } else {
+            ok(&body_for(req))
+        }
+    })
+    .await
+}
+
 // ---------------------------------------------------------------------------------------------
 // Response bodies of every framing
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_chunked_response_with_a_trailer_arrives_whole_and_the_connection_is_reused() {
-    let backend = Backend::answering(|req| {
-        if req.target == "/chunked" {
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n\
-              5\r\nhello\r\n1\r\n \r\n6;name=value\r\nworld!\r\n10\r\n0123456789abcdef\r\n\
-              0\r\nX-Checksum: abc\r\n\r\n"
-                .to_vec()
-        } else {
-            ok(&body_for(req))
-        }
-    })
+    let backend = chunked_at(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n\
+          5\r\nhello\r\n1\r\n \r\n6;name=value\r\nworld!\r\n10\r\n0123456789abcdef\r\n\
+          0\r\nX-Checksum: abc\r\n\r\n",
+    )
     .await;
     let proxy = Stickless::start(&backend.url(), &[]);
     let mut client = Client::connect(proxy.addr).await;
@@ -907,15 +915,10 @@ async fn a_four_mebibyte_body_read_slowly_in_small_reads_arrives_intact() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connection_close_and_http_1_0_requests_are_answered_then_closed() {
-    let backend = Backend::answering(|req| {
-        if req.target == "/chunked" {
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
-              3\r\none\r\n3\r\ntwo\r\n0\r\n\r\n"
-                .to_vec()
-        } else {
-            ok(&body_for(req))
-        }
-    })
+    let backend = chunked_at(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+          3\r\none\r\n3\r\ntwo\r\n0\r\n\r\n",
+    )
     .await;
     let proxy = Stickless::start(&backend.url(), &[]);
 

@@ -20,6 +20,9 @@ use http::{Method, Request, StatusCode, Uri, Version};
 pub const MAX_REQUEST_HEADERS: usize = 100;
 /// Most headers in a backend's response head: a session's changes come as headers, one each.
 pub const MAX_RESPONSE_HEADERS: usize = 256;
+/// Headers the proxy adds to a request and to a response, reserved in their maps up front.
+const ADDED_REQUEST_HEADERS: usize = 8;
+const ADDED_RESPONSE_HEADERS: usize = 4;
 /// Longest chunk-size line (with its extensions) of a chunked body.
 const MAX_CHUNK_LINE: usize = 4096;
 /// Most bytes of a chunked body's trailer section, which is read and dropped.
@@ -105,7 +108,9 @@ fn build_request(
 ) -> Option<RequestHead> {
     let at = |at: u32, len: u32| at as usize..(at + len) as usize;
     let path = PathAndQuery::from_maybe_shared(head.slice(at(path_at, path_len))).ok()?;
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    // Room for what the proxy adds (forwarding headers, the request id, the session's status)
+    // without growing the map.
+    let mut headers = HeaderMap::with_capacity(fields.len() + ADDED_REQUEST_HEADERS);
     let (mut close, mut trailers) = (false, false);
     for &(n, nl, v, vl) in fields {
         let name = HeaderName::from_bytes(&head[at(n, nl)]).ok()?;
@@ -228,7 +233,8 @@ pub fn parse_response(
             );
         }
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        // Room for the request id and the cookies the proxy adds.
+        let mut headers = HeaderMap::with_capacity(count + ADDED_RESPONSE_HEADERS);
         let (mut length, mut chunked, mut encoded, mut close) = (None, false, false, !http11);
         let at = |at: u32, len: u32| at as usize..(at + len) as usize;
         for &(n, nl, v, vl) in &fields[..count] {

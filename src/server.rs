@@ -102,7 +102,8 @@ pub struct ConnLimits {
     pub header_read_timeout: Duration,
     /// Time a connection stays open without a request in flight once it has served one:
     /// HTTP/1.1 keep-alive, and h2 with no open stream (hyper keeps those open for as long as the
-    /// client answers pings).
+    /// client answers pings). Also how long an HTTP/1 response may wait on a client that has
+    /// stopped reading it (looked at when the connection's timer fires: up to twice this).
     pub keep_alive_timeout: Duration,
 }
 
@@ -683,6 +684,11 @@ struct Backlog {
 }
 
 impl Backlog {
+    /// Bytes the socket has taken.
+    fn written(&self) -> u64 {
+        self.written.load(Ordering::SeqCst)
+    }
+
     fn unsent(&self) -> u64 {
         self.handed
             .load(Ordering::Acquire)
@@ -927,6 +933,7 @@ where
 {
     let activity = Arc::new(Activity::new(start));
     let backlog = stream.backlog();
+    let watched = backlog.clone();
     let io = Rewind {
         unread,
         stream,
@@ -943,7 +950,7 @@ where
     let served = drive(
         Pin::new(&mut conn),
         |c| c.graceful_shutdown(),
-        &activity,
+        (&activity, &watched),
         (limits, head_by, true),
         drain,
         cut,
@@ -1031,6 +1038,7 @@ async fn serve_connection<I, F, Fut, B>(
     let activity = Arc::new(Activity::new(accepted));
     let tracker = activity.clone();
     let backlog = io.inner().backlog();
+    let watched = backlog.clone();
     let draining = drain.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         respond(req, &handler, peer, &tracker, &backlog, &draining)
@@ -1042,7 +1050,7 @@ async fn serve_connection<I, F, Fut, B>(
     drive(
         conn,
         |c| c.graceful_shutdown(),
-        &activity,
+        (&activity, &watched),
         limits,
         &mut drain,
         &mut cut,
@@ -1069,7 +1077,7 @@ enum Served {
 async fn drive<C, E>(
     mut conn: Pin<&mut C>,
     graceful_shutdown: impl Fn(Pin<&mut C>),
-    activity: &Activity,
+    (activity, backlog): (&Activity, &Backlog),
     (limits, first_head, recycle): (ConnLimits, Instant, bool),
     drain: &mut Drain,
     cut: &mut watch::Receiver<bool>,
@@ -1098,6 +1106,10 @@ where
     let timer = tokio::time::sleep_until(first_look);
     tokio::pin!(timer);
     let mut asked_to_close = false;
+    // What the socket had taken of the responses when the timer last looked, and since when:
+    // an HTTP/1 response with bytes waiting that the client has not read for the keep-alive
+    // timeout (it stopped reading) ends the connection.
+    let mut progress = (backlog.written(), Instant::now());
     let grace = loop {
         let phase = drain.phase_and_mark_seen();
         if phase >= Phase::Draining && !asked_to_close {
@@ -1137,6 +1149,17 @@ where
                         timer.as_mut().reset(idle_from);
                     }
                     continue;
+                }
+                if activity.in_flight.load(Ordering::Acquire) > 0 && backlog.unsent() > 0 {
+                    let written = backlog.written();
+                    if written != progress.0 {
+                        progress = (written, now);
+                    } else if now.saturating_duration_since(progress.1) >= limits.keep_alive_timeout {
+                        tracing::debug!(timeout = ?limits.keep_alive_timeout, "the client has read nothing of its response for the keep-alive timeout; closing");
+                        return Served::Closed;
+                    }
+                } else {
+                    progress = (backlog.written(), now);
                 }
                 match activity.next_deadline(now, first_head, limits.keep_alive_timeout) {
                     Deadline::At(at) if watching() => timer.as_mut().reset(at.min(now + IDLE_AFTER)),

@@ -1214,9 +1214,19 @@ async fn requests_with_conflicting_framing_are_read_one_safe_way_or_refused() {
 }
 
 /// A client that asks for a large body and stops reading cannot hold its connection (and the
-/// backend's) for ever: each write to it must make progress within the keep-alive timeout.
+/// backend's) for ever: each write to it must make progress within the keep-alive timeout. Both
+/// paths: a request without a body (stickless's own HTTP/1.1 path) and one with a body (hyper's).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_stops_reading_is_closed_after_the_keep_alive_timeout() {
+    for request in [
+        &b"GET /big HTTP/1.1\r\nHost: test\r\n\r\n"[..],
+        b"POST /big HTTP/1.1\r\nHost: test\r\nContent-Length: 1\r\n\r\nx",
+    ] {
+        a_client_stops_reading(request).await;
+    }
+}
+
+async fn a_client_stops_reading(request: &[u8]) {
     const BODY: usize = 32 * 1024 * 1024;
     let backend = Backend::start(|mut peer| async move {
         if peer.request().await.is_some() {
@@ -1231,10 +1241,7 @@ async fn a_client_that_stops_reading_is_closed_after_the_keep_alive_timeout() {
     .await;
     let proxy = Stickless::start(&backend.url(), &["--keep-alive-timeout", "1s"]);
     let mut client = TcpStream::connect(proxy.addr).await.unwrap();
-    client
-        .write_all(b"GET /big HTTP/1.1\r\nHost: test\r\n\r\n")
-        .await
-        .unwrap();
+    client.write_all(request).await.unwrap();
     // Never read: the socket buffers fill, and stickless's writes stop making progress.
     let open = || async {
         proxy

@@ -212,10 +212,13 @@ impl Proxy {
         buf: &mut BytesMut,
         peer: SocketAddr,
         limits: DirectLimits,
-        mut head_by: Instant,
+        head_by: Instant,
         drain: &mut Drain,
         conn: &mut Conn,
     ) -> Ended {
+        // The deadline of the head being read; for a later request, set only once its head
+        // turns out not to have come whole in its first read (which saves a clock read).
+        let mut head_by = Some(head_by);
         let mut served = false;
         let mut idle_since = Instant::now();
         // One timer for the waits between requests and one for the backend's answers, each only
@@ -253,7 +256,9 @@ impl Proxy {
                         () = idle.as_mut() => return Ended::Idle(idle_since),
                     }
                 } else {
-                    match tokio::time::timeout_at(head_by, client.read_buf(buf)).await {
+                    let by =
+                        *head_by.get_or_insert_with(|| Instant::now() + limits.header_read_timeout);
+                    match tokio::time::timeout_at(by, client.read_buf(buf)).await {
                         Ok(read) => read,
                         Err(_) => {
                             tracing::debug!(timeout = ?limits.header_read_timeout, "no complete request head in time; closing");
@@ -263,30 +268,36 @@ impl Proxy {
                 };
                 match read {
                     Ok(0) | Err(_) => return Ended::Closed,
-                    Ok(_) if waiting => head_by = Instant::now() + limits.header_read_timeout,
+                    Ok(_) if waiting => head_by = None,
                     Ok(_) => {}
                 }
             };
             served = true;
             let exchange = (&mut *client, peer, limits, &*drain);
-            let keep = self.exchange(head, exchange, upstream.as_mut(), conn).await;
+            let keep = self
+                .exchange(Instant::now(), head, exchange, upstream.as_mut(), conn)
+                .await;
+            // The keep-alive timeout counts from the end of the answer (a long download must not
+            // use it up).
             idle_since = Instant::now();
             if !keep {
                 return Ended::Closed;
             }
-            head_by = idle_since + limits.header_read_timeout;
+            // A pipelined next head already in part in the buffer is due from now.
+            head_by = None;
         }
     }
 
-    /// Serves one request and writes its response: whether the connection can carry another.
+    /// Serves one request, which started at `start`, and writes its response: whether the
+    /// connection can carry another.
     async fn exchange(
         &self,
+        start: Instant,
         head: RequestHead,
         (client, peer, limits, drain): (&mut TcpStream, SocketAddr, DirectLimits, &Drain),
         timer: Pin<&mut Sleep>,
         conn: &mut Conn,
     ) -> bool {
-        let start = Instant::now();
         let RequestHead {
             request,
             close,

@@ -175,18 +175,16 @@ impl ProxyError {
 
 /// The headers of an error response with `status`; `close` asks an HTTP/1 client to close.
 fn error_headers(status: StatusCode, close: bool, h: &mut HeaderMap) {
-    {
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            h.insert(header::RETRY_AFTER, RETRY_AFTER_SECS);
-        }
-        if close {
-            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        h.insert(header::RETRY_AFTER, RETRY_AFTER_SECS);
+    }
+    if close {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
 }
 
@@ -741,15 +739,14 @@ impl Proxy {
             ),
         };
         if cookie.is_some() || version_cookie.is_some() {
-            let h = headers;
-            h.extend(
+            headers.extend(
                 cookie
                     .into_iter()
                     .chain(version_cookie)
                     .map(|c| (header::SET_COOKIE, c)),
             );
             // A response that sets a session cookie must never be cached and served to another user.
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         }
     }
 

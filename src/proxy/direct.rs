@@ -150,12 +150,6 @@ fn still_open(stream: &TcpStream) -> bool {
     matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
-/// What one client connection holds while it is served here.
-struct Conn {
-    /// Heads and body bytes on their way out, reused from request to request.
-    out: Vec<u8>,
-}
-
 /// A backend's answer, ready for the client, and the connection its body comes on.
 struct Answer {
     head: ResponseHead,
@@ -193,9 +187,10 @@ impl Proxy {
         head_by: Instant,
         drain: &mut Drain,
     ) -> Ended {
-        let mut conn = Conn { out: Vec::new() };
+        // Heads and body bytes on their way out, reused from request to request.
+        let mut out = Vec::new();
         let ended = self
-            .serve_requests(client, buf, peer, limits, head_by, drain, &mut conn)
+            .serve_requests(client, buf, peer, limits, head_by, drain, &mut out)
             .await;
         if ended == Ended::Closed {
             // The responses are out: close politely, so that no unread byte turns the close
@@ -214,7 +209,7 @@ impl Proxy {
         limits: DirectLimits,
         head_by: Instant,
         drain: &mut Drain,
-        conn: &mut Conn,
+        out: &mut Vec<u8>,
     ) -> Ended {
         // The deadline of the head being read; for a later request, set only once its head
         // turns out not to have come whole in its first read (which saves a clock read).
@@ -274,9 +269,7 @@ impl Proxy {
             };
             served = true;
             let exchange = (&mut *client, peer, limits, &*drain);
-            let keep = self
-                .exchange(Instant::now(), head, exchange, upstream.as_mut(), conn)
-                .await;
+            let keep = self.exchange(head, exchange, upstream.as_mut(), out).await;
             // The keep-alive timeout counts from the end of the answer (a long download must not
             // use it up).
             idle_since = Instant::now();
@@ -288,16 +281,15 @@ impl Proxy {
         }
     }
 
-    /// Serves one request, which started at `start`, and writes its response: whether the
-    /// connection can carry another.
+    /// Serves one request and writes its response: whether the connection can carry another.
     async fn exchange(
         &self,
-        start: Instant,
         head: RequestHead,
         (client, peer, limits, drain): (&mut TcpStream, SocketAddr, DirectLimits, &Drain),
         timer: Pin<&mut Sleep>,
-        conn: &mut Conn,
+        out: &mut Vec<u8>,
     ) -> bool {
+        let start = Instant::now();
         let RequestHead {
             request,
             close,
@@ -315,7 +307,7 @@ impl Proxy {
         let work = scope
             .run(async {
                 let answered = self
-                    .respond_direct(request, (peer, &id), &mut log, timer, conn)
+                    .respond_direct(request, (peer, &id), &mut log, timer, out)
                     .await;
                 if let Err(e) = &answered {
                     self.report(e);
@@ -334,7 +326,6 @@ impl Proxy {
             return false;
         };
         let keep = !close && !drain.is_draining();
-        let out = &mut conn.out;
         out.clear();
         let relayed = match answered {
             Ok(Answer {
@@ -418,14 +409,14 @@ impl Proxy {
         (peer, id): (SocketAddr, &RequestId),
         log: &mut AccessRecord,
         timer: Pin<&mut Sleep>,
-        conn: &mut Conn,
+        out: &mut Vec<u8>,
     ) -> Result<Answer, ProxyError> {
         check_host(&request)?;
         let https = self.is_https(request.headers());
         let (mut parts, ()) = request.into_parts();
         let resolved = self.open(&mut parts.headers, log).await?;
         let fields = self.backend_headers(&mut parts.headers, peer, id, &resolved, true);
-        let (forwarded, waited) = self.forward_direct((&parts, fields), timer, conn).await;
+        let (forwarded, waited) = self.forward_direct((&parts, fields), timer, out).await;
         log.backend = Some(waited);
         let Answer {
             head: mut resp,
@@ -455,10 +446,9 @@ impl Proxy {
         &self,
         (parts, fields): (&request::Parts, Option<&[u8]>),
         mut timer: Pin<&mut Sleep>,
-        conn: &mut Conn,
+        out: &mut Vec<u8>,
     ) -> (Result<Answer, ProxyError>, Duration) {
         let started = Instant::now();
-        let out = &mut conn.out;
         out.clear();
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         h1::write_request_head(

@@ -227,6 +227,16 @@ ensure_cc
 ensure_cargo
 set_cargo_locked
 
+# --- disk ---------------------------------------------------------------------
+# A linker that runs out of disk dies with a bare "Bus error"; say so first.
+# The incremental cache is off unless CARGO_INCREMENTAL says otherwise: a
+# fresh clone never reuses it, and it was a third of the target directory.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+free_kib=$(mkdir -p target && df -Pk target 2>/dev/null | awk 'NR == 2 { print $4 }' || true)
+if [ -n "$free_kib" ] && [ "$free_kib" -lt $((6 * 1024 * 1024)) ]; then
+  log "warning: only $((free_kib / 1024)) MiB free under target/; the test build needs about 6 GiB (a linker killed by SIGBUS means the disk filled up)"
+fi
+
 # --- optional checks ----------------------------------------------------------
 if [ "$checks" = 1 ]; then
   ensure_cargo_component fmt rustfmt

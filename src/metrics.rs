@@ -85,6 +85,9 @@ labels! {
         Miss => "miss",
         /// Cached, but older than the version the user's cookie names: read from Redis.
         Outdated => "outdated",
+        /// Served by another request's read of the same session, in flight when this one
+        /// looked: no round trip of its own.
+        Joined => "joined",
     }
 }
 
@@ -388,7 +391,7 @@ impl Metrics {
             ),
             local_cache_lookups: counters(
                 "stickless_local_cache_lookups_total",
-                "Session loads looked up in the local cache (--local-cache), by result: a hit costs no round trip to Redis; outdated is a copy older than the user's own last change.",
+                "Session loads looked up in the local cache (--local-cache), by result: a hit costs no round trip to Redis; outdated is a copy older than the user's own last change; joined waited for another request's read of the same session.",
                 "result",
                 &names(CacheLookup::ALL, CacheLookup::as_str),
             ),

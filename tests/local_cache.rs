@@ -337,6 +337,60 @@ async fn a_cached_read_costs_no_command_in_redis() {
     );
 }
 
+/// Requests that find a read of their session in flight wait for it instead of each sending
+/// their own: Redis is paused while a burst of reads of one session (just changed through the
+/// other instance, so not in this one's cache) arrives, and runs one HGETALL for all of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_reads_of_an_uncached_session_send_one_read() {
+    const BURST: usize = 8;
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let a = Stickless::on_redis(&backend.url(), &redis, CACHE);
+    let b = Stickless::on_redis(&backend.url(), &redis, CACHE);
+    let mut http = Http::with_jar();
+    http.get_replying(&a.url("/"), &["x-session-set-user: alice"])
+        .await;
+    read_until_cached(&mut http, &a, "user").await;
+
+    // A change through B: A's copy goes when Redis's invalidation arrives, and none is pending.
+    let invalidations = || async {
+        Scrape::of(&a)
+            .await
+            .value("stickless_local_cache_invalidations_total")
+            .unwrap_or(0.0)
+    };
+    let before = invalidations().await;
+    http.get_replying(&b.url("/"), &["x-session-set-user: bob"])
+        .await;
+    eventually("A dropped its copy", Duration::from_secs(5), || async {
+        (invalidations().await > before).then_some(())
+    })
+    .await;
+
+    let reads = hgetall_calls(&redis).await;
+    let _: String = cmd(&redis, &["CLIENT", "PAUSE", "500", "ALL"]).await;
+    let burst: Vec<_> = (0..BURST)
+        .map(|_| {
+            let mut http = http.clone();
+            let url = a.url("/");
+            tokio::spawn(async move { field(&http.get(&url).await, "user") })
+        })
+        .collect();
+    for read in burst {
+        assert_eq!(read.await.expect("no panic").as_deref(), Some("bob"));
+    }
+    assert_eq!(
+        hgetall_calls(&redis).await - reads,
+        1,
+        "one read of the session for the whole burst"
+    );
+    let joined = Scrape::of(&a)
+        .await
+        .value(r#"stickless_local_cache_lookups_total{result="joined"}"#)
+        .unwrap_or(0.0);
+    assert_eq!(joined, (BURST - 1) as f64, "the others waited for it");
+}
+
 /// With the cache, every acknowledged change tells the user its version in `sid_v` (same
 /// attributes and lifetime as `sid`); a logout clears it; it never reaches the backend; and
 /// without the cache it is never set.

@@ -9,6 +9,11 @@
 //! - a load fills it through a [`Fill`] taken *before* the read is sent: an invalidation or a
 //!   flush that arrives while the read is in flight cancels the fill, so a reply that raced with
 //!   a change elsewhere is never kept;
+//! - one load per session at a time: a lookup that finds another request's load of the same
+//!   session in flight waits for it ([`Lookup::Wait`]) and then looks again, instead of sending a
+//!   read of its own. A hot session invalidated by a change is read again once, not once per
+//!   request that arrives before the first read is back; a load that is cancelled, fails or is
+//!   abandoned wakes its waiters, which then read for themselves;
 //! - an entry lives at most [`LocalCache::max_age`] (an eighth of the idle timeout), so that
 //!   even a missed invalidation cannot serve stale data for long, and a session read only from
 //!   the cache still has its idle TTL renewed in Redis by the load that follows;
@@ -22,8 +27,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::Notify;
 
 use super::{now_ms, ttl_now, Session};
 use crate::config::TtlPolicy;
@@ -45,13 +53,36 @@ pub struct LocalCache {
     metrics: OnceLock<Metrics>,
 }
 
-/// The right to store the result of one load, taken before the load is sent.
-#[must_use = "a fill that is not finished leaves a placeholder in the cache"]
-pub struct Fill {
+/// What a lookup found.
+pub enum Lookup<'a> {
+    /// A copy that may be served.
+    Hit(Session),
+    /// Another request is loading this session: wait for this (bounded), then look again with
+    /// `joined` set.
+    Wait(OwnedNotified),
+    /// Read it from Redis, and keep the result through the fill (none while the cache is not
+    /// live).
+    Load(Option<Fill<'a>>),
+}
+
+/// The right to store the result of one load, taken before the load is sent. Dropped without
+/// [`LocalCache::finish_fill`] (the request went away), it frees its slot and wakes the requests
+/// waiting for it.
+pub struct Fill<'a> {
+    cache: &'a LocalCache,
     key: String,
     token: u64,
     epoch: u64,
     started: Instant,
+    finished: bool,
+}
+
+impl Drop for Fill<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.cache.abandon(&self.key, self.token);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -65,8 +96,12 @@ struct Slots {
 }
 
 enum Slot {
-    /// A load is in flight; its [`Fill`] holds this token.
-    Filling(u64),
+    /// A load is in flight; its [`Fill`] holds this token. The requests waiting for it are woken
+    /// through `waiters` when the slot is filled, dropped or handed to another load.
+    Filling {
+        token: u64,
+        waiters: Option<Arc<Notify>>,
+    },
     Ready {
         token: u64,
         session: Session,
@@ -92,7 +127,18 @@ fn footprint(key: &str, session: &Session) -> u64 {
 impl Slot {
     fn token(&self) -> u64 {
         match self {
-            Slot::Filling(t) | Slot::Ready { token: t, .. } => *t,
+            Slot::Filling { token: t, .. } | Slot::Ready { token: t, .. } => *t,
+        }
+    }
+
+    /// Wakes the requests waiting for this slot's load.
+    fn wake(&self) {
+        if let Slot::Filling {
+            waiters: Some(waiters),
+            ..
+        } = self
+        {
+            waiters.notify_waiters();
         }
     }
 }
@@ -102,6 +148,7 @@ impl Slots {
         match self.map.remove(key) {
             Some(slot) => {
                 self.forget(&slot);
+                slot.wake();
                 true
             }
             None => false,
@@ -116,6 +163,9 @@ impl Slots {
     }
 
     fn clear(&mut self) {
+        for slot in self.map.values() {
+            slot.wake();
+        }
         self.map.clear();
         self.order.clear();
         self.bytes = 0;
@@ -176,55 +226,91 @@ impl LocalCache {
         let _ = self.metrics.set(metrics.clone());
     }
 
-    /// The cached session under `key`, if it may be served now to a user who has seen
-    /// `min_version` of it.
-    pub fn get(&self, key: &str, min_version: u64) -> Option<Session> {
-        self.get_at(key, min_version, Instant::now(), now_ms())
+    /// Looks `key` up for a user who has seen `min_version` of it: a copy to serve, a load in
+    /// flight to wait for, or a load to send (reserved here, in the same step, so that
+    /// concurrent lookups of one session send one read). `joined`: this request already waited
+    /// once, and does not wait again.
+    pub fn lookup(&self, key: &str, min_version: u64, joined: bool) -> Lookup<'_> {
+        self.lookup_at(key, min_version, joined, Instant::now(), now_ms())
     }
 
-    fn get_at(&self, key: &str, min_version: u64, now: Instant, now_ms: u64) -> Option<Session> {
-        let (found, result) = if self.live.load(Ordering::Acquire) {
-            let mut slots = self.lock();
-            match slots.map.get(key) {
-                Some(Slot::Ready {
-                    session, loaded, ..
-                }) => {
-                    if now.saturating_duration_since(*loaded) >= self.max_age
-                        || ttl_now(&self.ttl, session.created_ms, now_ms).is_none()
-                    {
-                        slots.remove(key);
-                        (None, CacheLookup::Miss)
-                    } else if session.version < min_version {
-                        // The user's own change is not in it yet: its invalidation is on the way.
-                        slots.remove(key);
-                        (None, CacheLookup::Outdated)
+    fn lookup_at(
+        &self,
+        key: &str,
+        min_version: u64,
+        joined: bool,
+        now: Instant,
+        now_ms: u64,
+    ) -> Lookup<'_> {
+        if !self.live.load(Ordering::Acquire) {
+            self.record(CacheLookup::Miss);
+            return Lookup::Load(None);
+        }
+        let mut slots = self.lock();
+        let result = match slots.map.get_mut(key) {
+            Some(Slot::Ready {
+                session, loaded, ..
+            }) => {
+                if now.saturating_duration_since(*loaded) >= self.max_age
+                    || ttl_now(&self.ttl, session.created_ms, now_ms).is_none()
+                {
+                    slots.remove(key);
+                    CacheLookup::Miss
+                } else if session.version < min_version {
+                    // The user's own change is not in it yet: its invalidation is on the way.
+                    slots.remove(key);
+                    CacheLookup::Outdated
+                } else {
+                    let session = session.clone();
+                    drop(slots);
+                    self.record(if joined {
+                        CacheLookup::Joined
                     } else {
-                        (Some(session.clone()), CacheLookup::Hit)
-                    }
+                        CacheLookup::Hit
+                    });
+                    return Lookup::Hit(session);
                 }
-                _ => (None, CacheLookup::Miss),
             }
-        } else {
-            (None, CacheLookup::Miss)
+            Some(Slot::Filling { waiters, .. }) if !joined => {
+                let waiters = waiters.get_or_insert_with(|| Arc::new(Notify::new()));
+                // Made while the lock is held: the end of the load cannot come before it.
+                return Lookup::Wait(Arc::clone(waiters).notified_owned());
+            }
+            _ => CacheLookup::Miss,
         };
+        let fill = self.reserve(&mut slots, key, now);
+        drop(slots);
+        self.record(result);
+        Lookup::Load(Some(fill))
+    }
+
+    fn record(&self, result: CacheLookup) {
         if let Some(m) = self.metrics.get() {
             m.local_cache_lookup(result);
         }
-        found
     }
 
-    /// Reserves `key` for the load about to be sent; `None` while the cache is not live.
-    pub fn begin_fill(&self, key: &str) -> Option<Fill> {
+    /// Reserves `key` for the load about to be sent; `None` while the cache is not live. (A
+    /// lookup reserves its own; this is for loads that did not look first.)
+    pub fn begin_fill(&self, key: &str) -> Option<Fill<'_>> {
         if !self.live.load(Ordering::Acquire) {
             return None;
         }
+        let mut slots = self.lock();
+        Some(self.reserve(&mut slots, key, Instant::now()))
+    }
+
+    /// Puts a placeholder for a new load of `key` in place of whatever was there. The requests
+    /// waiting for an earlier load of it now wait for this one.
+    fn reserve(&self, slots: &mut Slots, key: &str, now: Instant) -> Fill<'_> {
         let fill = Fill {
+            cache: self,
             key: key.to_owned(),
             token: self.next_token.fetch_add(1, Ordering::Relaxed),
             epoch: self.epoch.load(Ordering::Acquire),
-            started: Instant::now(),
+            started: now,
+            finished: false,
         };
-        let mut slots = self.lock();
         if slots.map.len() >= self.capacity && !slots.map.contains_key(key) {
             while let Some((old, token)) = slots.order.pop_front() {
                 if slots.map.get(&old).is_some_and(|s| s.token() == token) {
@@ -233,19 +319,34 @@ impl LocalCache {
                 }
             }
         }
-        slots
-            .map
-            .insert(fill.key.clone(), Slot::Filling(fill.token));
+        let waiters = match slots.map.remove(key) {
+            Some(Slot::Filling { waiters, .. }) => waiters,
+            Some(ready) => {
+                slots.forget(&ready);
+                None
+            }
+            None => None,
+        };
+        slots.map.insert(
+            fill.key.clone(),
+            Slot::Filling {
+                token: fill.token,
+                waiters,
+            },
+        );
         slots.order.push_back((fill.key.clone(), fill.token));
         slots.compact(self.capacity);
-        Some(fill)
+        fill
     }
 
     /// Ends a load: keeps `session` unless the key was invalidated or the cache flushed since
     /// the fill began. `None` (the load failed, or found no live session) just frees the slot.
-    pub fn finish_fill(&self, fill: Fill, session: Option<Session>) {
+    /// Either way the requests waiting for the load are woken.
+    pub fn finish_fill(&self, mut fill: Fill<'_>, session: Option<Session>) {
+        fill.finished = true;
+        let key = std::mem::take(&mut fill.key);
         let mut slots = self.lock();
-        let ours = matches!(slots.map.get(&fill.key), Some(Slot::Filling(t)) if *t == fill.token);
+        let ours = matches!(slots.map.get(&key), Some(Slot::Filling { token, .. }) if *token == fill.token);
         if !ours {
             return;
         }
@@ -253,26 +354,34 @@ impl LocalCache {
             self.live.load(Ordering::Acquire) && self.epoch.load(Ordering::Acquire) == fill.epoch;
         let sized = session
             .filter(|_| valid)
-            .map(|session| (footprint(&fill.key, &session), session));
+            .map(|session| (footprint(&key, &session), session));
         match sized {
             // A session larger than the whole cache is not kept.
             Some((size, session)) if size <= self.max_bytes => {
                 slots.bytes += size;
-                slots.shrink_to(self.max_bytes, &fill.key);
-                slots.map.insert(
-                    fill.key,
-                    Slot::Ready {
-                        token: fill.token,
-                        session,
-                        // The TTL was renewed when the load ran, after this.
-                        loaded: fill.started,
-                        size,
-                    },
-                );
+                slots.shrink_to(self.max_bytes, &key);
+                let filled = Slot::Ready {
+                    token: fill.token,
+                    session,
+                    // The TTL was renewed when the load ran, after this.
+                    loaded: fill.started,
+                    size,
+                };
+                if let Some(placeholder) = slots.map.insert(key, filled) {
+                    placeholder.wake();
+                }
             }
             _ => {
-                slots.remove(&fill.key);
+                slots.remove(&key);
             }
+        }
+    }
+
+    /// A fill dropped unfinished: its slot is freed, if still its own.
+    fn abandon(&self, key: &str, token: u64) {
+        let mut slots = self.lock();
+        if matches!(slots.map.get(key), Some(Slot::Filling { token: t, .. }) if *t == token) {
+            slots.remove(key);
         }
     }
 
@@ -338,6 +447,20 @@ impl LocalCache {
     fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
         // Nothing panics while the lock is held; a poisoned map is still a valid map.
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The copy a lookup would serve, if any (a load it would start is dropped at once).
+    #[cfg(test)]
+    fn get(&self, key: &str, min_version: u64) -> Option<Session> {
+        self.get_at(key, min_version, Instant::now(), now_ms())
+    }
+
+    #[cfg(test)]
+    fn get_at(&self, key: &str, min_version: u64, now: Instant, now_ms: u64) -> Option<Session> {
+        match self.lookup_at(key, min_version, false, now, now_ms) {
+            Lookup::Hit(session) => Some(session),
+            Lookup::Wait(_) | Lookup::Load(_) => None,
+        }
     }
 
     #[cfg(test)]
@@ -408,7 +531,7 @@ mod tests {
             .values()
             .map(|s| match s {
                 Slot::Ready { size, .. } => *size,
-                Slot::Filling(_) => 0,
+                Slot::Filling { .. } => 0,
             })
             .sum();
         assert_eq!(c.lock().bytes, total, "the total follows the entries");
@@ -559,5 +682,102 @@ mod tests {
         assert!(c.get("k", 2).is_none(), "the user saw version 2");
         assert_eq!(c.len(), 0, "and the old copy is dropped");
         assert!(c.get("k", 0).is_none());
+    }
+
+    fn load<'a>(c: &'a LocalCache, key: &str, joined: bool) -> Fill<'a> {
+        match c.lookup(key, 0, joined) {
+            Lookup::Load(Some(fill)) => fill,
+            _ => panic!("expected a load to send"),
+        }
+    }
+
+    fn wait(c: &LocalCache, key: &str) -> OwnedNotified {
+        match c.lookup(key, 0, false) {
+            Lookup::Wait(loaded) => loaded,
+            _ => panic!("expected a load in flight to wait for"),
+        }
+    }
+
+    async fn woken(waiting: OwnedNotified) -> bool {
+        tokio::time::timeout(Duration::from_millis(200), waiting)
+            .await
+            .is_ok()
+    }
+
+    /// One load per session at a time: the lookups that arrive while it is in flight wait for
+    /// it, and are then served by it.
+    #[tokio::test]
+    async fn lookups_during_a_load_wait_for_it_and_are_served_by_it() {
+        let c = cache(10);
+        let f = load(&c, "k", false);
+        let waiting = [wait(&c, "k"), wait(&c, "k")];
+        c.finish_fill(f, Some(session("a")));
+        for w in waiting {
+            assert!(woken(w).await);
+            match c.lookup("k", 0, true) {
+                Lookup::Hit(s) => assert_eq!(s.fields["user"], "a"),
+                _ => panic!("served by the load it waited for"),
+            }
+        }
+    }
+
+    /// A load that ends without keeping anything (cancelled by an invalidation or a flush,
+    /// failed, or dropped with its request) wakes its waiters, which then load for themselves:
+    /// one of them at a time again.
+    #[tokio::test]
+    async fn a_load_that_keeps_nothing_wakes_its_waiters_to_load() {
+        type End = fn(&LocalCache, Fill<'_>);
+        let ends: [(&str, End); 4] = [
+            ("invalidated", |c, f| {
+                c.invalidate("k");
+                c.finish_fill(f, Some(session("stale")));
+            }),
+            ("flushed", |c, f| {
+                c.flush();
+                c.finish_fill(f, Some(session("stale")));
+            }),
+            ("failed", |c, f| c.finish_fill(f, None)),
+            ("dropped", |_, f| drop(f)),
+        ];
+        for (how, end) in ends {
+            let c = cache(10);
+            let f = load(&c, "k", false);
+            let w = wait(&c, "k");
+            end(&c, f);
+            assert!(woken(w).await, "{how}: the waiter is woken");
+            let again = load(&c, "k", true);
+            assert!(
+                matches!(c.lookup("k", 0, false), Lookup::Wait(_)),
+                "{how}: the next load is the only one"
+            );
+            c.finish_fill(again, Some(session("b")));
+            assert!(c.get("k", 0).is_some(), "{how}");
+        }
+    }
+
+    /// A request that already waited once loads for itself if it finds another load in flight;
+    /// the requests waiting for the first load then wait for the new one.
+    #[tokio::test]
+    async fn a_new_load_takes_over_the_waiters_of_the_one_it_replaces() {
+        let c = cache(10);
+        let first = load(&c, "k", false);
+        let w = wait(&c, "k");
+        let second = load(&c, "k", true);
+        c.finish_fill(first, Some(session("old")));
+        tokio::pin!(w);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), w.as_mut())
+                .await
+                .is_err(),
+            "the replaced load's end wakes no one"
+        );
+        c.finish_fill(second, Some(session("new")));
+        assert!(tokio::time::timeout(Duration::from_millis(200), w)
+            .await
+            .is_ok());
+        assert_eq!(
+            c.get("k", 0).map(|s| s.fields["user"].clone()).as_deref(),
+            Some("new")
+        );
     }
 }

@@ -46,7 +46,7 @@ mod replica;
 
 use self::read::MAX_RENEWALS;
 use self::replica::{ReplicaReader, Unavailable};
-use super::cache::LocalCache;
+use super::cache::{LocalCache, Lookup};
 use super::iam::{IamCredentials, IamSetupError};
 use super::{
     now_ms, Applied, Loaded, Session, SessionStore, StoreError, Target, CREATED_FIELD,
@@ -1044,11 +1044,19 @@ impl RedisStore {
 
     /// Reads a session for a user who has seen `min_version` of it: from the replica when there
     /// is one that has a copy at least that new, from the primary otherwise.
-    async fn read(&self, key: String, min_version: u64) -> Result<Loaded, StoreError> {
+    async fn read(
+        &self,
+        key: String,
+        min_version: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<Loaded, StoreError> {
         let Some(replica) = &self.replica else {
-            return self.load_from_redis(key).await;
+            return self.load_from_redis(key, deadline).await;
         };
-        let copy = match replica.read(&key, self.settings.timeout / 2).await {
+        let budget = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(self.settings.timeout / 2);
+        let copy = match replica.read(&key, budget).await {
             Ok((hash, pttl)) => read::judge(
                 hash,
                 pttl,
@@ -1059,7 +1067,7 @@ impl RedisStore {
             Err(Unavailable::NoReplica | Unavailable::Failed | Unavailable::Paused) => {
                 self.events
                     .record(|m| m.replica_read(ReplicaRead::PrimaryFallback));
-                return self.load_from_redis(key).await;
+                return self.load_from_redis(key, deadline).await;
             }
         };
         // The user's own last change has not reached the replica yet: a new session not
@@ -1071,7 +1079,7 @@ impl RedisStore {
         };
         if behind {
             self.events.record(|m| m.replica_read(ReplicaRead::Behind));
-            return self.load_from_redis(key).await;
+            return self.load_from_redis(key, deadline).await;
         }
         self.events.record(|m| m.replica_read(ReplicaRead::Replica));
         if let Some(ttl) = copy.renew {
@@ -1114,13 +1122,16 @@ impl RedisStore {
         });
     }
 
-    /// Reads a session from the primary: `HGETALL` and `PTTL` in one round trip, bounded by the
-    /// store timeout, and a renewal of its TTL in the background when one is due. A read that
+    /// Reads a session from the primary: `HGETALL` and `PTTL` in one round trip, by `deadline`
+    /// (the store timeout from the start of the load), and a renewal of its TTL in the background when one is due. A read that
     /// the server refused (`LOADING`, a cluster in the middle of a change) is sent once more on
     /// the new connection within the same bound.
-    async fn load_from_redis(&self, key: String) -> Result<Loaded, StoreError> {
+    async fn load_from_redis(
+        &self,
+        key: String,
+        deadline: tokio::time::Instant,
+    ) -> Result<Loaded, StoreError> {
         self.remeasure_if_reconnected();
-        let deadline = tokio::time::Instant::now() + self.settings.timeout;
         let (hash, pttl) = match self.read_until(&key, deadline).await {
             Ok(reply) => reply,
             Err(Some(e)) if did_not_run(&e) => {
@@ -1515,15 +1526,26 @@ impl SessionStore for RedisStore {
 
     async fn load_since(&self, id: &SessionId, min_version: u64) -> Result<Loaded, StoreError> {
         let key = self.key(id);
+        // One bound for the whole load, a wait for another request's read included.
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
         let Some(cache) = &self.cache else {
-            return self.read(key, min_version).await;
+            return self.read(key, min_version, deadline).await;
         };
-        if let Some(session) = cache.get(&key, min_version) {
-            return Ok(Loaded::Live(session));
-        }
+        let mut joined = false;
         // Reserved before the read is sent: an invalidation that arrives meanwhile cancels it.
-        let fill = cache.begin_fill(&key);
-        let loaded = self.read(key, min_version).await;
+        let fill = loop {
+            match cache.lookup(&key, min_version, joined) {
+                Lookup::Hit(session) => return Ok(Loaded::Live(session)),
+                Lookup::Load(fill) => break fill,
+                Lookup::Wait(loaded) => {
+                    // Woken when that read ends, kept or not; then looked up again, and read
+                    // here unless its result was kept.
+                    let _ = tokio::time::timeout_at(deadline, loaded).await;
+                    joined = true;
+                }
+            }
+        };
+        let loaded = self.read(key, min_version, deadline).await;
         if let Some(fill) = fill {
             let live = match &loaded {
                 Ok(Loaded::Live(session)) => Some(session.clone()),

@@ -122,9 +122,9 @@ fn build_request(
             return None;
         }
         if name == header::CONNECTION {
-            close |= tokens(&value).any(|t| t.eq_ignore_ascii_case(b"close"));
+            close |= tokens(value.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close"));
         } else if name == header::TE {
-            trailers |= tokens(&value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
+            trailers |= tokens(value.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"trailers"));
         }
         headers.append(name, value);
     }
@@ -141,11 +141,8 @@ fn build_request(
 }
 
 /// The comma-separated tokens of one header value, trimmed.
-fn tokens(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
-    value
-        .as_bytes()
-        .split(|&b| b == b',')
-        .map(<[u8]>::trim_ascii)
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
 }
 
 /// How a backend's response body is delimited.
@@ -166,8 +163,14 @@ pub enum Framing {
 pub struct ResponseHead {
     /// The final status (interim 1xx answers are skipped).
     pub status: StatusCode,
-    /// The headers as sent, values sharing the head's buffer.
+    /// The headers as sent, values sharing the head's buffer; empty when the head was plain
+    /// (see [`parse_response`]), its header lines then being written to `lines`.
     pub headers: HeaderMap,
+    /// Whether the head was plain: its headers are in the `lines` given to [`parse_response`],
+    /// ready to be written back out, and none of them needs the proxy's attention.
+    pub plain: bool,
+    /// Whether the headers include a `Date`.
+    pub dated: bool,
     /// How the body is delimited.
     pub framing: Framing,
     /// Whether the backend connection can carry another request once the body is read.
@@ -193,10 +196,19 @@ pub enum ResponseError {
 
 /// Parses the response head at the start of `buf` (the answer to a `method` request): `None`
 /// until it is whole. An interim (1xx other than 101) response is skipped.
+///
+/// A head is *plain* when none of its headers needs the proxy's attention beyond being left
+/// out: no `Transfer-Encoding` or `Upgrade`, no `Connection` that names other headers, and no
+/// name that `special` picks out (the session protocol's headers, the request id). Its header
+/// lines, less the hop-by-hop ones (`Connection`, `Keep-Alive`, `Proxy-Connection`, `TE`), are
+/// then written to `lines` (`name: value` and CRLF each, as the backend sent them), to be copied
+/// to the client as they are, and no header map is built: most responses of most backends are
+/// plain.
 pub fn parse_response(
     buf: &mut BytesMut,
     method: &Method,
     limit: usize,
+    (special, lines): (&Special<'_>, &mut Vec<u8>),
 ) -> Result<Option<ResponseHead>, ResponseError> {
     loop {
         let mut slots = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_RESPONSE_HEADERS];
@@ -233,39 +245,69 @@ pub fn parse_response(
             );
         }
         let head = buf.split_to(len).freeze();
-        // Room for the request id and the cookies the proxy adds.
-        let mut headers = HeaderMap::with_capacity(count + ADDED_RESPONSE_HEADERS);
-        let (mut length, mut chunked, mut encoded, mut close) = (None, false, false, !http11);
         let at = |at: u32, len: u32| at as usize..(at + len) as usize;
-        for &(n, nl, v, vl) in &fields[..count] {
-            let name = HeaderName::from_bytes(&head[at(n, nl)])
-                .map_err(|_| ResponseError::InvalidHeader)?;
-            let value = HeaderValue::from_maybe_shared(head.slice(at(v, vl)))
-                .map_err(|_| ResponseError::InvalidHeader)?;
-            if name == header::CONTENT_LENGTH {
-                let n = parse_length(value.as_bytes()).ok_or(ResponseError::ContentLength)?;
+        let fields = &fields[..count];
+        let (mut length, mut dated, mut plain) = (None, false, true);
+        let (mut chunked, mut encoded, mut close) = (false, false, !http11);
+        for &(n, nl, v, vl) in fields {
+            let (name, value) = (&head[at(n, nl)], &head[at(v, vl)]);
+            if name.eq_ignore_ascii_case(b"content-length") {
+                let n = parse_length(value).ok_or(ResponseError::ContentLength)?;
                 if length.is_some_and(|l| l != n) {
                     return Err(ResponseError::ContentLength);
                 }
                 length = Some(n);
-            } else if name == header::TRANSFER_ENCODING {
+            } else if name.eq_ignore_ascii_case(b"date") {
+                dated = true;
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                for t in tokens(value) {
+                    if t.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                        close &= http11;
+                    } else if !t.is_empty() {
+                        // It names headers that go no further.
+                        plain = false;
+                    }
+                }
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 encoded = true;
+                plain = false;
                 // Only the last coding says whether the body is chunked.
-                chunked = tokens(&value)
+                chunked = tokens(value)
                     .filter(|t| !t.is_empty())
                     .last()
                     .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
-            } else if name == header::CONNECTION {
-                for t in tokens(&value) {
-                    if t.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if !http11 && t.eq_ignore_ascii_case(b"keep-alive") {
-                        close = false;
-                    }
-                }
+            } else if name.eq_ignore_ascii_case(b"upgrade") || special(name) {
+                plain = false;
             }
-            headers.append(name, value);
         }
+        let headers = if plain {
+            lines.clear();
+            for &(n, nl, v, vl) in fields {
+                let name = &head[at(n, nl)];
+                // Hop-by-hop: they go no further.
+                if DROPPED.iter().any(|h| name.eq_ignore_ascii_case(h)) {
+                    continue;
+                }
+                lines.extend_from_slice(name);
+                lines.extend_from_slice(b": ");
+                lines.extend_from_slice(&head[at(v, vl)]);
+                lines.extend_from_slice(b"\r\n");
+            }
+            HeaderMap::new()
+        } else {
+            // Room for the request id and the cookies the proxy adds.
+            let mut headers = HeaderMap::with_capacity(count + ADDED_RESPONSE_HEADERS);
+            for &(n, nl, v, vl) in fields {
+                let name = HeaderName::from_bytes(&head[at(n, nl)])
+                    .map_err(|_| ResponseError::InvalidHeader)?;
+                let value = HeaderValue::from_maybe_shared(head.slice(at(v, vl)))
+                    .map_err(|_| ResponseError::InvalidHeader)?;
+                headers.append(name, value);
+            }
+            headers
+        };
         let bodiless = *method == Method::HEAD
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
@@ -282,11 +324,20 @@ pub fn parse_response(
         return Ok(Some(ResponseHead {
             status,
             headers,
+            plain,
+            dated,
             framing,
             reusable,
         }));
     }
 }
+
+/// Picks out the response header names the proxy has to look at.
+pub type Special<'a> = dyn Fn(&[u8]) -> bool + 'a;
+
+/// The hop-by-hop headers of a response (RFC 9110, 7.6.1) that a plain head may have, and
+/// that are left out of its lines: a `Connection` that names no other header, and the rest.
+const DROPPED: [&[u8]; 4] = [b"connection", b"keep-alive", b"proxy-connection", b"te"];
 
 /// A `Content-Length` value: digits only, no sign, no overflow.
 fn parse_length(v: &[u8]) -> Option<u64> {
@@ -313,26 +364,34 @@ pub fn write_request_head(
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes a response head: the status line, `headers`, a `Date` when they have none (as hyper's
-/// server adds one), `extra` header lines (each ending in CRLF) and the blank line.
+/// Writes a response head: the status line, the header `lines` already written (CRLF each) and
+/// `headers`, a `Date` when `dated` says they have none (as hyper's server adds one), the
+/// request id, `extra` header lines (each ending in CRLF) and the blank line.
 pub fn write_response_head(
     out: &mut Vec<u8>,
     status: StatusCode,
-    headers: &HeaderMap,
-    extra: &str,
+    (lines, headers, dated): (&[u8], &HeaderMap, bool),
+    request_id: &HeaderValue,
+    extra: &[&str],
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(lines);
     write_headers(out, headers);
-    if !headers.contains_key(header::DATE) {
+    if !dated && !headers.contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");
         date::write(out);
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(extra.as_bytes());
+    out.extend_from_slice(b"x-request-id: ");
+    out.extend_from_slice(request_id.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for line in extra {
+        out.extend_from_slice(line.as_bytes());
+    }
     out.extend_from_slice(b"\r\n");
 }
 
@@ -659,7 +718,73 @@ mod tests {
     }
 
     fn response(raw: &[u8], method: &Method) -> Result<Option<ResponseHead>, ResponseError> {
-        parse_response(&mut BytesMut::from(raw), method, 64 * 1024)
+        parse_response(
+            &mut BytesMut::from(raw),
+            method,
+            64 * 1024,
+            (&|_| false, &mut Vec::new()),
+        )
+    }
+
+    /// A head with nothing for the proxy to look at comes out as header lines, as sent; any
+    /// hop-by-hop or special header makes it a header map, to be taken apart.
+    #[test]
+    fn plain_heads_are_copied_as_lines() {
+        let special = |name: &[u8]| name.eq_ignore_ascii_case(b"x-special");
+        let parse = |raw: &[u8], lines: &mut Vec<u8>| {
+            parse_response(
+                &mut BytesMut::from(raw),
+                &Method::GET,
+                64 * 1024,
+                (&special, lines),
+            )
+            .unwrap()
+            .unwrap()
+        };
+        let mut lines = b"left over".to_vec();
+        let r = parse(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: a=1\r\nDate:  d \r\n\r\nok",
+            &mut lines,
+        );
+        assert!(r.plain && r.dated && r.headers.is_empty());
+        assert_eq!(r.framing, Framing::Length(2));
+        assert_eq!(
+            lines,
+            b"Content-Length: 2\r\nSet-Cookie: a=1\r\nDate: d\r\n".to_vec()
+        );
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nX-Special: 1\r\nContent-Length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nConnection: x-private\r\nX-Private: 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+        ] {
+            let r = parse(raw, &mut lines);
+            assert!(!r.plain && !r.headers.is_empty() && !r.dated);
+        }
+        // Connection and Keep-Alive that name nothing else are left out of a plain head's lines,
+        // and still say whether the connection can be used again.
+        let r = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n",
+            &mut lines,
+        );
+        assert!(r.plain && r.reusable);
+        assert_eq!(lines, b"X-A: 1\r\nContent-Length: 0\r\n".to_vec());
+        let r = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            &mut lines,
+        );
+        assert!(r.plain && !r.reusable);
+        let r = parse(
+            b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n",
+            &mut lines,
+        );
+        assert!(r.plain && r.reusable);
+        // A plain head's framing is read from it all the same.
+        let r = parse(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n", &mut lines);
+        assert!(r.plain && !r.reusable);
+        assert_eq!(r.framing, Framing::Close);
+        let r = parse(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", &mut lines);
+        assert!(r.plain && !r.reusable);
     }
 
     #[test]
@@ -806,16 +931,31 @@ mod tests {
         assert_eq!(out, b"GET /x?y HTTP/1.1\r\nhost: a\r\nx-f: 1\r\n\r\n");
         out.clear();
         h.insert("date", HeaderValue::from_static("d"));
+        let id = HeaderValue::from_static("r1");
         write_response_head(
             &mut out,
             StatusCode::NOT_FOUND,
-            &h,
-            "transfer-encoding: chunked\r\n",
+            (b"x-a: 1\r\n", &h, false),
+            &id,
+            &["connection: close\r\n", "transfer-encoding: chunked\r\n"],
         );
         assert_eq!(
             out,
-            &b"HTTP/1.1 404 Not Found\r\nhost: a\r\ndate: d\r\ntransfer-encoding: chunked\r\n\r\n"
+            &b"HTTP/1.1 404 Not Found\r\nx-a: 1\r\nhost: a\r\ndate: d\r\nx-request-id: r1\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n"
                 [..]
+        );
+        // Lines that carry a date get no second one.
+        out.clear();
+        write_response_head(
+            &mut out,
+            StatusCode::OK,
+            (b"Date: d\r\n", &HeaderMap::new(), true),
+            &id,
+            &[],
+        );
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\nDate: d\r\nx-request-id: r1\r\n\r\n"
         );
         out.clear();
         write_chunk(&mut out, b"hello world!!!!!!");

@@ -576,7 +576,7 @@ mod tests {
             | "stickless_local_cache_invalidations_total"
             | "stickless_local_cache_flushes_total" => None,
             "stickless_local_cache_lookups_total" => {
-                Some(("result", vec!["hit", "miss", "outdated"]))
+                Some(("result", vec!["hit", "joined", "miss", "outdated"]))
             }
             "stickless_replica_reads_total" => {
                 Some(("result", vec!["replica", "behind", "primary_fallback"]))

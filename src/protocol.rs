@@ -417,6 +417,25 @@ impl Protocol {
         n.starts_with(self.config.header_prefix.as_str()) || n == self.status.as_str()
     }
 
+    /// [`Protocol::is_protocol_header`] for a name as it came on the wire (any case), without
+    /// building the name or its canonical form.
+    pub fn is_protocol_name(&self, name: &[u8]) -> bool {
+        let same = |name: &[u8], canonical: &[u8]| {
+            name.iter().zip(canonical).all(|(&b, &c)| {
+                let b = match b {
+                    b'A'..=b'Z' => b.to_ascii_lowercase(),
+                    b'a'..=b'z' | b'0'..=b'9' => b,
+                    _ => b'-',
+                };
+                b == c
+            })
+        };
+        let prefix = self.config.header_prefix.as_str().as_bytes();
+        let status = self.status.as_str().as_bytes();
+        (name.len() >= prefix.len() && same(&name[..prefix.len()], prefix))
+            || (name.len() == status.len() && same(name, status))
+    }
+
     /// Removes every protocol header a client sent; returns how many there were.
     pub fn strip(&self, headers: &mut HeaderMap) -> usize {
         let names: Vec<HeaderName> = headers
@@ -622,6 +641,35 @@ mod tests {
             );
         }
         h
+    }
+
+    proptest! {
+        /// A name as it came on the wire is the protocol's exactly when its header name is.
+        #[test]
+        fn wire_names_are_judged_as_header_names(name in prop_oneof![
+            "[A-Za-z0-9_.!#$%&'*+^`|~-]{1,24}",
+            "[xX][-_.][sS][eE][sS][sS][iI][oO][nN][-_.A-Za-z0-9]{0,12}",
+        ]) {
+            let p = protocol();
+            let header = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            prop_assert_eq!(p.is_protocol_name(name.as_bytes()), p.is_protocol_header(&header));
+        }
+    }
+
+    #[test]
+    fn wire_names_of_the_protocol() {
+        let p = protocol();
+        for name in [
+            "X-Session-Set-user",
+            "x_session_incr_n",
+            "X-SESSION",
+            "x.session",
+        ] {
+            assert!(p.is_protocol_name(name.as_bytes()), "{name}");
+        }
+        for name in ["X-Sessions", "x-sessio", "content-length", "x-request-id"] {
+            assert!(!p.is_protocol_name(name.as_bytes()), "{name}");
+        }
     }
 
     #[test]

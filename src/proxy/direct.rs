@@ -82,6 +82,8 @@ struct Backend {
     stream: TcpStream,
     /// Bytes read and not yet used: always empty between requests.
     buf: BytesMut,
+    /// The header lines of the last response head, when it was plain ([`h1::parse_response`]).
+    lines: Vec<u8>,
 }
 
 /// Backend connections between requests, for the next request that needs one, as nginx's
@@ -121,6 +123,9 @@ impl Pool {
         if backend.buf.capacity() > MAX_POOLED_BUFFER {
             // Grown for a large head: not kept for ever.
             backend.buf = BytesMut::new();
+        }
+        if backend.lines.capacity() > MAX_POOLED_BUFFER {
+            backend.lines = Vec::new();
         }
         if let Ok(mut idle) = self.idle.lock() {
             self.expire(&mut idle, now);
@@ -333,24 +338,27 @@ impl Proxy {
                 backend: mut from,
                 keep: pool,
             }) => {
-                resp.headers
-                    .insert(X_REQUEST_ID.clone(), id.header_value().clone());
-                if !keep {
-                    resp.headers
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
                 let head = start.elapsed();
                 self.metrics.request(resp.status.as_u16(), head);
                 log.responded_after(resp.status, head);
                 let framing = resp.framing;
-                let extra = match framing {
+                let chunked = match framing {
                     Framing::Chunked | Framing::Close => {
                         resp.headers.remove(header::CONTENT_LENGTH);
                         "transfer-encoding: chunked\r\n"
                     }
                     Framing::None | Framing::Length(_) => "",
                 };
-                h1::write_response_head(out, resp.status, &resp.headers, extra);
+                // The backend's own request id (a head that has one is not plain) gives way to ours.
+                resp.headers.remove(&X_REQUEST_ID);
+                let lines = if resp.plain { &from.lines[..] } else { &[] };
+                h1::write_response_head(
+                    out,
+                    resp.status,
+                    (lines, &resp.headers, resp.dated),
+                    id.header_value(),
+                    &[if keep { "" } else { "connection: close\r\n" }, chunked],
+                );
                 let relayed = self
                     .relay(
                         (framing, trailers),
@@ -372,12 +380,17 @@ impl Proxy {
                 let (status, text) = e.status_and_text();
                 let mut headers = http::HeaderMap::new();
                 error_headers(status, !keep, &mut headers);
-                headers.insert(X_REQUEST_ID.clone(), id.header_value().clone());
                 headers.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
                 let head = start.elapsed();
                 self.metrics.request(status.as_u16(), head);
                 log.responded_after(status, head);
-                h1::write_response_head(out, status, &headers, "");
+                h1::write_response_head(
+                    out,
+                    status,
+                    (&[], &headers, false),
+                    id.header_value(),
+                    &[],
+                );
                 out.extend_from_slice(text.as_bytes());
                 if write_all(client, out, limits.keep_alive_timeout).await {
                     Ok(text.len() as u64)
@@ -528,6 +541,7 @@ impl Proxy {
         Ok(Backend {
             stream,
             buf: BytesMut::new(),
+            lines: Vec::new(),
         })
     }
 
@@ -543,8 +557,18 @@ impl Proxy {
             return Err(failed(false, e.into()));
         }
         let mut answered = false;
+        // The response headers the proxy has to look at: the others are copied through as lines.
+        let special = |name: &[u8]| {
+            self.protocol.is_protocol_name(name) || name.eq_ignore_ascii_case(b"x-request-id")
+        };
         loop {
-            match h1::parse_response(&mut backend.buf, method, self.response_head_limit) {
+            let parsed = h1::parse_response(
+                &mut backend.buf,
+                method,
+                self.response_head_limit,
+                (&special, &mut backend.lines),
+            );
+            match parsed {
                 Ok(Some(head)) => return Ok(head),
                 Ok(None) => {}
                 Err(e) => return Err(failed(true, e.into())),

@@ -347,21 +347,18 @@ fn parse_length(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
-/// Writes a request head: `method path HTTP/1.1`, then `headers`, then `lines` (whole header
-/// lines, each ending in CRLF).
-pub fn write_request_head(
+/// Writes the start of a request head: `method path HTTP/1.1`, then `headers`; the caller adds
+/// its own header lines (each ending in CRLF) and the blank line.
+pub fn write_request_start(
     out: &mut Vec<u8>,
     (method, path): (&Method, &str),
     headers: &HeaderMap,
-    lines: &[u8],
 ) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     write_headers(out, headers);
-    out.extend_from_slice(lines);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes a response head: the status line, the header `lines` already written (CRLF each) and
@@ -927,8 +924,8 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("host", HeaderValue::from_static("a"));
         let mut out = Vec::new();
-        write_request_head(&mut out, (&Method::GET, "/x?y"), &h, b"x-f: 1\r\n");
-        assert_eq!(out, b"GET /x?y HTTP/1.1\r\nhost: a\r\nx-f: 1\r\n\r\n");
+        write_request_start(&mut out, (&Method::GET, "/x?y"), &h);
+        assert_eq!(out, b"GET /x?y HTTP/1.1\r\nhost: a\r\n");
         out.clear();
         h.insert("date", HeaderValue::from_static("d"));
         let id = HeaderValue::from_static("r1");

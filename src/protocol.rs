@@ -487,10 +487,13 @@ impl Protocol {
         made
     }
 
-    /// Marks the request as carrying a live session whose field headers are written to the
-    /// request head directly (see [`crate::store::FieldHeaders::wire`]).
-    pub fn mark_active(&self, headers: &mut HeaderMap) {
-        headers.insert(self.status.clone(), ACTIVE);
+    /// The status header of a live session whose field headers are written to the request head
+    /// directly (see [`crate::store::FieldHeaders::wire`]), as a line of that head.
+    pub fn write_active(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.status.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(ACTIVE.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
 
     /// Marks the request as sent while the session could not be loaded (`X-Session: unavailable`,

@@ -34,6 +34,7 @@ use crate::access_log::{AccessRecord, Logged, SessionState};
 use crate::body::{BoxError, ClientBody, Detached, IdleTimeout, StripTrailers};
 use crate::config::{Config, OnStoreError, TtlPolicy, Upstream};
 use crate::cookie::{split_cookies, CookieWriter, SessionId, SigningKeys, VerifiedCookies};
+use crate::h1;
 use crate::hop;
 use crate::log_limit::LogLimit;
 use crate::metrics::{ClientFault, Event, Lookup, Metrics, StoreOp, UpstreamFailure};
@@ -586,9 +587,10 @@ impl Proxy {
     }
 
     /// The backend's request headers: the client's protocol headers out, the session's in, the
-    /// forwarding headers and the request id set. With `wire`, a live session's field headers
-    /// are not added to `headers` but returned as they go on the wire, made once per loaded copy,
-    /// for a request head written directly.
+    /// forwarding headers and the request id set. With `wire`, for a request head written
+    /// directly ([`Proxy::write_backend_head`]): a live session's field headers are not added to
+    /// `headers` but returned as they go on the wire, made once per loaded copy, and the status
+    /// of a live session, the forwarding headers and the request id are left to the writer.
     fn backend_headers<'r>(
         &self,
         headers: &mut HeaderMap,
@@ -618,7 +620,6 @@ impl Proxy {
                     .fields
                     .headers(|fields| self.protocol.field_headers(fields));
                 if wire {
-                    self.protocol.mark_active(headers);
                     written = Some(&fields.wire[..]);
                 } else {
                     self.protocol.inject(headers, Some(&fields.pairs))
@@ -627,9 +628,11 @@ impl Proxy {
             Resolved::NoSession(_) | Resolved::Rotated => self.protocol.inject(headers, None),
             Resolved::Unavailable(_) => self.protocol.inject_unavailable(headers),
         }
-        self.forwarding_headers(headers, peer);
-        // Replaces whatever the client sent: the backend gets the one id that is logged.
-        headers.insert(X_REQUEST_ID.clone(), id.header_value().clone());
+        if !wire {
+            self.forwarding_headers(headers, peer);
+            // Replaces whatever the client sent: the backend gets the one id that is logged.
+            headers.insert(X_REQUEST_ID.clone(), id.header_value().clone());
+        }
         written
     }
 
@@ -977,38 +980,117 @@ impl Proxy {
         // Earlier hops may have sent several headers: keep them all, in order, then this peer.
         // Written in one buffer of the exact size, and given to the header without a copy (one
         // allocation in all).
-        let mut ip = [0u8; 48];
-        let ip_len = {
-            let mut at = &mut ip[..];
-            let _ = write!(at, "{}", peer.ip());
-            48 - at.len()
-        };
+        let ip = PeerIp::of(peer);
         let earlier = || {
             headers
                 .get_all(&X_FORWARDED_FOR)
                 .iter()
                 .filter(|v| v.to_str().is_ok())
         };
-        let len = earlier().map(|v| v.len() + 2).sum::<usize>() + ip_len;
+        let len = earlier().map(|v| v.len() + 2).sum::<usize>() + ip.as_bytes().len();
         let mut xff = Vec::with_capacity(len);
         for v in earlier() {
             xff.extend_from_slice(v.as_bytes());
             xff.extend_from_slice(b", ");
         }
-        xff.extend_from_slice(&ip[..ip_len]);
+        xff.extend_from_slice(ip.as_bytes());
         if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
             headers.insert(X_FORWARDED_FOR.clone(), v);
         }
         // A load balancer in front (an ELB) already says how the client connected: keep its word.
         if !headers.contains_key(&X_FORWARDED_PROTO) {
-            let proto = if self.tls { "https" } else { "http" };
-            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+            headers.insert(X_FORWARDED_PROTO.clone(), self.proto());
         }
         if !headers.contains_key(&X_FORWARDED_HOST) {
             if let Some(host) = headers.get(header::HOST).cloned() {
                 headers.insert(X_FORWARDED_HOST.clone(), host);
             }
         }
+    }
+
+    /// How clients connect to this proxy, for `X-Forwarded-Proto`.
+    fn proto(&self) -> HeaderValue {
+        HeaderValue::from_static(if self.tls { "https" } else { "http" })
+    }
+
+    /// The direct path's request head for the backend: the request line and `parts`' headers
+    /// (as [`Proxy::backend_headers`] left them with `wire`), then as lines: a live session's
+    /// status and `fields`, the forwarding headers as [`Proxy::forwarding_headers`] sets them,
+    /// and the request id.
+    fn write_backend_head(
+        &self,
+        out: &mut Vec<u8>,
+        parts: &mut http::request::Parts,
+        fields: Option<&[u8]>,
+        (ip, id): (&PeerIp, &RequestId),
+    ) {
+        let headers = &mut parts.headers;
+        let earlier: Vec<HeaderValue> = match headers.entry(&X_FORWARDED_FOR) {
+            header::Entry::Occupied(e) => e
+                .remove_entry_mult()
+                .1
+                .filter(|v| v.to_str().is_ok())
+                .collect(),
+            header::Entry::Vacant(_) => Vec::new(),
+        };
+        let proto = !headers.contains_key(&X_FORWARDED_PROTO);
+        let host = match headers.contains_key(&X_FORWARDED_HOST) {
+            true => None,
+            false => headers.get(header::HOST).cloned(),
+        };
+        // Replaced: the backend gets the one id that is logged.
+        headers.remove(&X_REQUEST_ID);
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        h1::write_request_start(out, (&parts.method, path), headers);
+        if let Some(fields) = fields {
+            self.protocol.write_active(out);
+            out.extend_from_slice(fields);
+        }
+        out.extend_from_slice(b"x-forwarded-for: ");
+        for v in &earlier {
+            out.extend_from_slice(v.as_bytes());
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(ip.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        let lines = [
+            (proto, &b"x-forwarded-proto: "[..], self.proto()),
+            (host.is_some(), b"x-forwarded-host: ", host.unwrap_or(EMPTY)),
+            (true, b"x-request-id: ", id.header_value().clone()),
+        ];
+        for (_, name, value) in lines.iter().filter(|(wanted, ..)| *wanted) {
+            out.extend_from_slice(name);
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// An empty header value.
+const EMPTY: HeaderValue = HeaderValue::from_static("");
+
+/// A client's address as `X-Forwarded-For` gives it, written once (a connection carries many
+/// requests from the one address).
+pub(crate) struct PeerIp {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl PeerIp {
+    pub(crate) fn of(peer: SocketAddr) -> Self {
+        let mut buf = [0u8; 48];
+        let len = {
+            let mut at = &mut buf[..];
+            // 48 bytes hold the longest IPv6 address.
+            let _ = write!(at, "{}", peer.ip());
+            48 - at.len()
+        };
+        PeerIp { buf, len }
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 

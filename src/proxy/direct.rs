@@ -29,13 +29,13 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use http::header::{self, HeaderValue};
-use http::{request, Method, Request, StatusCode};
+use http::{Method, Request, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
-use super::{check_host, error_headers, Proxy, ProxyError};
+use super::{check_host, error_headers, PeerIp, Proxy, ProxyError};
 use crate::access_log::{AccessRecord, SessionState};
 use crate::body::BoxError;
 use crate::h1::{self, Chunk, ChunkedDecoder, Framing, Parsed, RequestHead, ResponseHead};
@@ -220,6 +220,7 @@ impl Proxy {
         // turns out not to have come whole in its first read (which saves a clock read).
         let mut head_by = Some(head_by);
         let mut served = false;
+        let ip = PeerIp::of(peer);
         let mut idle_since = Instant::now();
         // One timer for the waits between requests and one for the backend's answers, each only
         // ever moved later, which costs next to nothing (a timer is looked at again only when it
@@ -273,7 +274,7 @@ impl Proxy {
                 }
             };
             served = true;
-            let exchange = (&mut *client, peer, limits, &*drain);
+            let exchange = (&mut *client, (peer, &ip), limits, &*drain);
             let keep = self.exchange(head, exchange, upstream.as_mut(), out).await;
             // The keep-alive timeout counts from the end of the answer (a long download must not
             // use it up).
@@ -290,7 +291,12 @@ impl Proxy {
     async fn exchange(
         &self,
         head: RequestHead,
-        (client, peer, limits, drain): (&mut TcpStream, SocketAddr, DirectLimits, &Drain),
+        (client, (peer, ip), limits, drain): (
+            &mut TcpStream,
+            (SocketAddr, &PeerIp),
+            DirectLimits,
+            &Drain,
+        ),
         timer: Pin<&mut Sleep>,
         out: &mut Vec<u8>,
     ) -> bool {
@@ -312,7 +318,7 @@ impl Proxy {
         let work = scope
             .run(async {
                 let answered = self
-                    .respond_direct(request, (peer, &id), &mut log, timer, out)
+                    .respond_direct(request, (peer, ip, &id), &mut log, timer, out)
                     .await;
                 if let Err(e) = &answered {
                     self.report(e);
@@ -419,7 +425,7 @@ impl Proxy {
     async fn respond_direct(
         &self,
         request: Request<()>,
-        (peer, id): (SocketAddr, &RequestId),
+        (peer, ip, id): (SocketAddr, &PeerIp, &RequestId),
         log: &mut AccessRecord,
         timer: Pin<&mut Sleep>,
         out: &mut Vec<u8>,
@@ -429,7 +435,9 @@ impl Proxy {
         let (mut parts, ()) = request.into_parts();
         let resolved = self.open(&mut parts.headers, log).await?;
         let fields = self.backend_headers(&mut parts.headers, peer, id, &resolved, true);
-        let (forwarded, waited) = self.forward_direct((&parts, fields), timer, out).await;
+        out.clear();
+        self.write_backend_head(out, &mut parts, fields, (ip, id));
+        let (forwarded, waited) = self.forward_direct(&parts.method, timer, out).await;
         log.backend = Some(waited);
         let Answer {
             head: mut resp,
@@ -450,28 +458,18 @@ impl Proxy {
         })
     }
 
-    /// Sends the request (with the session's `fields` as header lines) to the backend and reads
-    /// its response head, within `--upstream-timeout` in all (on the connection's `timer`); also
-    /// how long that took. As on hyper's path, an
-    /// idempotent request that failed before any of its answer arrived is sent once more, on a
-    /// new connection.
+    /// Sends the request head in `out` to the backend and reads its response head, within
+    /// `--upstream-timeout` in all (on the connection's `timer`); also how long that took. As on
+    /// hyper's path, an idempotent request that failed before any of its answer arrived is sent
+    /// once more, on a new connection.
     async fn forward_direct(
         &self,
-        (parts, fields): (&request::Parts, Option<&[u8]>),
+        method: &Method,
         mut timer: Pin<&mut Sleep>,
-        out: &mut Vec<u8>,
+        out: &[u8],
     ) -> (Result<Answer, ProxyError>, Duration) {
         let started = Instant::now();
-        out.clear();
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        h1::write_request_head(
-            out,
-            (&parts.method, path),
-            &parts.headers,
-            fields.unwrap_or(&[]),
-        );
-        let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-        let method = &parts.method;
+        let idempotent = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
         let attempts = async {
             let mut first = match self.pool.take(started) {
                 Some(b) => b,

@@ -685,8 +685,16 @@ impl Proxy {
     }
 }
 
-/// Writes all of `data` to `client`, each write within `timeout`: whether it all went out.
-async fn write_all(client: &mut TcpStream, data: &[u8], timeout: Duration) -> bool {
+/// Writes all of `data` to `client`, within `timeout` once the socket takes no more at once:
+/// whether it all went out. A write the socket takes whole at once (nearly every response
+/// head and small body) needs no timer.
+async fn write_all(client: &mut TcpStream, mut data: &[u8], timeout: Duration) -> bool {
+    match client.try_write(data) {
+        Ok(n) if n == data.len() => return true,
+        Ok(n) => data = &data[n..],
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Err(_) => return false,
+    }
     matches!(
         tokio::time::timeout(timeout, client.write_all(data)).await,
         Ok(Ok(()))

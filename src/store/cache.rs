@@ -231,7 +231,13 @@ impl LocalCache {
     /// concurrent lookups of one session send one read). `joined`: this request already waited
     /// once, and does not wait again.
     pub fn lookup(&self, key: &str, min_version: u64, joined: bool) -> Lookup<'_> {
-        self.lookup_at(key, min_version, joined, Instant::now(), now_ms())
+        // The wall clock matters only to an absolute timeout.
+        let now_ms = if self.ttl.absolute.is_some() {
+            now_ms()
+        } else {
+            0
+        };
+        self.lookup_at(key, min_version, joined, Instant::now(), now_ms)
     }
 
     fn lookup_at(

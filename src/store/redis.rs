@@ -1526,12 +1526,16 @@ impl SessionStore for RedisStore {
 
     async fn load_since(&self, id: &SessionId, min_version: u64) -> Result<Loaded, StoreError> {
         let key = self.key(id);
-        // One bound for the whole load, a wait for another request's read included.
-        let deadline = tokio::time::Instant::now() + self.settings.timeout;
-        let Some(cache) = &self.cache else {
-            return self.read(key, min_version, deadline).await;
+        // One bound for the whole load, a wait for another request's read included; read from
+        // the clock only when the load is not served from the cache at once.
+        let timeout = self.settings.timeout;
+        let by = |deadline: Option<tokio::time::Instant>| {
+            deadline.unwrap_or_else(|| tokio::time::Instant::now() + timeout)
         };
-        let mut joined = false;
+        let Some(cache) = &self.cache else {
+            return self.read(key, min_version, by(None)).await;
+        };
+        let (mut joined, mut deadline) = (false, None);
         // Reserved before the read is sent: an invalidation that arrives meanwhile cancels it.
         let fill = loop {
             match cache.lookup(&key, min_version, joined) {
@@ -1540,12 +1544,14 @@ impl SessionStore for RedisStore {
                 Lookup::Wait(loaded) => {
                     // Woken when that read ends, kept or not; then looked up again, and read
                     // here unless its result was kept.
-                    let _ = tokio::time::timeout_at(deadline, loaded).await;
+                    let until = by(deadline);
+                    deadline = Some(until);
+                    let _ = tokio::time::timeout_at(until, loaded).await;
                     joined = true;
                 }
             }
         };
-        let loaded = self.read(key, min_version, deadline).await;
+        let loaded = self.read(key, min_version, by(deadline)).await;
         if let Some(fill) = fill {
             let live = match &loaded {
                 Ok(Loaded::Live(session)) => Some(session.clone()),

@@ -50,8 +50,9 @@ async fn read_until_cached(http: &mut Http, proxy: &Stickless, name: &str) -> Op
     .await
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_change_through_one_instance_is_seen_through_the_other() {
+/// Two instances, each with its cache, on one Redis, and a user (`http`'s jar) whose session,
+/// `user=alice`, was made through the first.
+async fn two_instances_with_alice() -> (RedisServer, TestBackend, Stickless, Stickless, Http) {
     let redis = RedisServer::start();
     let backend = TestBackend::start().await;
     let a = Stickless::on_redis(&backend.url(), &redis, CACHE);
@@ -59,6 +60,12 @@ async fn a_change_through_one_instance_is_seen_through_the_other() {
     let mut http = Http::with_jar();
     http.get_replying(&a.url("/"), &["x-session-set-user: alice"])
         .await;
+    (redis, backend, a, b, http)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_through_one_instance_is_seen_through_the_other() {
+    let (_redis, _backend, a, b, mut http) = two_instances_with_alice().await;
     assert_eq!(
         read_until_cached(&mut http, &b, "user").await.as_deref(),
         Some("alice")
@@ -83,13 +90,7 @@ async fn a_change_through_one_instance_is_seen_through_the_other() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_logout_through_one_instance_is_seen_through_the_other() {
-    let redis = RedisServer::start();
-    let backend = TestBackend::start().await;
-    let a = Stickless::on_redis(&backend.url(), &redis, CACHE);
-    let b = Stickless::on_redis(&backend.url(), &redis, CACHE);
-    let mut http = Http::with_jar();
-    http.get_replying(&a.url("/"), &["x-session-set-user: alice"])
-        .await;
+    let (_redis, _backend, a, b, mut http) = two_instances_with_alice().await;
     let sid = http.sid.clone().expect("a session cookie");
     read_until_cached(&mut http, &b, "user").await;
 
@@ -343,13 +344,7 @@ async fn a_cached_read_costs_no_command_in_redis() {
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_reads_of_an_uncached_session_send_one_read() {
     const BURST: usize = 8;
-    let redis = RedisServer::start();
-    let backend = TestBackend::start().await;
-    let a = Stickless::on_redis(&backend.url(), &redis, CACHE);
-    let b = Stickless::on_redis(&backend.url(), &redis, CACHE);
-    let mut http = Http::with_jar();
-    http.get_replying(&a.url("/"), &["x-session-set-user: alice"])
-        .await;
+    let (redis, _backend, a, b, mut http) = two_instances_with_alice().await;
     read_until_cached(&mut http, &a, "user").await;
 
     // A change through B: A's copy goes when Redis's invalidation arrives, and none is pending.

@@ -1216,6 +1216,47 @@ async fn requests_with_conflicting_framing_are_read_one_safe_way_or_refused() {
 /// A client that asks for a large body and stops reading cannot hold its connection (and the
 /// backend's) for ever: each write to it must make progress within the keep-alive timeout. Both
 /// paths: a request without a body (stickless's own HTTP/1.1 path) and one with a body (hyper's).
+/// What the backend says about its own connection stays between it and stickless, and the
+/// headers stickless answers for are its own, whether the response head is copied as it came
+/// (nothing in it for stickless) or taken apart (a `Connection` naming headers, the backend's
+/// own request id).
+#[tokio::test(flavor = "multi_thread")]
+async fn hop_by_hop_response_headers_stay_behind_and_the_request_id_and_date_are_sticklesss() {
+    let heads: [&[u8]; 2] = [
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-App: 1\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nConnection: date, x-private\r\nDate: Mon, 01 Jan 2001 00:00:00 GMT\r\nX-Private: 1\r\nX-Request-Id: from-the-backend\r\nX-App: 1\r\nContent-Length: 2\r\n\r\nok",
+    ];
+    for head in heads {
+        let backend = Backend::answering(move |_| head.to_vec()).await;
+        let proxy = Stickless::start(&backend.url(), &[]);
+        let mut client = Client::connect(proxy.addr).await;
+        for _ in 0..2 {
+            let r = client.exchange("GET", &get("/")).await;
+            let names = |name: &str| {
+                r.fields
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.as_str())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!((r.status, r.text()), (200, "ok".to_owned()));
+            assert_eq!(names("x-app"), ["1"], "{:?}", r.fields);
+            for gone in ["connection", "keep-alive", "x-private"] {
+                assert!(names(gone).is_empty(), "{gone}: {:?}", r.fields);
+            }
+            let date = names("date");
+            assert_eq!(date.len(), 1, "one Date: {:?}", r.fields);
+            assert_ne!(
+                date[0], "Mon, 01 Jan 2001 00:00:00 GMT",
+                "the backend's was hop-by-hop"
+            );
+            let id = names("x-request-id");
+            assert_eq!(id.len(), 1, "{:?}", r.fields);
+            assert_ne!(id[0], "from-the-backend");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_stops_reading_is_closed_after_the_keep_alive_timeout() {
     for request in [

@@ -361,7 +361,8 @@ impl Proxy {
                 h1::write_response_head(
                     out,
                     resp.status,
-                    (lines, &resp.headers, resp.dated),
+                    // A head that was not plain may have lost its Date to a Connection naming it.
+                    (lines, &resp.headers, resp.plain && resp.dated),
                     id.header_value(),
                     &[if keep { "" } else { "connection: close\r\n" }, chunked],
                 );

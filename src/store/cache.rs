@@ -11,9 +11,11 @@
 //!   a change elsewhere is never kept;
 //! - one load per session at a time: a lookup that finds another request's load of the same
 //!   session in flight waits for it ([`Lookup::Wait`]) and then looks again, instead of sending a
-//!   read of its own. A hot session invalidated by a change is read again once, not once per
-//!   request that arrives before the first read is back; a load that is cancelled, fails or is
-//!   abandoned wakes its waiters, which then read for themselves;
+//!   read of its own. A hot session dropped by a change is read again once, not once per request
+//!   that arrives before the first read is back. A load that keeps nothing (it was cancelled by
+//!   an invalidation, failed, found no live session, or its request went away) wakes its
+//!   waiters, which then read for themselves: one of them through the cache, the others beside
+//!   it, none waiting twice;
 //! - an entry lives at most [`LocalCache::max_age`] (an eighth of the idle timeout), so that
 //!   even a missed invalidation cannot serve stale data for long, and a session read only from
 //!   the cache still has its idle TTL renewed in Redis by the load that follows;
@@ -282,6 +284,13 @@ impl LocalCache {
                 // Made while the lock is held: the end of the load cannot come before it.
                 return Lookup::Wait(Arc::clone(waiters).notified_owned());
             }
+            Some(Slot::Filling { .. }) => {
+                // Waited once already: read without a fill rather than replace the one in
+                // flight, which would throw its read away and hold up its waiters again.
+                drop(slots);
+                self.record(CacheLookup::Miss);
+                return Lookup::Load(None);
+            }
             _ => CacheLookup::Miss,
         };
         let fill = self.reserve(&mut slots, key, now);
@@ -296,9 +305,10 @@ impl LocalCache {
         }
     }
 
-    /// Reserves `key` for the load about to be sent; `None` while the cache is not live. (A
-    /// lookup reserves its own; this is for loads that did not look first.)
-    pub fn begin_fill(&self, key: &str) -> Option<Fill<'_>> {
+    /// Reserves `key` for a load about to be sent, as a lookup that misses does; `None` while the
+    /// cache is not live.
+    #[cfg(test)]
+    fn begin_fill(&self, key: &str) -> Option<Fill<'_>> {
         if !self.live.load(Ordering::Acquire) {
             return None;
         }
@@ -761,14 +771,30 @@ mod tests {
         }
     }
 
-    /// A request that already waited once loads for itself if it finds another load in flight;
-    /// the requests waiting for the first load then wait for the new one.
+    /// A request that already waited once and finds another load in flight reads without a
+    /// fill: it neither waits again nor throws that load away.
     #[tokio::test]
-    async fn a_new_load_takes_over_the_waiters_of_the_one_it_replaces() {
+    async fn a_request_waits_once() {
         let c = cache(10);
         let first = load(&c, "k", false);
         let w = wait(&c, "k");
-        let second = load(&c, "k", true);
+        assert!(matches!(c.lookup("k", 0, true), Lookup::Load(None)));
+        c.finish_fill(first, Some(session("a")));
+        assert!(woken(w).await);
+        assert_eq!(
+            c.get("k", 0).map(|s| s.fields["user"].clone()).as_deref(),
+            Some("a")
+        );
+    }
+
+    /// A fill that replaces one in flight takes over its waiters, which the replaced one's end
+    /// does not wake.
+    #[tokio::test]
+    async fn a_new_fill_takes_over_the_waiters_of_the_one_it_replaces() {
+        let c = cache(10);
+        let first = load(&c, "k", false);
+        let w = wait(&c, "k");
+        let second = c.begin_fill("k").expect("live");
         c.finish_fill(first, Some(session("old")));
         tokio::pin!(w);
         assert!(

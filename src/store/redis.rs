@@ -1123,9 +1123,9 @@ impl RedisStore {
     }
 
     /// Reads a session from the primary: `HGETALL` and `PTTL` in one round trip, by `deadline`
-    /// (the store timeout from the start of the load), and a renewal of its TTL in the background when one is due. A read that
-    /// the server refused (`LOADING`, a cluster in the middle of a change) is sent once more on
-    /// the new connection within the same bound.
+    /// (the store timeout from the start of the load), and a renewal of its TTL in the background
+    /// when one is due. A read that the server refused (`LOADING`, a cluster in the middle of a
+    /// change) is sent once more on the new connection within the same bound.
     async fn load_from_redis(
         &self,
         key: String,
@@ -1546,7 +1546,10 @@ impl SessionStore for RedisStore {
                     // here unless its result was kept.
                     let until = by(deadline);
                     deadline = Some(until);
-                    let _ = tokio::time::timeout_at(until, loaded).await;
+                    if tokio::time::timeout_at(until, loaded).await.is_err() {
+                        // The whole bound went on waiting: no read of its own now.
+                        return Err(StoreError::Timeout(timeout));
+                    }
                     joined = true;
                 }
             }

@@ -256,6 +256,8 @@ pub fn parse_response(
                 if length.is_some_and(|l| l != n) {
                     return Err(ResponseError::ContentLength);
                 }
+                // Several that agree (`2` and `02`) go on as one, through the map.
+                plain &= length.is_none();
                 length = Some(n);
             } else if name.eq_ignore_ascii_case(b"date") {
                 dated = true;
@@ -305,6 +307,16 @@ pub fn parse_response(
                 let value = HeaderValue::from_maybe_shared(head.slice(at(v, vl)))
                     .map_err(|_| ResponseError::InvalidHeader)?;
                 headers.append(name, value);
+            }
+            if let Some(n) = length {
+                if headers
+                    .get_all(header::CONTENT_LENGTH)
+                    .iter()
+                    .nth(1)
+                    .is_some()
+                {
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                }
             }
             headers
         };
@@ -842,10 +854,20 @@ mod tests {
             .unwrap()
             .is_none());
         let same = response(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 02\r\n\r\n",
             get,
-        );
-        assert_eq!(same.unwrap().unwrap().framing, Framing::Length(2));
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(same.framing, Framing::Length(2));
+        // Passed on as one.
+        assert!(!same.plain);
+        let lengths: Vec<_> = same
+            .headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .collect();
+        assert_eq!(lengths, ["2"]);
     }
 
     fn decode_all(parts: &[&[u8]]) -> Result<Vec<u8>, ChunkError> {

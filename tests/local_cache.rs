@@ -342,6 +342,25 @@ async fn a_cached_read_costs_no_command_in_redis() {
     );
 }
 
+/// `n` GETs of `url` with `http`'s cookies, sent at once: each reply and how long it took.
+async fn reads_at_once(http: &Http, url: &str, n: usize) -> Vec<(Reply, Duration)> {
+    let reads: Vec<_> = (0..n)
+        .map(|_| {
+            let (mut http, url) = (http.clone(), url.to_owned());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let r = http.get(&url).await;
+                (r, started.elapsed())
+            })
+        })
+        .collect();
+    let mut replies = Vec::with_capacity(n);
+    for read in reads {
+        replies.push(read.await.expect("no panic"));
+    }
+    replies
+}
+
 /// Requests that find a read of their session in flight wait for it instead of each sending
 /// their own: Redis is paused while a burst of reads of one session (just changed through the
 /// other instance, so not in this one's cache) arrives, and runs one HGETALL for all of them.
@@ -368,15 +387,8 @@ async fn concurrent_reads_of_an_uncached_session_send_one_read() {
 
     let reads = hgetall_calls(&redis).await;
     let _: String = cmd(&redis, &["CLIENT", "PAUSE", "500", "ALL"]).await;
-    let burst: Vec<_> = (0..BURST)
-        .map(|_| {
-            let mut http = http.clone();
-            let url = a.url("/");
-            tokio::spawn(async move { field(&http.get(&url).await, "user") })
-        })
-        .collect();
-    for read in burst {
-        assert_eq!(read.await.expect("no panic").as_deref(), Some("bob"));
+    for (r, _) in reads_at_once(&http, &a.url("/"), BURST).await {
+        assert_eq!(field(&r, "user").as_deref(), Some("bob"));
     }
     assert_eq!(
         hgetall_calls(&redis).await - reads,
@@ -388,6 +400,37 @@ async fn concurrent_reads_of_an_uncached_session_send_one_read() {
         .value(r#"stickless_local_cache_lookups_total{result="joined"}"#)
         .unwrap_or(0.0);
     assert_eq!(joined, (BURST - 1) as f64, "the others waited for it");
+}
+
+/// A request that waits for another's read of its session has no more time than its own read
+/// would have had: with Redis stalled past `--redis-timeout`, a burst of reads of one session is
+/// answered (without the session) within about one timeout, not one timeout for the read it
+/// waited for and another for its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_for_another_read_stays_within_the_redis_timeout() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let a = Stickless::on_redis(
+        &backend.url(),
+        &redis,
+        &["--local-cache", "1000", "--redis-timeout", "1s"],
+    );
+    let mut http = Http::with_jar();
+    http.get_replying(&a.url("/"), &["x-session-set-user: alice"])
+        .await;
+    // The cache is live and holds the session; a change through A then drops A's copy.
+    read_until_cached(&mut http, &a, "user").await;
+    http.get_replying(&a.url("/"), &["x-session-set-user: bob"])
+        .await;
+    let _: String = cmd(&redis, &["CLIENT", "PAUSE", "3000", "ALL"]).await;
+    for (r, took) in reads_at_once(&http, &a.url("/"), 6).await {
+        assert!(r.status == 200 || r.status == 503, "{}", r.status);
+        assert!(
+            took < TIMEOUT + TIMEOUT / 2,
+            "answered after {took:?} with --redis-timeout {TIMEOUT:?}"
+        );
+    }
 }
 
 /// With the cache, every acknowledged change tells the user its version in `sid_v` (same

@@ -166,10 +166,11 @@ pub struct ResponseHead {
     /// The headers as sent, values sharing the head's buffer; empty when the head was plain
     /// (see [`parse_response`]), its header lines then being written to `lines`.
     pub headers: HeaderMap,
-    /// Whether the head was plain: its headers are in the `lines` given to [`parse_response`],
-    /// ready to be written back out, and none of them needs the proxy's attention.
+    /// Whether the head was plain: its headers are in the `lines` given to [`parse_response`]
+    /// (left empty otherwise), ready to be written back out, and none of them needs the proxy's
+    /// attention.
     pub plain: bool,
-    /// Whether the headers include a `Date`.
+    /// Whether those lines include a `Date`.
     pub dated: bool,
     /// How the body is delimited.
     pub framing: Framing,
@@ -284,8 +285,8 @@ pub fn parse_response(
                 plain = false;
             }
         }
+        lines.clear();
         let headers = if plain {
-            lines.clear();
             for &(n, nl, v, vl) in fields {
                 let name = &head[at(n, nl)];
                 // Hop-by-hop: they go no further.
@@ -337,7 +338,8 @@ pub fn parse_response(
             status,
             headers,
             plain,
-            dated,
+            // A head taken apart may lose its Date to a Connection that names it.
+            dated: plain && dated,
             framing,
             reusable,
         }));

@@ -999,7 +999,10 @@ impl Proxy {
         }
         // A load balancer in front (an ELB) already says how the client connected: keep its word.
         if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO.clone(), self.proto());
+            headers.insert(
+                X_FORWARDED_PROTO.clone(),
+                HeaderValue::from_static(self.proto()),
+            );
         }
         if !headers.contains_key(&X_FORWARDED_HOST) {
             if let Some(host) = headers.get(header::HOST).cloned() {
@@ -1009,8 +1012,12 @@ impl Proxy {
     }
 
     /// How clients connect to this proxy, for `X-Forwarded-Proto`.
-    fn proto(&self) -> HeaderValue {
-        HeaderValue::from_static(if self.tls { "https" } else { "http" })
+    fn proto(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// The direct path's request head for the backend: the request line and `parts`' headers
@@ -1053,22 +1060,21 @@ impl Proxy {
         }
         out.extend_from_slice(ip.as_bytes());
         out.extend_from_slice(b"\r\n");
-        let lines = [
-            (proto, &b"x-forwarded-proto: "[..], self.proto()),
-            (host.is_some(), b"x-forwarded-host: ", host.unwrap_or(EMPTY)),
-            (true, b"x-request-id: ", id.header_value().clone()),
-        ];
-        for (_, name, value) in lines.iter().filter(|(wanted, ..)| *wanted) {
+        let mut line = |name: &[u8], value: &[u8]| {
             out.extend_from_slice(name);
-            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
+        };
+        if proto {
+            line(b"x-forwarded-proto: ", self.proto().as_bytes());
         }
+        if let Some(host) = &host {
+            line(b"x-forwarded-host: ", host.as_bytes());
+        }
+        line(b"x-request-id: ", id.header_value().as_bytes());
         out.extend_from_slice(b"\r\n");
     }
 }
-
-/// An empty header value.
-const EMPTY: HeaderValue = HeaderValue::from_static("");
 
 /// A client's address as `X-Forwarded-For` gives it, written once (a connection carries many
 /// requests from the one address).

@@ -357,12 +357,10 @@ impl Proxy {
                 };
                 // The backend's own request id (a head that has one is not plain) gives way to ours.
                 resp.headers.remove(&X_REQUEST_ID);
-                let lines = if resp.plain { &from.lines[..] } else { &[] };
                 h1::write_response_head(
                     out,
                     resp.status,
-                    // A head that was not plain may have lost its Date to a Connection naming it.
-                    (lines, &resp.headers, resp.plain && resp.dated),
+                    (&from.lines, &resp.headers, resp.dated),
                     id.header_value(),
                     &[if keep { "" } else { "connection: close\r\n" }, chunked],
                 );

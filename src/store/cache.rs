@@ -99,7 +99,7 @@ struct Slots {
 
 enum Slot {
     /// A load is in flight; its [`Fill`] holds this token. The requests waiting for it are woken
-    /// through `waiters` when the slot is filled, dropped or handed to another load.
+    /// through `waiters` when the slot is filled, dropped or replaced.
     Filling {
         token: u64,
         waiters: Option<Arc<Notify>>,
@@ -146,6 +146,11 @@ impl Slot {
 }
 
 impl Slots {
+    /// Whether `key` is still reserved for the fill holding `token`.
+    fn filling(&self, key: &str, token: u64) -> bool {
+        matches!(self.map.get(key), Some(Slot::Filling { token: t, .. }) if *t == token)
+    }
+
     fn remove(&mut self, key: &str) -> bool {
         match self.map.remove(key) {
             Some(slot) => {
@@ -356,8 +361,7 @@ impl LocalCache {
         fill.finished = true;
         let key = std::mem::take(&mut fill.key);
         let mut slots = self.lock();
-        let ours = matches!(slots.map.get(&key), Some(Slot::Filling { token, .. }) if *token == fill.token);
-        if !ours {
+        if !slots.filling(&key, fill.token) {
             return;
         }
         let valid =
@@ -390,7 +394,7 @@ impl LocalCache {
     /// A fill dropped unfinished: its slot is freed, if still its own.
     fn abandon(&self, key: &str, token: u64) {
         let mut slots = self.lock();
-        if matches!(slots.map.get(key), Some(Slot::Filling { token: t, .. }) if *t == token) {
+        if slots.filling(key, token) {
             slots.remove(key);
         }
     }

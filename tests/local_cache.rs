@@ -330,15 +330,65 @@ async fn a_cached_read_costs_no_command_in_redis() {
         "cached reads sent commands to Redis"
     );
 
-    // A change: its read is served from the cache, its write is one script; the write drops this
-    // instance's copy at once, so the next read goes to Redis (HGETALL and PTTL, no renewal due).
+    // A change: its read is served from the cache, its write is one script, which leaves the
+    // written session in this instance's cache until Redis's invalidation of that write
+    // arrives; the next read is served from that copy, or goes to Redis (HGETALL and PTTL, no
+    // renewal due) once the invalidation has removed it.
     http.get_replying(&proxy.url("/"), &["x-session-set-user: bob"])
         .await;
     let r = http.get(&proxy.url("/")).await;
     assert_eq!(field(&r, "user").as_deref(), Some("bob"));
+    let sent = sent_by_stickless(&mut monitor).await;
+    assert!(
+        sent == ["evalsha"] || sent == ["evalsha", "hgetall", "pttl"],
+        "{sent:?}"
+    );
+}
+
+/// Reads that arrive while a change of their session is in flight wait for it and are served
+/// what it wrote, without a read of their own: Redis holds the change (CLIENT PAUSE WRITE lets
+/// reads through) while a burst of reads of the session arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_during_a_change_are_served_what_it_wrote() {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let a = Stickless::on_redis(
+        &backend.url(),
+        &redis,
+        &["--local-cache", "1000", "--redis-timeout", "5s"],
+    );
+    let mut http = Http::with_jar();
+    http.get_replying(&a.url("/"), &["x-session-set-user: alice"])
+        .await;
+    read_until_cached(&mut http, &a, "user").await;
+
+    // A load is HGETALL and PTTL; the change's script reads the hash too, but never its TTL.
+    let loads = calls(&redis, "pttl").await;
+    let _: String = cmd(&redis, &["CLIENT", "PAUSE", "1000", "WRITE"]).await;
+    let change = {
+        let (mut http, url) = (http.clone(), a.url("/"));
+        tokio::spawn(async move {
+            http.get_replying(&url, &["x-session-set-user: bob"])
+                .await
+                .status
+        })
+    };
+    // The change's script is held in Redis by now (the backend answers at once).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!change.is_finished(), "the change was not held");
+    for (r, took) in reads_at_once(&http, &a.url("/"), 4).await {
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            field(&r, "user").as_deref(),
+            Some("bob"),
+            "a read during the change (answered after {took:?}) did not wait for it"
+        );
+    }
+    assert_eq!(change.await.expect("no panic"), 200);
     assert_eq!(
-        sent_by_stickless(&mut monitor).await,
-        ["evalsha", "hgetall", "pttl"]
+        calls(&redis, "pttl").await,
+        loads,
+        "the reads waiting for the change read Redis"
     );
 }
 
@@ -419,10 +469,22 @@ async fn waiting_for_another_read_stays_within_the_redis_timeout() {
     let mut http = Http::with_jar();
     http.get_replying(&a.url("/"), &["x-session-set-user: alice"])
         .await;
-    // The cache is live and holds the session; a change through A then drops A's copy.
+    // The cache is live and holds the session; a change through A then drops A's copy once
+    // Redis's invalidation of it arrives.
     read_until_cached(&mut http, &a, "user").await;
+    let invalidations = || async {
+        Scrape::of(&a)
+            .await
+            .value("stickless_local_cache_invalidations_total")
+            .unwrap_or(0.0)
+    };
+    let before = invalidations().await;
     http.get_replying(&a.url("/"), &["x-session-set-user: bob"])
         .await;
+    eventually("A dropped its copy", Duration::from_secs(5), || async {
+        (invalidations().await > before).then_some(())
+    })
+    .await;
     let _: String = cmd(&redis, &["CLIENT", "PAUSE", "3000", "ALL"]).await;
     for (r, took) in reads_at_once(&http, &a.url("/"), 6).await {
         assert!(r.status == 200 || r.status == 503, "{}", r.status);
@@ -801,11 +863,17 @@ async fn a_redis_that_refuses_tracking_leaves_the_cache_off_and_sessions_served(
     );
 }
 
-/// How many HGETALL `redis` has run (`INFO commandstats`).
+/// How many HGETALL `redis` has run (`INFO commandstats`), scripts' own included.
 async fn hgetall_calls(redis: &RedisServer) -> usize {
+    calls(redis, "hgetall").await
+}
+
+/// How many times `redis` has run `command` (lower case), scripts' own calls included.
+async fn calls(redis: &RedisServer, command: &str) -> usize {
     let info: String = cmd(redis, &["INFO", "commandstats"]).await;
+    let prefix = format!("cmdstat_{command}:calls=");
     info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_hgetall:calls="))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|rest| rest.split(',').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)

@@ -10,12 +10,17 @@
 //!   flush that arrives while the read is in flight cancels the fill, so a reply that raced with
 //!   a change elsewhere is never kept;
 //! - one load per session at a time: a lookup that finds another request's load of the same
-//!   session in flight waits for it ([`Lookup::Wait`]) and then looks again, instead of sending a
-//!   read of its own. A hot session dropped by a change is read again once, not once per request
-//!   that arrives before the first read is back. A load that keeps nothing (it was cancelled by
-//!   an invalidation, failed, found no live session, or its request went away) wakes its
-//!   waiters, which then read for themselves: one of them through the cache, the others beside
-//!   it, none waiting twice;
+//!   session in flight waits for it ([`Lookup::Wait`]) instead of sending a read of its own, and
+//!   is served what that load read ([`LocalCache::handed_over`]), even if an invalidation
+//!   arrived meanwhile: it was the session in Redis while the waiting request was in flight,
+//!   as a copy served from the cache is until its invalidation arrives. A hot session dropped
+//!   by a change is read again once, not once per request that arrives before the first read is
+//!   back. A load that finds nothing (it failed, found no live session, or its request went
+//!   away) wakes its waiters, which then read for themselves: one of them through the cache, the
+//!   others beside it, none waiting twice;
+//! - a change made through this process fills the cache the same way, with the session as the
+//!   change left it ([`LocalCache::begin_fill`]): the requests that arrive while it is in flight
+//!   wait for it and are served what it wrote;
 //! - an entry lives at most [`LocalCache::max_age`] (an eighth of the idle timeout), so that
 //!   even a missed invalidation cannot serve stale data for long, and a session read only from
 //!   the cache still has its idle TTL renewed in Redis by the load that follows;
@@ -59,12 +64,34 @@ pub struct LocalCache {
 pub enum Lookup<'a> {
     /// A copy that may be served.
     Hit(Session),
-    /// Another request is loading this session: wait for this (bounded), then look again with
-    /// `joined` set.
-    Wait(OwnedNotified),
+    /// Another request is loading this session: wait for it (bounded), take what it kept
+    /// ([`LocalCache::handed_over`]), or else look again with `joined` set.
+    Wait(Pending),
     /// Read it from Redis, and keep the result through the fill (none while the cache is not
     /// live).
     Load(Option<Fill<'a>>),
+}
+
+/// A wait for another request's load (or change) of the same session.
+pub struct Pending {
+    notified: OwnedNotified,
+    waiters: Arc<Waiters>,
+}
+
+impl Pending {
+    /// Waits until that load ends; then the session it read (or wrote), if it found one, whether
+    /// the cache kept it or not.
+    pub async fn ended(self) -> Option<Session> {
+        self.notified.await;
+        self.waiters.handed.get().cloned()
+    }
+}
+
+/// The requests waiting for one fill: woken when it ends, however it ends (kept, cancelled,
+/// failed, dropped), and handed the session it read or wrote.
+struct Waiters {
+    notify: Arc<Notify>,
+    handed: OnceLock<Session>,
 }
 
 /// The right to store the result of one load, taken before the load is sent. Dropped without
@@ -76,6 +103,7 @@ pub struct Fill<'a> {
     token: u64,
     epoch: u64,
     started: Instant,
+    waiters: Arc<Waiters>,
     finished: bool,
 }
 
@@ -83,6 +111,7 @@ impl Drop for Fill<'_> {
     fn drop(&mut self) {
         if !self.finished {
             self.cache.abandon(&self.key, self.token);
+            self.waiters.notify.notify_waiters();
         }
     }
 }
@@ -98,12 +127,9 @@ struct Slots {
 }
 
 enum Slot {
-    /// A load is in flight; its [`Fill`] holds this token. The requests waiting for it are woken
-    /// through `waiters` when the slot is filled, dropped or replaced.
-    Filling {
-        token: u64,
-        waiters: Option<Arc<Notify>>,
-    },
+    /// A load is in flight; its [`Fill`] holds this token, and wakes the requests that joined it
+    /// through `waiters` when it ends, even after an invalidation or another fill took the slot.
+    Filling { token: u64, waiters: Arc<Waiters> },
     Ready {
         token: u64,
         session: Session,
@@ -132,17 +158,6 @@ impl Slot {
             Slot::Filling { token: t, .. } | Slot::Ready { token: t, .. } => *t,
         }
     }
-
-    /// Wakes the requests waiting for this slot's load.
-    fn wake(&self) {
-        if let Slot::Filling {
-            waiters: Some(waiters),
-            ..
-        } = self
-        {
-            waiters.notify_waiters();
-        }
-    }
 }
 
 impl Slots {
@@ -155,7 +170,6 @@ impl Slots {
         match self.map.remove(key) {
             Some(slot) => {
                 self.forget(&slot);
-                slot.wake();
                 true
             }
             None => false,
@@ -170,9 +184,6 @@ impl Slots {
     }
 
     fn clear(&mut self) {
-        for slot in self.map.values() {
-            slot.wake();
-        }
         self.map.clear();
         self.order.clear();
         self.bytes = 0;
@@ -285,9 +296,12 @@ impl LocalCache {
                 }
             }
             Some(Slot::Filling { waiters, .. }) if !joined => {
-                let waiters = waiters.get_or_insert_with(|| Arc::new(Notify::new()));
-                // Made while the lock is held: the end of the load cannot come before it.
-                return Lookup::Wait(Arc::clone(waiters).notified_owned());
+                // Made while the lock is held: the end of the load, which takes the slot under
+                // the lock before it wakes its waiters, cannot come before it.
+                return Lookup::Wait(Pending {
+                    notified: Arc::clone(&waiters.notify).notified_owned(),
+                    waiters: Arc::clone(waiters),
+                });
             }
             Some(Slot::Filling { .. }) => {
                 // Waited once already: read without a fill rather than replace the one in
@@ -304,16 +318,35 @@ impl LocalCache {
         Lookup::Load(Some(fill))
     }
 
+    /// The session a load this request waited for kept ([`Pending::ended`]), if it may be served
+    /// to a user who has seen `min_version`: it was the session in Redis while this request was
+    /// in flight, even if a change has dropped it from the cache since. Counted as joined.
+    pub fn handed_over(&self, kept: Option<Session>, min_version: u64) -> Option<Session> {
+        let now_ms = if self.ttl.absolute.is_some() {
+            now_ms()
+        } else {
+            0
+        };
+        let session = kept.filter(|s| {
+            s.version >= min_version && ttl_now(&self.ttl, s.created_ms, now_ms).is_some()
+        })?;
+        self.record(CacheLookup::Joined);
+        Some(session)
+    }
+
     fn record(&self, result: CacheLookup) {
         if let Some(m) = self.metrics.get() {
             m.local_cache_lookup(result);
         }
     }
 
-    /// Reserves `key` for a load about to be sent, as a lookup that misses does; `None` while the
-    /// cache is not live.
-    #[cfg(test)]
-    fn begin_fill(&self, key: &str) -> Option<Fill<'_>> {
+    /// Reserves `key` for a load or a change about to be sent, whatever the slot holds: a copy or
+    /// another fill in flight is let go (that fill still hands its result to its own waiters).
+    /// A change keeps the session it wrote through this fill: like a load's reply, it was the
+    /// session in Redis when the change ran, and any later change, made by anyone, sends an
+    /// invalidation that arrives after the fill began and so cancels or removes it. `None` while
+    /// the cache is not live.
+    pub fn begin_fill(&self, key: &str) -> Option<Fill<'_>> {
         if !self.live.load(Ordering::Acquire) {
             return None;
         }
@@ -330,6 +363,10 @@ impl LocalCache {
             token: self.next_token.fetch_add(1, Ordering::Relaxed),
             epoch: self.epoch.load(Ordering::Acquire),
             started: now,
+            waiters: Arc::new(Waiters {
+                notify: Arc::new(Notify::new()),
+                handed: OnceLock::new(),
+            }),
             finished: false,
         };
         if slots.map.len() >= self.capacity && !slots.map.contains_key(key) {
@@ -342,12 +379,11 @@ impl LocalCache {
         }
         let reserved = Slot::Filling {
             token: fill.token,
-            waiters: None,
+            waiters: Arc::clone(&fill.waiters),
         };
         // A lookup reserves only a free slot; whatever else stood here is let go.
         if let Some(replaced) = slots.map.insert(fill.key.clone(), reserved) {
             slots.forget(&replaced);
-            replaced.wake();
         }
         slots.order.push_back((fill.key.clone(), fill.token));
         slots.compact(self.capacity);
@@ -356,11 +392,19 @@ impl LocalCache {
 
     /// Ends a load: keeps `session` unless the key was invalidated or the cache flushed since
     /// the fill began. `None` (the load failed, or found no live session) just frees the slot.
-    /// Either way the requests waiting for the load are woken.
+    /// Either way the requests waiting for the load are woken, and handed `session`: it was the
+    /// session in Redis while they waited, kept or not.
     pub fn finish_fill(&self, mut fill: Fill<'_>, session: Option<Session>) {
         fill.finished = true;
         let key = std::mem::take(&mut fill.key);
-        let mut slots = self.lock();
+        if let Some(session) = &session {
+            let _ = fill.waiters.handed.set(session.clone());
+        }
+        self.keep(&mut self.lock(), key, &fill, session);
+        fill.waiters.notify.notify_waiters();
+    }
+
+    fn keep(&self, slots: &mut Slots, key: String, fill: &Fill<'_>, session: Option<Session>) {
         if !slots.filling(&key, fill.token) {
             return;
         }
@@ -381,9 +425,7 @@ impl LocalCache {
                     loaded: fill.started,
                     size,
                 };
-                if let Some(placeholder) = slots.map.insert(key, filled) {
-                    placeholder.wake();
-                }
+                slots.map.insert(key, filled);
             }
             _ => {
                 slots.remove(&key);
@@ -705,17 +747,22 @@ mod tests {
         }
     }
 
-    fn wait(c: &LocalCache, key: &str) -> OwnedNotified {
+    fn wait(c: &LocalCache, key: &str) -> Pending {
         match c.lookup(key, 0, false) {
-            Lookup::Wait(loaded) => loaded,
+            Lookup::Wait(pending) => pending,
             _ => panic!("expected a load in flight to wait for"),
         }
     }
 
-    async fn woken(waiting: OwnedNotified) -> bool {
-        tokio::time::timeout(Duration::from_millis(200), waiting)
+    /// Whether the wait ended (within 200 ms), and what it was handed.
+    async fn woken_with(waiting: Pending) -> Option<Option<Session>> {
+        tokio::time::timeout(Duration::from_millis(200), waiting.ended())
             .await
-            .is_ok()
+            .ok()
+    }
+
+    async fn woken(waiting: Pending) -> bool {
+        woken_with(waiting).await.is_some()
     }
 
     /// One load per session at a time: the lookups that arrive while it is in flight wait for
@@ -735,30 +782,46 @@ mod tests {
         }
     }
 
-    /// A load that ends without keeping anything (cancelled by an invalidation or a flush,
-    /// failed, or dropped with its request) wakes its waiters, which then load for themselves:
-    /// one of them at a time again.
+    /// A load that ends without keeping anything wakes its waiters: cancelled by an
+    /// invalidation or a flush, it still hands them what it read (the session in Redis while
+    /// they waited); failed or dropped with its request, it hands nothing, and they load for
+    /// themselves, one of them at a time again.
     #[tokio::test]
-    async fn a_load_that_keeps_nothing_wakes_its_waiters_to_load() {
+    async fn a_load_that_keeps_nothing_wakes_its_waiters() {
         type End = fn(&LocalCache, Fill<'_>);
-        let ends: [(&str, End); 4] = [
-            ("invalidated", |c, f| {
-                c.invalidate("k");
-                c.finish_fill(f, Some(session("stale")));
-            }),
-            ("flushed", |c, f| {
-                c.flush();
-                c.finish_fill(f, Some(session("stale")));
-            }),
-            ("failed", |c, f| c.finish_fill(f, None)),
-            ("dropped", |_, f| drop(f)),
+        let ends: [(&str, End, bool); 4] = [
+            (
+                "invalidated",
+                |c, f| {
+                    c.invalidate("k");
+                    c.finish_fill(f, Some(session("read")));
+                },
+                true,
+            ),
+            (
+                "flushed",
+                |c, f| {
+                    c.flush();
+                    c.finish_fill(f, Some(session("read")));
+                },
+                true,
+            ),
+            ("failed", |c, f| c.finish_fill(f, None), false),
+            ("dropped", |_, f| drop(f), false),
         ];
-        for (how, end) in ends {
+        for (how, end, hands) in ends {
             let c = cache(10);
             let f = load(&c, "k", false);
             let w = wait(&c, "k");
             end(&c, f);
-            assert!(woken(w).await, "{how}: the waiter is woken");
+            let handed = woken_with(w).await;
+            assert!(handed.is_some(), "{how}: the waiter is woken");
+            assert_eq!(
+                handed.flatten().map(|s| s.fields["user"].clone()).is_some(),
+                hands,
+                "{how}"
+            );
+            assert!(c.get("k", 0).is_none(), "{how}: nothing kept");
             let again = load(&c, "k", true);
             assert!(
                 matches!(c.lookup("k", 0, false), Lookup::Wait(_)),
@@ -785,21 +848,68 @@ mod tests {
         );
     }
 
-    /// A fill that replaces one in flight (never a lookup's: a lookup reserves only a free
-    /// slot) wakes its waiters, and the replaced one keeps nothing.
+    /// A fill that replaces one in flight (a change made here; never a lookup's: a lookup
+    /// reserves only a free slot): the replaced one keeps nothing, but still hands what it read
+    /// to the requests that waited for it; later lookups wait for the new one.
     #[tokio::test]
-    async fn a_replaced_fill_wakes_its_waiters_and_keeps_nothing() {
+    async fn a_replaced_fill_keeps_nothing_and_still_serves_its_waiters() {
         let c = cache(10);
         let first = load(&c, "k", false);
         let w = wait(&c, "k");
         let second = c.begin_fill("k").expect("live");
-        assert!(woken(w).await);
+        let w2 = wait(&c, "k");
         c.finish_fill(first, Some(session("old")));
+        let handed = woken_with(w)
+            .await
+            .expect("woken")
+            .expect("handed a session");
+        assert_eq!(handed.fields["user"], "old");
         assert!(c.get("k", 0).is_none());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), w2.ended())
+                .await
+                .is_err(),
+            "a waiter of the second fill waits for it"
+        );
+        let w2 = wait(&c, "k");
         c.finish_fill(second, Some(session("new")));
+        let handed = woken_with(w2)
+            .await
+            .expect("woken")
+            .expect("handed a session");
+        assert_eq!(handed.fields["user"], "new");
         assert_eq!(
             c.get("k", 0).map(|s| s.fields["user"].clone()).as_deref(),
             Some("new")
+        );
+    }
+
+    /// What a waiter is handed passes the same checks as a copy in the cache: not older than
+    /// the user's own last change, not past the absolute timeout.
+    #[test]
+    fn a_handed_over_session_is_checked_like_a_copy() {
+        let c = cache(10);
+        let mut s = session("a");
+        s.version = 3;
+        assert!(c.handed_over(Some(s.clone()), 3).is_some());
+        assert!(
+            c.handed_over(Some(s.clone()), 4).is_none(),
+            "older than the cookie"
+        );
+        assert!(c.handed_over(None, 0).is_none());
+        let c = LocalCache::new(
+            10,
+            1 << 20,
+            TtlPolicy {
+                idle: Duration::from_secs(400),
+                absolute: Some(Duration::from_secs(60)),
+                ..TtlPolicy::default()
+            },
+        );
+        s.created_ms = now_ms() - 61_000;
+        assert!(
+            c.handed_over(Some(s), 0).is_none(),
+            "past the absolute timeout"
         );
     }
 }

@@ -153,10 +153,11 @@ return {'ok'}
 /// Applies changes all or nothing: first works out the resulting session and checks it, then
 /// writes field by field (HDEL, HSET, HINCRBY), counts the version (`_v`) up and renews the TTL.
 /// It mirrors `protocol::apply_to_fields`, which the memory store runs. Reply:
-/// `{'ok', created_ms, version}`, `{'gone'}`, or the limit broken.
+/// `{'ok', created_ms, version}` (then the resulting fields as pairs when asked for them, for
+/// the local cache), `{'gone'}`, or the limit broken.
 /// ARGV: deadline, mode ('existing' | 'new'), now_ms, idle_ms, absolute_ms, max_fields,
 /// max_bytes, created_ms (new sessions; '' for now), then counted lists: base pairs, deletes,
-/// set pairs, incr pairs.
+/// set pairs, incr pairs; last, '1' to have the fields in the reply.
 const APPLY: &str = concat!(
     deadline_check!(),
     r#"
@@ -239,7 +240,11 @@ if #sets > 0 then redis.call('HSET', key, unpack(sets)) end
 for j = 1, #incrs, 2 do redis.call('HINCRBY', key, incrs[j], incrs[j + 1]) end
 local version = redis.call('HINCRBY', key, '_v', 1)
 redis.call('PEXPIRE', key, ttl)
-return {'ok', string.format('%d', created), string.format('%d', version)}
+local out = {'ok', string.format('%d', created), string.format('%d', version)}
+if ARGV[i] == '1' then
+  for k, v in pairs(cur) do out[#out + 1] = k; out[#out + 1] = v end
+end
+return out
 "#
 );
 
@@ -1508,6 +1513,26 @@ fn session_from_reply(
     }))
 }
 
+/// The session an applied change left, from the script's reply when it carries the fields:
+/// `{'ok', created_ms, version, name, value, ...}`. `None` for any other reply.
+fn written_session(reply: &[Value]) -> Option<Session> {
+    let [status, created, version, pairs @ ..] = reply else {
+        return None;
+    };
+    if text(status).as_deref() != Some("ok") || !pairs.len().is_multiple_of(2) {
+        return None;
+    }
+    let mut fields = Fields::new();
+    for pair in pairs.chunks_exact(2) {
+        fields.insert(text(&pair[0])?, text(&pair[1])?);
+    }
+    Some(Session {
+        fields: fields.into(),
+        created_ms: text(created)?.parse().ok()?,
+        version: text(version)?.parse().ok()?,
+    })
+}
+
 fn text(v: &Value) -> Option<String> {
     match v {
         Value::Integer(i) => Some(i.to_string()),
@@ -1541,14 +1566,18 @@ impl SessionStore for RedisStore {
             match cache.lookup(&key, min_version, joined) {
                 Lookup::Hit(session) => return Ok(Loaded::Live(session)),
                 Lookup::Load(fill) => break fill,
-                Lookup::Wait(loaded) => {
-                    // Woken when that read ends, kept or not; then looked up again, and read
-                    // here unless its result was kept.
+                Lookup::Wait(pending) => {
+                    // Woken when that read (or a change made here) ends, kept or not; served
+                    // what it kept, even if an invalidation has dropped it since; otherwise
+                    // looked up again, and read here.
                     let until = by(deadline);
                     deadline = Some(until);
-                    if tokio::time::timeout_at(until, loaded).await.is_err() {
+                    let Ok(kept) = tokio::time::timeout_at(until, pending.ended()).await else {
                         // The whole bound went on waiting: no read of its own now.
                         return Err(StoreError::Timeout(timeout));
+                    };
+                    if let Some(session) = cache.handed_over(kept, min_version) {
+                        return Ok(Loaded::Live(session));
                     }
                     joined = true;
                 }
@@ -1611,10 +1640,25 @@ impl SessionStore for RedisStore {
             args.push(k.as_str().into());
             args.push(Value::Integer(*by));
         }
-        let reply = self
-            .changing(id, |key| self.eval(&self.apply, key, args))
-            .await?;
-        let words: Vec<String> = reply.iter().filter_map(text).collect();
+        // With the cache live, the session as the change left it is kept, so that the next read
+        // of it here (the user's own, most often) needs no round trip; reads that arrive while
+        // the change is in flight wait for it.
+        let key = self.key(id);
+        let fill = self.cache.as_ref().and_then(|cache| cache.begin_fill(&key));
+        args.push(Value::Integer(i64::from(fill.is_some())));
+        let reply = match (&self.cache, fill) {
+            (Some(cache), Some(fill)) => {
+                let reply = self.eval(&self.apply, key, args).await;
+                let written = reply.as_ref().ok().and_then(|r| written_session(r));
+                cache.finish_fill(fill, written);
+                reply?
+            }
+            _ => {
+                self.changing(id, |key| self.eval(&self.apply, key, args))
+                    .await?
+            }
+        };
+        let words: Vec<String> = reply.iter().take(3).filter_map(text).collect();
         let number = |i: usize| words.get(i).and_then(|s| s.parse::<u64>().ok());
         match words.first().map(String::as_str) {
             Some("ok") => Ok(Applied::Stored {

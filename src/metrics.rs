@@ -391,7 +391,7 @@ impl Metrics {
             ),
             local_cache_lookups: counters(
                 "stickless_local_cache_lookups_total",
-                "Session loads looked up in the local cache (--local-cache), by result: a hit costs no round trip to Redis; outdated is a copy older than the user's own last change; joined waited for another request's read of the same session.",
+                "Session loads looked up in the local cache (--local-cache), by result: a hit costs no round trip to Redis; outdated is a copy older than the user's own last change; joined waited for another request's read or change of the same session and was served what it read or wrote.",
                 "result",
                 &names(CacheLookup::ALL, CacheLookup::as_str),
             ),

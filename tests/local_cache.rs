@@ -373,22 +373,41 @@ async fn reads_during_a_change_are_served_what_it_wrote() {
                 .status
         })
     };
-    // The change's script is held in Redis by now (the backend answers at once).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!change.is_finished(), "the change was not held");
-    for (r, took) in reads_at_once(&http, &a.url("/"), 4).await {
+    // Until Redis holds the change's script (a paused client counts as blocked).
+    eventually(
+        "the change held in Redis",
+        Duration::from_secs(5),
+        || async {
+            let info: String = cmd(&redis, &["INFO", "clients"]).await;
+            info.lines()
+                .find_map(|l| l.strip_prefix("blocked_clients:"))
+                .and_then(|n| n.trim().parse::<u32>().ok())
+                .filter(|n| *n >= 1)
+                .map(|_| ())
+        },
+    )
+    .await;
+    let joined = || async {
+        Scrape::of(&a)
+            .await
+            .value(r#"stickless_local_cache_lookups_total{result="joined"}"#)
+            .unwrap_or(0.0)
+    };
+    let joined_before = joined().await;
+    for (r, _) in reads_at_once(&http, &a.url("/"), 4).await {
         assert_eq!(r.status, 200);
-        assert_eq!(
-            field(&r, "user").as_deref(),
-            Some("bob"),
-            "a read during the change (answered after {took:?}) did not wait for it"
-        );
+        assert_eq!(field(&r, "user").as_deref(), Some("bob"));
     }
     assert_eq!(change.await.expect("no panic"), 200);
     assert_eq!(
         calls(&redis, "pttl").await,
         loads,
-        "the reads waiting for the change read Redis"
+        "the reads during the change read Redis"
+    );
+    assert_eq!(
+        joined().await - joined_before,
+        4.0,
+        "every read during the change waited for it"
     );
 }
 

@@ -12,15 +12,18 @@
 //! - one load per session at a time: a lookup that finds another request's load of the same
 //!   session in flight waits for it ([`Lookup::Wait`]) instead of sending a read of its own, and
 //!   is served what that load read ([`LocalCache::handed_over`]), even if an invalidation
-//!   arrived meanwhile: it was the session in Redis while the waiting request was in flight,
-//!   as a copy served from the cache is until its invalidation arrives. A hot session dropped
+//!   arrived meanwhile: a request joins only a load that no invalidation or flush has touched
+//!   since it began, so what it is handed is never older than a copy the cache could have
+//!   served it when it arrived, which is served until its invalidation arrives. A hot session dropped
 //!   by a change is read again once, not once per request that arrives before the first read is
 //!   back. A load that finds nothing (it failed, found no live session, or its request went
 //!   away) wakes its waiters, which then read for themselves: one of them through the cache, the
 //!   others beside it, none waiting twice;
-//! - a change made through this process fills the cache the same way, with the session as the
-//!   change left it ([`LocalCache::begin_fill`]): the requests that arrive while it is in flight
-//!   wait for it and are served what it wrote;
+//! - a change made through this process to a session it holds (or has room for) takes the slot
+//!   the same way ([`LocalCache::begin_change`]) and keeps the session as the change left it:
+//!   the requests that arrive while it is in flight wait for it and are served what it wrote.
+//!   Redis's invalidation of that change then drops the copy like any other: it cannot be told
+//!   from a change made elsewhere in the same instant;
 //! - an entry lives at most [`LocalCache::max_age`] (an eighth of the idle timeout), so that
 //!   even a missed invalidation cannot serve stale data for long, and a session read only from
 //!   the cache still has its idle TTL renewed in Redis by the load that follows;
@@ -64,7 +67,8 @@ pub struct LocalCache {
 pub enum Lookup<'a> {
     /// A copy that may be served.
     Hit(Session),
-    /// Another request is loading this session: wait for it (bounded), take what it kept
+    /// Another request is loading (or changing) this session: wait for it (bounded), take what
+    /// it read or wrote
     /// ([`LocalCache::handed_over`]), or else look again with `joined` set.
     Wait(Pending),
     /// Read it from Redis, and keep the result through the fill (none while the cache is not
@@ -94,7 +98,7 @@ struct Waiters {
     handed: OnceLock<Session>,
 }
 
-/// The right to store the result of one load, taken before the load is sent. Dropped without
+/// The right to store the result of one load (or change), taken before it is sent. Dropped without
 /// [`LocalCache::finish_fill`] (the request went away), it frees its slot and wakes the requests
 /// waiting for it.
 pub struct Fill<'a> {
@@ -318,16 +322,18 @@ impl LocalCache {
         Lookup::Load(Some(fill))
     }
 
-    /// The session a load this request waited for kept ([`Pending::ended`]), if it may be served
-    /// to a user who has seen `min_version`: it was the session in Redis while this request was
-    /// in flight, even if a change has dropped it from the cache since. Counted as joined.
-    pub fn handed_over(&self, kept: Option<Session>, min_version: u64) -> Option<Session> {
+    /// The session a load (or change) this request waited for read or wrote
+    /// ([`Pending::ended`]), if it may be served to a user who has seen `min_version`, even if
+    /// an invalidation has dropped it from the cache since: the request joined that load before
+    /// any invalidation touched it, so it is never older than a copy the cache could have served
+    /// the request when it arrived. Counted as joined.
+    pub fn handed_over(&self, handed: Option<Session>, min_version: u64) -> Option<Session> {
         let now_ms = if self.ttl.absolute.is_some() {
             now_ms()
         } else {
             0
         };
-        let session = kept.filter(|s| {
+        let session = handed.filter(|s| {
             s.version >= min_version && ttl_now(&self.ttl, s.created_ms, now_ms).is_some()
         })?;
         self.record(CacheLookup::Joined);
@@ -340,17 +346,32 @@ impl LocalCache {
         }
     }
 
-    /// Reserves `key` for a load or a change about to be sent, whatever the slot holds: a copy or
-    /// another fill in flight is let go (that fill still hands its result to its own waiters).
-    /// A change keeps the session it wrote through this fill: like a load's reply, it was the
-    /// session in Redis when the change ran, and any later change, made by anyone, sends an
-    /// invalidation that arrives after the fill began and so cancels or removes it. `None` while
-    /// the cache is not live.
-    pub fn begin_fill(&self, key: &str) -> Option<Fill<'_>> {
+    /// Reserves `key` for a load about to be sent, whatever the slot holds, as a lookup that
+    /// misses does; `None` while the cache is not live.
+    #[cfg(test)]
+    fn begin_fill(&self, key: &str) -> Option<Fill<'_>> {
         if !self.live.load(Ordering::Acquire) {
             return None;
         }
         let mut slots = self.lock();
+        Some(self.reserve(&mut slots, key, Instant::now()))
+    }
+
+    /// Reserves `key` for a change about to be sent by this process, whatever the slot holds: a
+    /// copy or another fill in flight is let go (that fill still hands its result to its own
+    /// waiters). The session the change wrote is kept through this fill: like a load's reply, it
+    /// was the session in Redis when the change ran, and any later change, made by anyone (this
+    /// one's own invalidation included), sends an invalidation that arrives after the fill began
+    /// and so cancels or removes it. `None` while the cache is not live, and when the session is
+    /// not held and the cache is full: a change evicts nothing.
+    pub fn begin_change(&self, key: &str) -> Option<Fill<'_>> {
+        if !self.live.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut slots = self.lock();
+        if slots.map.len() >= self.capacity && !slots.map.contains_key(key) {
+            return None;
+        }
         Some(self.reserve(&mut slots, key, Instant::now()))
     }
 
@@ -394,19 +415,28 @@ impl LocalCache {
     /// the fill began. `None` (the load failed, or found no live session) just frees the slot.
     /// Either way the requests waiting for the load are woken, and handed `session`: it was the
     /// session in Redis while they waited, kept or not.
-    pub fn finish_fill(&self, mut fill: Fill<'_>, session: Option<Session>) {
+    /// Returns whether the slot was still this fill's (whether it kept `session`, or freed the
+    /// slot for a `None`).
+    pub fn finish_fill(&self, mut fill: Fill<'_>, session: Option<Session>) -> bool {
         fill.finished = true;
         let key = std::mem::take(&mut fill.key);
         if let Some(session) = &session {
             let _ = fill.waiters.handed.set(session.clone());
         }
-        self.keep(&mut self.lock(), key, &fill, session);
+        let own = self.keep(&mut self.lock(), key, &fill, session);
         fill.waiters.notify.notify_waiters();
+        own
     }
 
-    fn keep(&self, slots: &mut Slots, key: String, fill: &Fill<'_>, session: Option<Session>) {
+    fn keep(
+        &self,
+        slots: &mut Slots,
+        key: String,
+        fill: &Fill<'_>,
+        session: Option<Session>,
+    ) -> bool {
         if !slots.filling(&key, fill.token) {
-            return;
+            return false;
         }
         let valid =
             self.live.load(Ordering::Acquire) && self.epoch.load(Ordering::Acquire) == fill.epoch;
@@ -431,6 +461,7 @@ impl LocalCache {
                 slots.remove(&key);
             }
         }
+        true
     }
 
     /// A fill dropped unfinished: its slot is freed, if still its own.
@@ -806,7 +837,13 @@ mod tests {
                 },
                 true,
             ),
-            ("failed", |c, f| c.finish_fill(f, None), false),
+            (
+                "failed",
+                |c, f| {
+                    c.finish_fill(f, None);
+                },
+                false,
+            ),
             ("dropped", |_, f| drop(f), false),
         ];
         for (how, end, hands) in ends {
@@ -882,6 +919,30 @@ mod tests {
             c.get("k", 0).map(|s| s.fields["user"].clone()).as_deref(),
             Some("new")
         );
+    }
+
+    /// A change takes the slot of a session the cache holds, or a free one, but evicts nothing;
+    /// it says whether the slot was still its own when it ended.
+    #[test]
+    fn a_change_evicts_nothing() {
+        let c = cache(2);
+        fill(&c, "k1", "a");
+        fill(&c, "k2", "b");
+        assert!(c.begin_change("k3").is_none(), "full, and k3 not held");
+        let change = c.begin_change("k1").expect("held");
+        assert!(c.finish_fill(change, Some(session("a2"))));
+        assert_eq!(
+            c.get("k1", 0).map(|s| s.fields["user"].clone()).as_deref(),
+            Some("a2")
+        );
+        assert!(c.get("k2", 0).is_some(), "nothing evicted");
+        let change = c.begin_change("k2").expect("held");
+        c.invalidate("k2");
+        assert!(
+            !c.finish_fill(change, Some(session("b2"))),
+            "its slot was taken"
+        );
+        assert!(c.get("k2", 0).is_none());
     }
 
     /// What a waiter is handed passes the same checks as a copy in the cache: not older than

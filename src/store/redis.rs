@@ -1601,6 +1601,7 @@ impl SessionStore for RedisStore {
         changes: &Changes,
     ) -> Result<Applied, StoreError> {
         let [now, idle, abs] = self.ttl_args(now_ms());
+        let existing = matches!(target, Target::Existing);
         let (mode, created, base) = match target {
             Target::Existing => ("existing", String::new(), None),
             Target::New { base } => (
@@ -1640,17 +1641,25 @@ impl SessionStore for RedisStore {
             args.push(k.as_str().into());
             args.push(Value::Integer(*by));
         }
-        // With the cache live, the session as the change left it is kept, so that the next read
-        // of it here (the user's own, most often) needs no round trip; reads that arrive while
-        // the change is in flight wait for it.
+        // With the cache live, a change of a session this instance holds (or has room for) takes
+        // its slot: the reads of it that arrive while the change is in flight wait for it and
+        // are served what it wrote (the script returns the fields), instead of each reading
+        // Redis. A new session has no readers yet, and takes no slot.
         let key = self.key(id);
-        let fill = self.cache.as_ref().and_then(|cache| cache.begin_fill(&key));
+        let fill = match &self.cache {
+            Some(cache) if existing => cache.begin_change(&key),
+            _ => None,
+        };
         args.push(Value::Integer(i64::from(fill.is_some())));
         let reply = match (&self.cache, fill) {
             (Some(cache), Some(fill)) => {
-                let reply = self.eval(&self.apply, key, args).await;
+                let reply = self.eval(&self.apply, key.clone(), args).await;
                 let written = reply.as_ref().ok().and_then(|r| written_session(r));
-                cache.finish_fill(fill, written);
+                if !cache.finish_fill(fill, written) {
+                    // Whatever took the slot meanwhile (a load after an unrelated invalidation)
+                    // may have read the session before the change ran.
+                    cache.invalidate(&key);
+                }
                 reply?
             }
             _ => {

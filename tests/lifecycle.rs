@@ -103,7 +103,8 @@ async fn while_draining_readyz_is_503_and_new_connections_are_served_until_the_l
     let p = &proxy;
     let body = eventually(
         "/readyz says 503 once asked to stop",
-        Duration::from_secs(2),
+        // Generous: on a loaded machine the signal's task may wait for a core.
+        Duration::from_secs(10),
         move || async move {
             let (status, body) = readyz(p).await;
             (status == 503).then_some(body)

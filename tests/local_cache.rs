@@ -471,6 +471,56 @@ async fn concurrent_reads_of_an_uncached_session_send_one_read() {
     assert_eq!(joined, (BURST - 1) as f64, "the others waited for it");
 }
 
+/// A burst of requests with the cookie of a session that is gone sends one read: the others
+/// wait for it and are told what it found, no session (Redis is paused while the burst arrives).
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_reads_of_a_session_that_is_gone_send_one_read() {
+    const BURST: usize = 8;
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let a = Stickless::on_redis(&backend.url(), &redis, CACHE);
+    let mut http = Http::with_jar();
+    http.get_replying(&a.url("/"), &["x-session-set-user: alice"])
+        .await;
+    read_until_cached(&mut http, &a, "user").await;
+
+    // The session ends outside stickless: A's copy goes when Redis's invalidation arrives.
+    let invalidations = || async {
+        Scrape::of(&a)
+            .await
+            .value("stickless_local_cache_invalidations_total")
+            .unwrap_or(0.0)
+    };
+    let before = invalidations().await;
+    let sessions = keys(&redis, "*").await;
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    let _: i64 = cmd(&redis, &["DEL", &sessions[0]]).await;
+    eventually("A dropped its copy", Duration::from_secs(5), || async {
+        (invalidations().await > before).then_some(())
+    })
+    .await;
+
+    let loads = calls(&redis, "pttl").await;
+    let joined = || async {
+        Scrape::of(&a)
+            .await
+            .value(r#"stickless_local_cache_lookups_total{result="joined"}"#)
+            .unwrap_or(0.0)
+    };
+    let joined_before = joined().await;
+    let _: String = cmd(&redis, &["CLIENT", "PAUSE", "500", "ALL"]).await;
+    for (r, _) in reads_at_once(&http, &a.url("/"), BURST).await {
+        assert_eq!(r.status, 200);
+        assert_eq!(field(&r, "user"), None, "the session is gone");
+    }
+    assert_eq!(
+        calls(&redis, "pttl").await - loads,
+        1,
+        "one read of the session for the whole burst"
+    );
+    assert_eq!(joined().await - joined_before, (BURST - 1) as f64);
+}
+
 /// A request that waits for another's read of its session has no more time than its own read
 /// would have had: with Redis stalled past `--redis-timeout`, a burst of reads of one session is
 /// answered (without the session) within about one timeout, not one timeout for the read it

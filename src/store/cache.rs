@@ -16,9 +16,9 @@
 //!   since it began, so what it is handed is never older than a copy the cache could have
 //!   served it when it arrived, which is served until its invalidation arrives. A hot session dropped
 //!   by a change is read again once, not once per request that arrives before the first read is
-//!   back. A load that finds nothing (it failed, found no live session, or its request went
-//!   away) wakes its waiters, which then read for themselves: one of them through the cache, the
-//!   others beside it, none waiting twice;
+//!   back. A load that finds no session hands that over too ([`Handed::Absent`]); one that
+//!   fails, or whose request goes away, wakes its waiters, which then read for themselves: one of
+//!   them through the cache, the others beside it, none waiting twice;
 //! - a change made through this process to a session it holds (or has room for) takes the slot
 //!   the same way ([`LocalCache::begin_change`]) and keeps the session as the change left it:
 //!   the requests that arrive while it is in flight wait for it and are served what it wrote.
@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 
-use super::{now_ms, ttl_now, Session};
+use super::{now_ms, ttl_now, Loaded, Session};
 use crate::config::TtlPolicy;
 use crate::metrics::{CacheLookup, Metrics};
 
@@ -83,19 +83,34 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Waits until that load ends; then the session it read (or wrote), if it found one, whether
-    /// the cache kept it or not.
-    pub async fn ended(self) -> Option<Session> {
+    /// Waits until that load ends; then what it found (whether the cache kept it or not), unless
+    /// it failed or went away.
+    pub async fn ended(self) -> Option<Handed> {
         self.notified.await;
         self.waiters.handed.get().cloned()
     }
 }
 
+/// What a load (or change) found, handed to the requests that waited for it.
+#[derive(Clone)]
+pub enum Handed {
+    /// The session it read or wrote.
+    Live(Session),
+    /// No session under that id (never created, expired or destroyed): an id whose key is gone
+    /// never comes back, since new sessions take new ids.
+    Absent {
+        /// The answer came from the primary, so it holds for any user; a replica's may only be
+        /// behind, and holds only for a user who has seen no change of the session (no version
+        /// cookie).
+        any_version: bool,
+    },
+}
+
 /// The requests waiting for one fill: woken when it ends, however it ends (kept, cancelled,
-/// failed, dropped), and handed the session it read or wrote.
+/// failed, dropped), and handed what it found.
 struct Waiters {
     notify: Arc<Notify>,
-    handed: OnceLock<Session>,
+    handed: OnceLock<Handed>,
 }
 
 /// The right to store the result of one load (or change), taken before it is sent. Dropped without
@@ -322,22 +337,31 @@ impl LocalCache {
         Lookup::Load(Some(fill))
     }
 
-    /// The session a load (or change) this request waited for read or wrote
-    /// ([`Pending::ended`]), if it may be served to a user who has seen `min_version`, even if
-    /// an invalidation has dropped it from the cache since: the request joined that load before
-    /// any invalidation touched it, so it is never older than a copy the cache could have served
-    /// the request when it arrived. Counted as joined.
-    pub fn handed_over(&self, handed: Option<Session>, min_version: u64) -> Option<Session> {
-        let now_ms = if self.ttl.absolute.is_some() {
-            now_ms()
-        } else {
-            0
+    /// What a load (or change) this request waited for found ([`Pending::ended`]), if it may be
+    /// served to a user who has seen `min_version`, even if an invalidation has dropped it from
+    /// the cache since: the request joined that load before any invalidation touched it, so it
+    /// is never older than a copy the cache could have served the request when it arrived. A
+    /// session found absent stays absent (new sessions take new ids). Counted as joined.
+    pub fn handed_over(&self, handed: Option<Handed>, min_version: u64) -> Option<Loaded> {
+        let loaded = match handed? {
+            Handed::Absent { any_version } if any_version || min_version == 0 => Loaded::Absent,
+            Handed::Absent { .. } => return None,
+            Handed::Live(session) => {
+                let now_ms = if self.ttl.absolute.is_some() {
+                    now_ms()
+                } else {
+                    0
+                };
+                if session.version < min_version
+                    || ttl_now(&self.ttl, session.created_ms, now_ms).is_none()
+                {
+                    return None;
+                }
+                Loaded::Live(session)
+            }
         };
-        let session = handed.filter(|s| {
-            s.version >= min_version && ttl_now(&self.ttl, s.created_ms, now_ms).is_some()
-        })?;
         self.record(CacheLookup::Joined);
-        Some(session)
+        Some(loaded)
     }
 
     fn record(&self, result: CacheLookup) {
@@ -421,11 +445,22 @@ impl LocalCache {
         fill.finished = true;
         let key = std::mem::take(&mut fill.key);
         if let Some(session) = &session {
-            let _ = fill.waiters.handed.set(session.clone());
+            let _ = fill.waiters.handed.set(Handed::Live(session.clone()));
         }
         let own = self.keep(&mut self.lock(), key, &fill, session);
         fill.waiters.notify.notify_waiters();
         own
+    }
+
+    /// Ends a load that found no session under its id: frees the slot, and hands that to the
+    /// requests waiting for it, so that a burst of requests with a dead cookie sends one read.
+    /// `any_version`: see [`Handed::Absent`].
+    pub fn finish_absent(&self, mut fill: Fill<'_>, any_version: bool) {
+        fill.finished = true;
+        let key = std::mem::take(&mut fill.key);
+        let _ = fill.waiters.handed.set(Handed::Absent { any_version });
+        self.keep(&mut self.lock(), key, &fill, None);
+        fill.waiters.notify.notify_waiters();
     }
 
     fn keep(
@@ -787,9 +822,13 @@ mod tests {
 
     /// Whether the wait ended (within 200 ms), and what it was handed.
     async fn woken_with(waiting: Pending) -> Option<Option<Session>> {
-        tokio::time::timeout(Duration::from_millis(200), waiting.ended())
+        let handed = tokio::time::timeout(Duration::from_millis(200), waiting.ended())
             .await
-            .ok()
+            .ok()?;
+        Some(match handed {
+            Some(Handed::Live(session)) => Some(session),
+            _ => None,
+        })
     }
 
     async fn woken(waiting: Pending) -> bool {
@@ -867,6 +906,25 @@ mod tests {
             c.finish_fill(again, Some(session("b")));
             assert!(c.get("k", 0).is_some(), "{how}");
         }
+    }
+
+    /// A load that found no session hands that to its waiters: a burst of requests with a dead
+    /// cookie sends one read.
+    #[tokio::test]
+    async fn a_load_that_finds_no_session_hands_that_over() {
+        let c = cache(10);
+        let f = load(&c, "k", false);
+        let w = wait(&c, "k");
+        c.finish_absent(f, true);
+        let handed = tokio::time::timeout(Duration::from_millis(200), w.ended())
+            .await
+            .expect("woken");
+        assert!(matches!(handed, Some(Handed::Absent { any_version: true })));
+        assert!(c.get("k", 0).is_none(), "nothing kept");
+        assert!(
+            matches!(c.lookup("k", 0, false), Lookup::Load(Some(_))),
+            "slot freed"
+        );
     }
 
     /// A request that already waited once and finds another load in flight reads without a
@@ -952,12 +1010,27 @@ mod tests {
         let c = cache(10);
         let mut s = session("a");
         s.version = 3;
-        assert!(c.handed_over(Some(s.clone()), 3).is_some());
+        let live = |s: &Session| Some(Handed::Live(s.clone()));
+        assert!(c.handed_over(live(&s), 3).is_some());
         assert!(
-            c.handed_over(Some(s.clone()), 4).is_none(),
+            c.handed_over(live(&s), 4).is_none(),
             "older than the cookie"
         );
         assert!(c.handed_over(None, 0).is_none());
+        // Absent: from the primary for anyone; a replica's only for a user with no version.
+        let absent = |any_version| Some(Handed::Absent { any_version });
+        assert!(matches!(
+            c.handed_over(absent(true), 7),
+            Some(Loaded::Absent)
+        ));
+        assert!(matches!(
+            c.handed_over(absent(false), 0),
+            Some(Loaded::Absent)
+        ));
+        assert!(
+            c.handed_over(absent(false), 1).is_none(),
+            "the replica may be behind"
+        );
         let c = LocalCache::new(
             10,
             1 << 20,
@@ -969,7 +1042,7 @@ mod tests {
         );
         s.created_ms = now_ms() - 61_000;
         assert!(
-            c.handed_over(Some(s), 0).is_none(),
+            c.handed_over(live(&s), 0).is_none(),
             "past the absolute timeout"
         );
     }

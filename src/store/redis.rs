@@ -1576,8 +1576,8 @@ impl SessionStore for RedisStore {
                         // The whole bound went on waiting: no read of its own now.
                         return Err(StoreError::Timeout(timeout));
                     };
-                    if let Some(session) = cache.handed_over(kept, min_version) {
-                        return Ok(Loaded::Live(session));
+                    if let Some(loaded) = cache.handed_over(kept, min_version) {
+                        return Ok(loaded);
                     }
                     joined = true;
                 }
@@ -1585,11 +1585,18 @@ impl SessionStore for RedisStore {
         };
         let loaded = self.read(key, min_version, by(deadline)).await;
         if let Some(fill) = fill {
-            let live = match &loaded {
-                Ok(Loaded::Live(session)) => Some(session.clone()),
-                _ => None,
-            };
-            cache.finish_fill(fill, live);
+            match &loaded {
+                Ok(Loaded::Live(session)) => {
+                    cache.finish_fill(fill, Some(session.clone()));
+                }
+                // From the primary, unless a replica answered a user with no version cookie.
+                Ok(Loaded::Absent) => {
+                    cache.finish_absent(fill, self.replica.is_none() || min_version > 0)
+                }
+                _ => {
+                    cache.finish_fill(fill, None);
+                }
+            }
         }
         loaded
     }

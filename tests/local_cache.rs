@@ -63,6 +63,21 @@ async fn two_instances_with_alice() -> (RedisServer, TestBackend, Stickless, Sti
     (redis, backend, a, b, http)
 }
 
+/// One instance started with `args`, on its own Redis, and a user (`http`'s jar) whose session,
+/// `user=alice`, it has made and holds in its cache.
+async fn one_instance_with_alice_cached(
+    args: &[&str],
+) -> (RedisServer, TestBackend, Stickless, Http) {
+    let redis = RedisServer::start();
+    let backend = TestBackend::start().await;
+    let proxy = Stickless::on_redis(&backend.url(), &redis, args);
+    let mut http = Http::with_jar();
+    http.get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
+        .await;
+    read_until_cached(&mut http, &proxy, "user").await;
+    (redis, backend, proxy, http)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_change_through_one_instance_is_seen_through_the_other() {
     let (_redis, _backend, a, b, mut http) = two_instances_with_alice().await;
@@ -311,13 +326,7 @@ async fn after_a_failover_changes_on_the_new_primary_are_seen() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cached_read_costs_no_command_in_redis() {
-    let redis = RedisServer::start();
-    let backend = TestBackend::start().await;
-    let proxy = Stickless::on_redis(&backend.url(), &redis, CACHE);
-    let mut http = Http::with_jar();
-    http.get_replying(&proxy.url("/"), &["x-session-set-user: alice"])
-        .await;
-    read_until_cached(&mut http, &proxy, "user").await;
+    let (redis, _backend, proxy, mut http) = one_instance_with_alice_cached(CACHE).await;
 
     let mut monitor = Monitor::start(&redis).await;
     for _ in 0..20 {
@@ -350,17 +359,8 @@ async fn a_cached_read_costs_no_command_in_redis() {
 /// reads through) while a burst of reads of the session arrives.
 #[tokio::test(flavor = "multi_thread")]
 async fn reads_during_a_change_are_served_what_it_wrote() {
-    let redis = RedisServer::start();
-    let backend = TestBackend::start().await;
-    let a = Stickless::on_redis(
-        &backend.url(),
-        &redis,
-        &["--local-cache", "1000", "--redis-timeout", "5s"],
-    );
-    let mut http = Http::with_jar();
-    http.get_replying(&a.url("/"), &["x-session-set-user: alice"])
-        .await;
-    read_until_cached(&mut http, &a, "user").await;
+    let (redis, _backend, a, http) =
+        one_instance_with_alice_cached(&["--local-cache", "1000", "--redis-timeout", "5s"]).await;
 
     // A load is HGETALL and PTTL; the change's script reads the hash too, but never its TTL.
     let loads = calls(&redis, "pttl").await;
@@ -387,13 +387,7 @@ async fn reads_during_a_change_are_served_what_it_wrote() {
         },
     )
     .await;
-    let joined = || async {
-        Scrape::of(&a)
-            .await
-            .value(r#"stickless_local_cache_lookups_total{result="joined"}"#)
-            .unwrap_or(0.0)
-    };
-    let joined_before = joined().await;
+    let joined_before = a.metric(JOINED).await;
     for (r, _) in reads_at_once(&http, &a.url("/"), 4).await {
         assert_eq!(r.status, 200);
         assert_eq!(field(&r, "user").as_deref(), Some("bob"));
@@ -405,10 +399,27 @@ async fn reads_during_a_change_are_served_what_it_wrote() {
         "the reads during the change read Redis"
     );
     assert_eq!(
-        joined().await - joined_before,
+        a.metric(JOINED).await - joined_before,
         4.0,
         "every read during the change waited for it"
     );
+}
+
+/// Lookups that waited for another request's read or change, and were served what it brought.
+const JOINED: &str = r#"stickless_local_cache_lookups_total{result="joined"}"#;
+
+/// Runs `change`, then waits until `proxy` has dropped a copy on Redis's invalidation.
+async fn after_invalidation<F: std::future::Future>(proxy: &Stickless, change: F) -> F::Output {
+    const INVALIDATIONS: &str = "stickless_local_cache_invalidations_total";
+    let before = proxy.metric(INVALIDATIONS).await;
+    let done = change.await;
+    eventually(
+        "a copy dropped on Redis's invalidation",
+        Duration::from_secs(5),
+        || async { (proxy.metric(INVALIDATIONS).await > before).then_some(()) },
+    )
+    .await;
+    done
 }
 
 /// `n` GETs of `url` with `http`'s cookies, sent at once: each reply and how long it took.
@@ -440,18 +451,10 @@ async fn concurrent_reads_of_an_uncached_session_send_one_read() {
     read_until_cached(&mut http, &a, "user").await;
 
     // A change through B: A's copy goes when Redis's invalidation arrives, and none is pending.
-    let invalidations = || async {
-        Scrape::of(&a)
-            .await
-            .value("stickless_local_cache_invalidations_total")
-            .unwrap_or(0.0)
-    };
-    let before = invalidations().await;
-    http.get_replying(&b.url("/"), &["x-session-set-user: bob"])
-        .await;
-    eventually("A dropped its copy", Duration::from_secs(5), || async {
-        (invalidations().await > before).then_some(())
-    })
+    after_invalidation(
+        &a,
+        http.get_replying(&b.url("/"), &["x-session-set-user: bob"]),
+    )
     .await;
 
     let reads = hgetall_calls(&redis).await;
@@ -464,11 +467,11 @@ async fn concurrent_reads_of_an_uncached_session_send_one_read() {
         1,
         "one read of the session for the whole burst"
     );
-    let joined = Scrape::of(&a)
-        .await
-        .value(r#"stickless_local_cache_lookups_total{result="joined"}"#)
-        .unwrap_or(0.0);
-    assert_eq!(joined, (BURST - 1) as f64, "the others waited for it");
+    assert_eq!(
+        a.metric(JOINED).await,
+        (BURST - 1) as f64,
+        "the others waited for it"
+    );
 }
 
 /// A burst of requests with the cookie of a session that is gone sends one read: the others
@@ -476,38 +479,15 @@ async fn concurrent_reads_of_an_uncached_session_send_one_read() {
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_reads_of_a_session_that_is_gone_send_one_read() {
     const BURST: usize = 8;
-    let redis = RedisServer::start();
-    let backend = TestBackend::start().await;
-    let a = Stickless::on_redis(&backend.url(), &redis, CACHE);
-    let mut http = Http::with_jar();
-    http.get_replying(&a.url("/"), &["x-session-set-user: alice"])
-        .await;
-    read_until_cached(&mut http, &a, "user").await;
+    let (redis, _backend, a, http) = one_instance_with_alice_cached(CACHE).await;
 
     // The session ends outside stickless: A's copy goes when Redis's invalidation arrives.
-    let invalidations = || async {
-        Scrape::of(&a)
-            .await
-            .value("stickless_local_cache_invalidations_total")
-            .unwrap_or(0.0)
-    };
-    let before = invalidations().await;
     let sessions = keys(&redis, "*").await;
     assert_eq!(sessions.len(), 1, "{sessions:?}");
-    let _: i64 = cmd(&redis, &["DEL", &sessions[0]]).await;
-    eventually("A dropped its copy", Duration::from_secs(5), || async {
-        (invalidations().await > before).then_some(())
-    })
-    .await;
+    let _: i64 = after_invalidation(&a, cmd(&redis, &["DEL", &sessions[0]])).await;
 
     let loads = calls(&redis, "pttl").await;
-    let joined = || async {
-        Scrape::of(&a)
-            .await
-            .value(r#"stickless_local_cache_lookups_total{result="joined"}"#)
-            .unwrap_or(0.0)
-    };
-    let joined_before = joined().await;
+    let joined_before = a.metric(JOINED).await;
     let _: String = cmd(&redis, &["CLIENT", "PAUSE", "500", "ALL"]).await;
     for (r, _) in reads_at_once(&http, &a.url("/"), BURST).await {
         assert_eq!(r.status, 200);
@@ -518,7 +498,7 @@ async fn concurrent_reads_of_a_session_that_is_gone_send_one_read() {
         1,
         "one read of the session for the whole burst"
     );
-    assert_eq!(joined().await - joined_before, (BURST - 1) as f64);
+    assert_eq!(a.metric(JOINED).await - joined_before, (BURST - 1) as f64);
 }
 
 /// A request that waits for another's read of its session has no more time than its own read
@@ -528,31 +508,14 @@ async fn concurrent_reads_of_a_session_that_is_gone_send_one_read() {
 #[tokio::test(flavor = "multi_thread")]
 async fn waiting_for_another_read_stays_within_the_redis_timeout() {
     const TIMEOUT: Duration = Duration::from_secs(1);
-    let redis = RedisServer::start();
-    let backend = TestBackend::start().await;
-    let a = Stickless::on_redis(
-        &backend.url(),
-        &redis,
-        &["--local-cache", "1000", "--redis-timeout", "1s"],
-    );
-    let mut http = Http::with_jar();
-    http.get_replying(&a.url("/"), &["x-session-set-user: alice"])
-        .await;
     // The cache is live and holds the session; a change through A then drops A's copy once
     // Redis's invalidation of it arrives.
-    read_until_cached(&mut http, &a, "user").await;
-    let invalidations = || async {
-        Scrape::of(&a)
-            .await
-            .value("stickless_local_cache_invalidations_total")
-            .unwrap_or(0.0)
-    };
-    let before = invalidations().await;
-    http.get_replying(&a.url("/"), &["x-session-set-user: bob"])
-        .await;
-    eventually("A dropped its copy", Duration::from_secs(5), || async {
-        (invalidations().await > before).then_some(())
-    })
+    let (redis, _backend, a, mut http) =
+        one_instance_with_alice_cached(&["--local-cache", "1000", "--redis-timeout", "1s"]).await;
+    after_invalidation(
+        &a,
+        http.get_replying(&a.url("/"), &["x-session-set-user: bob"]),
+    )
     .await;
     let _: String = cmd(&redis, &["CLIENT", "PAUSE", "3000", "ALL"]).await;
     for (r, took) in reads_at_once(&http, &a.url("/"), 6).await {

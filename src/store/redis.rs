@@ -1568,15 +1568,15 @@ impl SessionStore for RedisStore {
                 Lookup::Load(fill) => break fill,
                 Lookup::Wait(pending) => {
                     // Woken when that read (or a change made here) ends, kept or not; served
-                    // what it kept, even if an invalidation has dropped it since; otherwise
-                    // looked up again, and read here.
+                    // what it found, even if an invalidation has dropped it since; otherwise
+                    // (it failed) looked up again, and read here.
                     let until = by(deadline);
                     deadline = Some(until);
-                    let Ok(kept) = tokio::time::timeout_at(until, pending.ended()).await else {
+                    let Ok(found) = tokio::time::timeout_at(until, pending.ended()).await else {
                         // The whole bound went on waiting: no read of its own now.
                         return Err(StoreError::Timeout(timeout));
                     };
-                    if let Some(loaded) = cache.handed_over(kept, min_version) {
+                    if let Some(loaded) = cache.handed_over(found, min_version) {
                         return Ok(loaded);
                     }
                     joined = true;

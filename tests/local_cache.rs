@@ -132,13 +132,7 @@ async fn a_logout_through_one_instance_is_seen_through_the_other() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_redis_empties_the_cache() {
-    let mut redis = RedisServer::start();
-    let backend = TestBackend::start().await;
-    let a = Stickless::on_redis(&backend.url(), &redis, CACHE);
-    let mut http = Http::with_jar();
-    http.get_replying(&a.url("/"), &["x-session-set-user: alice"])
-        .await;
-    read_until_cached(&mut http, &a, "user").await;
+    let (mut redis, _backend, a, mut http) = one_instance_with_alice_cached(CACHE).await;
 
     // A new, empty Redis on the same port: the session is gone, and no invalidation said so.
     let port = redis.port;

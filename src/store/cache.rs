@@ -624,6 +624,11 @@ mod tests {
         c
     }
 
+    /// The `user` field of the copy a lookup of `key` would serve.
+    fn user_in(c: &LocalCache, key: &str) -> Option<String> {
+        c.get(key, 0).map(|s| s.fields["user"].clone())
+    }
+
     fn fill(c: &LocalCache, key: &str, v: &str) {
         let f = c.begin_fill(key).expect("live");
         c.finish_fill(f, Some(session(v)));
@@ -676,10 +681,7 @@ mod tests {
         let c = cache(10);
         assert_eq!(c.get("k", 0), None);
         fill(&c, "k", "a");
-        assert_eq!(
-            c.get("k", 0).map(|s| s.fields["user"].clone()).as_deref(),
-            Some("a")
-        );
+        assert_eq!(user_in(&c, "k").as_deref(), Some("a"));
     }
 
     #[test]
@@ -708,10 +710,7 @@ mod tests {
         let new = c.begin_fill("k").expect("live");
         c.finish_fill(new, Some(session("new")));
         c.finish_fill(old, Some(session("old")));
-        assert_eq!(
-            c.get("k", 0).map(|s| s.fields["user"].clone()).as_deref(),
-            Some("new")
-        );
+        assert_eq!(user_in(&c, "k").as_deref(), Some("new"));
     }
 
     #[test]
@@ -937,10 +936,7 @@ mod tests {
         assert!(matches!(c.lookup("k", 0, true), Lookup::Load(None)));
         c.finish_fill(first, Some(session("a")));
         assert!(woken(w).await);
-        assert_eq!(
-            c.get("k", 0).map(|s| s.fields["user"].clone()).as_deref(),
-            Some("a")
-        );
+        assert_eq!(user_in(&c, "k").as_deref(), Some("a"));
     }
 
     /// A fill that replaces one in flight (a change made here; never a lookup's: a lookup
@@ -973,10 +969,7 @@ mod tests {
             .expect("woken")
             .expect("handed a session");
         assert_eq!(handed.fields["user"], "new");
-        assert_eq!(
-            c.get("k", 0).map(|s| s.fields["user"].clone()).as_deref(),
-            Some("new")
-        );
+        assert_eq!(user_in(&c, "k").as_deref(), Some("new"));
     }
 
     /// A change takes the slot of a session the cache holds, or a free one, but evicts nothing;
@@ -989,10 +982,7 @@ mod tests {
         assert!(c.begin_change("k3").is_none(), "full, and k3 not held");
         let change = c.begin_change("k1").expect("held");
         assert!(c.finish_fill(change, Some(session("a2"))));
-        assert_eq!(
-            c.get("k1", 0).map(|s| s.fields["user"].clone()).as_deref(),
-            Some("a2")
-        );
+        assert_eq!(user_in(&c, "k1").as_deref(), Some("a2"));
         assert!(c.get("k2", 0).is_some(), "nothing evicted");
         let change = c.begin_change("k2").expect("held");
         c.invalidate("k2");

@@ -830,6 +830,12 @@ mod tests {
         })
     }
 
+    /// The `user` field of the session the wait was handed.
+    async fn handed_user(waiting: Pending) -> String {
+        let handed = woken_with(waiting).await.expect("woken");
+        handed.expect("handed a session").fields["user"].clone()
+    }
+
     async fn woken(waiting: Pending) -> bool {
         woken_with(waiting).await.is_some()
     }
@@ -947,14 +953,10 @@ mod tests {
         let c = cache(10);
         let first = load(&c, "k", false);
         let w = wait(&c, "k");
-        let second = c.begin_fill("k").expect("live");
+        let second = c.begin_change("k").expect("live");
         let w2 = wait(&c, "k");
         c.finish_fill(first, Some(session("old")));
-        let handed = woken_with(w)
-            .await
-            .expect("woken")
-            .expect("handed a session");
-        assert_eq!(handed.fields["user"], "old");
+        assert_eq!(handed_user(w).await, "old");
         assert!(c.get("k", 0).is_none());
         assert!(
             tokio::time::timeout(Duration::from_millis(50), w2.ended())
@@ -964,11 +966,7 @@ mod tests {
         );
         let w2 = wait(&c, "k");
         c.finish_fill(second, Some(session("new")));
-        let handed = woken_with(w2)
-            .await
-            .expect("woken")
-            .expect("handed a session");
-        assert_eq!(handed.fields["user"], "new");
+        assert_eq!(handed_user(w2).await, "new");
         assert_eq!(user_in(&c, "k").as_deref(), Some("new"));
     }
 

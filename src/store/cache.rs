@@ -991,6 +991,28 @@ mod tests {
         assert!(c.get("k2", 0).is_none());
     }
 
+    /// A change whose own invalidation came before its reply lost its slot to the load that
+    /// followed; that load read the session after the change ran, and the end of the change,
+    /// before or after the load's, leaves its copy alone.
+    #[test]
+    fn a_change_that_lost_its_slot_leaves_the_next_load_alone() {
+        let c = cache(10);
+        for change_ends_first in [true, false] {
+            let change = c.begin_change("k").expect("room");
+            c.invalidate("k");
+            let read = load(&c, "k", false);
+            if change_ends_first {
+                assert!(!c.finish_fill(change, Some(session("changed"))));
+                assert!(c.finish_fill(read, Some(session("read after"))));
+            } else {
+                assert!(c.finish_fill(read, Some(session("read after"))));
+                assert!(!c.finish_fill(change, Some(session("changed"))));
+            }
+            assert_eq!(user_in(&c, "k").as_deref(), Some("read after"));
+            c.invalidate("k");
+        }
+    }
+
     /// What a waiter is handed passes the same checks as a copy in the cache: not older than
     /// the user's own last change, not past the absolute timeout.
     #[test]

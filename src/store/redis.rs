@@ -1662,11 +1662,10 @@ impl SessionStore for RedisStore {
             (Some(cache), Some(fill)) => {
                 let reply = self.eval(&self.apply, key.clone(), args).await;
                 let written = reply.as_ref().ok().and_then(|r| written_session(r));
-                if !cache.finish_fill(fill, written) {
-                    // Whatever took the slot meanwhile (a load after an unrelated invalidation)
-                    // may have read the session before the change ran.
-                    cache.invalidate(&key);
-                }
+                // If something took the slot meanwhile (a load after an invalidation), it is
+                // left alone: had it read the session before this change ran, the change's own
+                // invalidation, sent after the change ran and so after that load began, drops it.
+                cache.finish_fill(fill, written);
                 reply?
             }
             _ => {

@@ -5,7 +5,9 @@
 #   bash benches/side_by_side.sh
 #
 # Settings (environment): ROUNDS=3 SECS=10 (throughput), LAT_ROUNDS=$ROUNDS LAT_SECS=$SECS (latency),
-# CONNS=32 THREADS=2, SESSIONS=100000 (Zipf workload), ZIPF_S=1.0, WRITE_PCT=5, IDLE_CONNS=10000,
+# LAT_PCTS="10 25 50 75" (latency rates, in % of the direct maximum), CONNS=32 THREADS=2,
+# SESSIONS=100000 (Zipf workload), ZIPF_S=1.0, WRITE_PCT=5, ZIPF_WARM=$SECS (unmeasured seconds of
+# the Zipf workload before each measured Zipf run), IDLE_CONNS=10000,
 # LOCAL_CACHE=200000 (sessions the cached stickless keeps), DEADLINE=90m (the whole run), REPORT_NAME=side-by-side-<date>, NOTE="text put at the top of the report".
 set -euo pipefail
 SELF=$(readlink -f "$0")
@@ -25,17 +27,27 @@ ROUNDS=${ROUNDS:-3}
 SECS=${SECS:-10}
 LAT_ROUNDS=${LAT_ROUNDS:-$ROUNDS}
 LAT_SECS=${LAT_SECS:-$SECS}
+LAT_PCTS=${LAT_PCTS:-10 25 50 75}
 CONNS=${CONNS:-32}
 THREADS=${THREADS:-2}
 SESSIONS=${SESSIONS:-100000}
 ZIPF_S=${ZIPF_S:-1.0}
 WRITE_PCT=${WRITE_PCT:-5}
+ZIPF_WARM=${ZIPF_WARM:-$SECS}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 NOTE=${NOTE:-}
 REPORT_NAME=${REPORT_NAME:-side-by-side-$(date -u +%F)}
 TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 
 LOCAL_CACHE=${LOCAL_CACHE:-200000}
+for setting in ROUNDS SECS LAT_ROUNDS LAT_SECS CONNS THREADS SESSIONS WRITE_PCT ZIPF_WARM IDLE_CONNS LOCAL_CACHE; do
+  [[ ${!setting} =~ ^[0-9]+$ ]] || die "$setting must be a whole number (it is '${!setting}')"
+done
+for pct in $LAT_PCTS; do
+  if ! [[ $pct =~ ^[0-9]+$ ]] || [ "$pct" -lt 1 ] || [ "$pct" -gt 100 ]; then
+    die "LAT_PCTS must list percentages from 1 to 100 (it is '$LAT_PCTS')"
+  fi
+done
 TARGETS=(direct nginx nginx-log sl-redis sl-redis-log sl-cache sl-mem sl-mem-log)
 LAT_TARGETS=(direct nginx sl-redis sl-cache sl-mem)
 STICKLESS=(sl-redis sl-redis-log sl-cache sl-mem sl-mem-log)
@@ -317,6 +329,14 @@ wrk_env() {
 throughput_run() { # TARGET WORKLOAD
   local t=$1 w=$2 url pids cpu0 cpu1 r0 r1 out req
   url="http://127.0.0.1:$(port_for "$t")/"
+  if [ "$w" = zipf ] && [ "$ZIPF_WARM" -gt 0 ]; then
+    # Unmeasured, the same for every target: a local cache starts the measured run holding the
+    # hot sessions, as it does in service, instead of cold (its entries from the last round
+    # have expired by then: they live an eighth of the idle timeout).
+    # shellcheck disable=SC2046
+    env $(wrk_env "$w" "$t") wrk -t"$THREADS" -c"$CONNS" -d"${ZIPF_WARM}s" \
+      -s benches/side_by_side/load.lua "$url" >/dev/null
+  fi
   read -r -a pids <<<"$(proxy_pids "$t" | tr '\n' ' ')"
   cpu0=$(cpu_ticks "${pids[@]}")
   r0=$(cpu_ticks "${PID[redis]}")
@@ -432,12 +452,13 @@ record mem nginx-peak - - value "$(read -r -a p <<<"$(nginx_pids proxy | tr '\n'
 
 DIRECT_MAX=$(awk -F'\t' '$1 == "tput" && $2 == "direct" && $3 == "no-cookie" && $5 == "rps" { print $6 }' \
   "$RESULTS" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')
-declare -A RATE=([25]=$((DIRECT_MAX / 4)) [50]=$((DIRECT_MAX / 2)) [75]=$((DIRECT_MAX * 3 / 4)))
-log "latency: direct maximum $DIRECT_MAX req/s; rates ${RATE[25]}, ${RATE[50]}, ${RATE[75]} req/s"
+declare -A RATE=()
+for pct in $LAT_PCTS; do RATE[$pct]=$((DIRECT_MAX * pct / 100)); done
+log "latency: direct maximum $DIRECT_MAX req/s; rates $(for pct in $LAT_PCTS; do printf '%s ' "${RATE[$pct]}"; done)req/s"
 for round in $(seq "$LAT_ROUNDS"); do
   log "latency round $round"
   for w in "${LAT_WORKLOADS[@]}"; do
-    for pct in 25 50 75; do
+    for pct in $LAT_PCTS; do
       for t in "${LAT_TARGETS[@]}"; do
         latency_run "$t" "$w" "$pct" "${RATE[$pct]}"
       done
@@ -473,9 +494,9 @@ done
 mkdir -p benches/results
 MD=benches/results/$REPORT_NAME.md
 PNG=benches/results/$REPORT_NAME.png
-export LOCAL_CACHE NOTE ROUNDS SECS LAT_ROUNDS LAT_SECS CONNS THREADS SESSIONS ZIPF_S WRITE_PCT IDLE_CONNS \
+export LOCAL_CACHE NOTE ROUNDS SECS LAT_ROUNDS LAT_SECS LAT_PCTS CONNS THREADS SESSIONS ZIPF_S WRITE_PCT ZIPF_WARM IDLE_CONNS \
   LOAD_AT_START OHA PNG DIRECT_MAX
-RATES="${RATE[25]} ${RATE[50]} ${RATE[75]}"
+RATES=$(for pct in $LAT_PCTS; do printf '%s ' "${RATE[$pct]}"; done)
 MACHINE="$(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1), $(uname -sr)"
 VERSIONS="stickless $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || echo '+changes'), \
 $(nginx -v 2>&1 | sed 's/.*version: //'), redis $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/'), \
@@ -485,6 +506,7 @@ export RATES MACHINE VERSIONS
 import datetime, json, os, sys
 e = os.environ
 rates = e["RATES"].split()
+pcts = e["LAT_PCTS"].split()
 oha = bool(e.get("OHA"))
 meta = {
     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -503,10 +525,10 @@ meta = {
     "workloads": ["no-cookie", "read", "read-write", "zipf"],
     "latency_workloads": ["no-cookie", "read", "read-write"],
     "latency_targets": ["direct", "nginx", "sl-redis", "sl-cache", "sl-mem"],
-    "rates": dict(zip(["25", "50", "75"], rates)),
+    "rates": dict(zip(pcts, rates)),
     "latency_tool": "oha, open loop" if oha else "wrk, CLOSED loop",
     "latency_note": (
-        f"Rates are 25/50/75% of the direct maximum ({e['DIRECT_MAX']} req/s, the median of the "
+        f"Rates are {'/'.join(pcts)}% of the direct maximum ({e['DIRECT_MAX']} req/s, the median of the "
         f"no-cookie runs direct to the backend). "
         + (f"oha, open loop (`-q RATE --latency-correction`, latency counted from when each request "
            f"was due), {e['CONNS']} connections, {e['LAT_SECS']} s per run, {e['LAT_ROUNDS']} round(s). "
@@ -529,7 +551,7 @@ meta = {
     ],
     "command": "bash benches/side_by_side.sh  # with " + ", ".join(
         f"{k}={e[k]}" for k in ("ROUNDS", "SECS", "LAT_ROUNDS", "LAT_SECS", "CONNS", "THREADS",
-                                "SESSIONS", "ZIPF_S", "WRITE_PCT", "IDLE_CONNS", "LOCAL_CACHE")),
+                                "SESSIONS", "ZIPF_S", "WRITE_PCT", "ZIPF_WARM", "IDLE_CONNS", "LOCAL_CACHE")) + f", LAT_PCTS=\"{e['LAT_PCTS']}\"",
     "chart_title": f"stickless side by side ({e['MACHINE']}; everything on one host)",
     "preamble": ([f"> **{e['NOTE']}**", ""] if e.get("NOTE") else []) + [
         f"- Machine: {e['MACHINE']}; load average at start {e['LOAD_AT_START']}. Everything on one host "
@@ -542,7 +564,9 @@ meta = {
         "- Workloads: `no-cookie`; `read`: one session of 5 fields read on every request; `read-write`: "
         "the same session plus an increment on every request; `zipf`: "
         f"{e['SESSIONS']} sessions drawn from a Zipf distribution (s={e['ZIPF_S']}), "
-        f"{e['WRITE_PCT']}% of requests increment. Direct and nginx get the same cookies (they ignore them).",
+        f"{e['WRITE_PCT']}% of requests increment; each measured Zipf run follows {e['ZIPF_WARM']} s of the same "
+        "workload, unmeasured, on the same target (a local cache starts it warm, as in service). "
+        "Direct and nginx get the same cookies (they ignore them).",
         f"- Chart: [{os.path.basename(e['PNG'])}]({os.path.basename(e['PNG'])}).",
     ],
 }

@@ -1660,7 +1660,7 @@ impl SessionStore for RedisStore {
         args.push(Value::Integer(i64::from(fill.is_some())));
         let reply = match (&self.cache, fill) {
             (Some(cache), Some(fill)) => {
-                let reply = self.eval(&self.apply, key.clone(), args).await;
+                let reply = self.eval(&self.apply, key, args).await;
                 let written = reply.as_ref().ok().and_then(|r| written_session(r));
                 // If something took the slot meanwhile (a load after an invalidation), it is
                 // left alone: had it read the session before this change ran, the change's own

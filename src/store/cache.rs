@@ -87,7 +87,10 @@ impl Pending {
     /// it failed or went away.
     pub async fn ended(self) -> Option<Handed> {
         self.notified.await;
-        self.waiters.handed.get().cloned()
+        match self.waiters.handed.get() {
+            Some(Handed::Live(session)) if session.version < self.waiters.floor() => None,
+            handed => handed.cloned(),
+        }
     }
 }
 
@@ -111,6 +114,15 @@ pub enum Handed {
 struct Waiters {
     notify: Arc<Notify>,
     handed: OnceLock<Handed>,
+    /// The lowest version the fill's session may have to be kept or handed over: raised by a
+    /// fill of the same key that lost its slot to this one, and found a newer version.
+    floor: AtomicU64,
+}
+
+impl Waiters {
+    fn floor(&self) -> u64 {
+        self.floor.load(Ordering::Acquire)
+    }
 }
 
 /// The right to store the result of one load (or change), taken before it is sent. Dropped without
@@ -183,6 +195,20 @@ impl Slots {
     /// Whether `key` is still reserved for the fill holding `token`.
     fn filling(&self, key: &str, token: u64) -> bool {
         matches!(self.map.get(key), Some(Slot::Filling { token: t, .. }) if *t == token)
+    }
+
+    /// Drops a copy of `key` older than `version`, and has a fill of it in flight keep or hand
+    /// over nothing older.
+    fn outdate(&mut self, key: &str, version: u64) {
+        match self.map.get(key) {
+            Some(Slot::Ready { session, .. }) if session.version < version => {
+                self.remove(key);
+            }
+            Some(Slot::Filling { waiters, .. }) => {
+                waiters.floor.fetch_max(version, Ordering::AcqRel);
+            }
+            _ => {}
+        }
     }
 
     fn remove(&mut self, key: &str) -> bool {
@@ -411,6 +437,7 @@ impl LocalCache {
             waiters: Arc::new(Waiters {
                 notify: Arc::new(Notify::new()),
                 handed: OnceLock::new(),
+                floor: AtomicU64::new(0),
             }),
             finished: false,
         };
@@ -463,6 +490,11 @@ impl LocalCache {
         fill.waiters.notify.notify_waiters();
     }
 
+    /// Keeps `session` in the slot if it is still this fill's. If it is not (an invalidation
+    /// freed it and another fill took it), whatever holds it now was read separately, possibly
+    /// before this fill's session was in Redis (a load on another connection, or before the
+    /// change this fill made ran): a copy older than `session` is dropped, and a fill in flight
+    /// keeps or hands over nothing older. Versions only grow, so older is stale.
     fn keep(
         &self,
         slots: &mut Slots,
@@ -471,10 +503,16 @@ impl LocalCache {
         session: Option<Session>,
     ) -> bool {
         if !slots.filling(&key, fill.token) {
+            if let Some(found) = &session {
+                slots.outdate(&key, found.version);
+            }
             return false;
         }
-        let valid =
-            self.live.load(Ordering::Acquire) && self.epoch.load(Ordering::Acquire) == fill.epoch;
+        let valid = self.live.load(Ordering::Acquire)
+            && self.epoch.load(Ordering::Acquire) == fill.epoch
+            && session
+                .as_ref()
+                .is_some_and(|s| s.version >= fill.waiters.floor());
         let sized = session
             .filter(|_| valid)
             .map(|session| (footprint(&key, &session), session));
@@ -991,26 +1029,64 @@ mod tests {
         assert!(c.get("k2", 0).is_none());
     }
 
+    fn at_version(v: &str, version: u64) -> Session {
+        Session {
+            version,
+            ..session(v)
+        }
+    }
+
     /// A change whose own invalidation came before its reply lost its slot to the load that
-    /// followed; that load read the session after the change ran, and the end of the change,
-    /// before or after the load's, leaves its copy alone.
+    /// followed; that load read the session after the change ran (the version it wrote, or a
+    /// later one), and the end of the change, before or after the load's, leaves its copy alone.
     #[test]
-    fn a_change_that_lost_its_slot_leaves_the_next_load_alone() {
+    fn a_change_that_lost_its_slot_leaves_a_load_as_new_as_it_alone() {
         let c = cache(10);
         for change_ends_first in [true, false] {
-            let change = c.begin_change("k").expect("room");
-            c.invalidate("k");
-            let read = load(&c, "k", false);
-            if change_ends_first {
-                assert!(!c.finish_fill(change, Some(session("changed"))));
-                assert!(c.finish_fill(read, Some(session("read after"))));
-            } else {
-                assert!(c.finish_fill(read, Some(session("read after"))));
-                assert!(!c.finish_fill(change, Some(session("changed"))));
+            for read_version in [7, 8] {
+                let change = c.begin_change("k").expect("room");
+                c.invalidate("k");
+                let read = load(&c, "k", false);
+                let read_after = at_version("read after", read_version);
+                if change_ends_first {
+                    assert!(!c.finish_fill(change, Some(at_version("changed", 7))));
+                    assert!(c.finish_fill(read, Some(read_after)));
+                } else {
+                    assert!(c.finish_fill(read, Some(read_after)));
+                    assert!(!c.finish_fill(change, Some(at_version("changed", 7))));
+                }
+                assert_eq!(user_in(&c, "k").as_deref(), Some("read after"));
+                c.invalidate("k");
             }
-            assert_eq!(user_in(&c, "k").as_deref(), Some("read after"));
-            c.invalidate("k");
         }
+    }
+
+    /// A load that took a change's slot after an unrelated invalidation, and read the session
+    /// before the change ran (another connection), is neither kept nor handed to its waiters
+    /// once the change has ended: its copy is older than what the change wrote.
+    #[tokio::test]
+    async fn a_load_older_than_a_change_that_lost_its_slot_to_it_is_not_kept() {
+        let c = cache(10);
+        // The change ends first: the load in flight keeps and hands over nothing older.
+        let change = c.begin_change("k").expect("room");
+        c.invalidate("k");
+        let read = load(&c, "k", false);
+        let waiting = wait(&c, "k");
+        assert!(!c.finish_fill(change, Some(at_version("changed", 7))));
+        assert!(c.finish_fill(read, Some(at_version("read before", 6))));
+        assert!(c.get("k", 0).is_none(), "the older copy is not kept");
+        assert!(
+            matches!(woken_with(waiting).await, Some(None)),
+            "woken, and handed nothing"
+        );
+        // The load ends first: its copy goes when the change ends.
+        let change = c.begin_change("k").expect("room");
+        c.invalidate("k");
+        let read = load(&c, "k", false);
+        assert!(c.finish_fill(read, Some(at_version("read before", 6))));
+        assert_eq!(user_in(&c, "k").as_deref(), Some("read before"));
+        assert!(!c.finish_fill(change, Some(at_version("changed", 7))));
+        assert!(c.get("k", 0).is_none(), "the older copy is dropped");
     }
 
     /// What a waiter is handed passes the same checks as a copy in the cache: not older than

@@ -1662,9 +1662,9 @@ impl SessionStore for RedisStore {
             (Some(cache), Some(fill)) => {
                 let reply = self.eval(&self.apply, key, args).await;
                 let written = reply.as_ref().ok().and_then(|r| written_session(r));
-                // If something took the slot meanwhile (a load after an invalidation), it is
-                // left alone: had it read the session before this change ran, the change's own
-                // invalidation, sent after the change ran and so after that load began, drops it.
+                // If a load took the slot meanwhile (after an invalidation, this change's own
+                // included), it is kept unless it read the session before this change ran: the
+                // cache keeps no copy older than the version written here.
                 cache.finish_fill(fill, written);
                 reply?
             }

@@ -24,6 +24,9 @@
 //!   the requests that arrive while it is in flight wait for it and are served what it wrote.
 //!   Redis's invalidation of that change then drops the copy like any other: it cannot be told
 //!   from a change made elsewhere in the same instant;
+//! - it keeps no copy older than a version it has read or written since (versions only grow):
+//!   a load or change that finds its slot taken drops an older copy there, and a load still in
+//!   flight there neither keeps nor hands its waiters anything older;
 //! - an entry lives at most [`LocalCache::max_age`] (an eighth of the idle timeout), so that
 //!   even a missed invalidation cannot serve stale data for long, and a session read only from
 //!   the cache still has its idle TTL renewed in Redis by the load that follows;
@@ -294,13 +297,7 @@ impl LocalCache {
     /// concurrent lookups of one session send one read). `joined`: this request already waited
     /// once, and does not wait again.
     pub fn lookup(&self, key: &str, min_version: u64, joined: bool) -> Lookup<'_> {
-        // The wall clock matters only to an absolute timeout.
-        let now_ms = if self.ttl.absolute.is_some() {
-            now_ms()
-        } else {
-            0
-        };
-        self.lookup_at(key, min_version, joined, Instant::now(), now_ms)
+        self.lookup_at(key, min_version, joined, Instant::now(), self.clock_ms())
     }
 
     fn lookup_at(
@@ -373,13 +370,8 @@ impl LocalCache {
             Handed::Absent { any_version } if any_version || min_version == 0 => Loaded::Absent,
             Handed::Absent { .. } => return None,
             Handed::Live(session) => {
-                let now_ms = if self.ttl.absolute.is_some() {
-                    now_ms()
-                } else {
-                    0
-                };
                 if session.version < min_version
-                    || ttl_now(&self.ttl, session.created_ms, now_ms).is_none()
+                    || ttl_now(&self.ttl, session.created_ms, self.clock_ms()).is_none()
                 {
                     return None;
                 }
@@ -388,6 +380,15 @@ impl LocalCache {
         };
         self.record(CacheLookup::Joined);
         Some(loaded)
+    }
+
+    /// The wall clock in milliseconds, read only when an absolute timeout needs it (0 otherwise).
+    fn clock_ms(&self) -> u64 {
+        if self.ttl.absolute.is_some() {
+            now_ms()
+        } else {
+            0
+        }
     }
 
     fn record(&self, result: CacheLookup) {
@@ -468,26 +469,29 @@ impl LocalCache {
     /// session in Redis while they waited, kept or not.
     /// Returns whether the slot was still this fill's (whether it kept `session`, or freed the
     /// slot for a `None`).
-    pub fn finish_fill(&self, mut fill: Fill<'_>, session: Option<Session>) -> bool {
-        fill.finished = true;
-        let key = std::mem::take(&mut fill.key);
-        if let Some(session) = &session {
-            let _ = fill.waiters.handed.set(Handed::Live(session.clone()));
-        }
-        let own = self.keep(&mut self.lock(), key, &fill, session);
-        fill.waiters.notify.notify_waiters();
-        own
+    pub fn finish_fill(&self, fill: Fill<'_>, session: Option<Session>) -> bool {
+        let handed = session.clone().map(Handed::Live);
+        self.end(fill, handed, session)
     }
 
     /// Ends a load that found no session under its id: frees the slot, and hands that to the
     /// requests waiting for it, so that a burst of requests with a dead cookie sends one read.
     /// `any_version`: see [`Handed::Absent`].
-    pub fn finish_absent(&self, mut fill: Fill<'_>, any_version: bool) {
+    pub fn finish_absent(&self, fill: Fill<'_>, any_version: bool) {
+        self.end(fill, Some(Handed::Absent { any_version }), None);
+    }
+
+    /// Ends `fill`: hands `handed` to its waiters, keeps `session` ([`LocalCache::keep`]), then
+    /// wakes the waiters. Returns whether the slot was still the fill's.
+    fn end(&self, mut fill: Fill<'_>, handed: Option<Handed>, session: Option<Session>) -> bool {
         fill.finished = true;
         let key = std::mem::take(&mut fill.key);
-        let _ = fill.waiters.handed.set(Handed::Absent { any_version });
-        self.keep(&mut self.lock(), key, &fill, None);
+        if let Some(handed) = handed {
+            let _ = fill.waiters.handed.set(handed);
+        }
+        let own = self.keep(&mut self.lock(), key, &fill, session);
         fill.waiters.notify.notify_waiters();
+        own
     }
 
     /// Keeps `session` in the slot if it is still this fill's. If it is not (an invalidation
